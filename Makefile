@@ -1,0 +1,26 @@
+# The two commands a fresh machine needs: `make smoke` and `make test`.
+# Both bootstrap .venv on first use (CPU wheels; torch pinned to its CPU build).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: smoke test venv clean bench
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test,torch]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+smoke: $(STAMP)
+	rm -rf runs/smoke
+	$(BIN)/python -m deepseek_jax.train --config=configs/tiny.py --workdir=runs/smoke
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+clean:
+	rm -rf runs/smoke .pytest_cache
