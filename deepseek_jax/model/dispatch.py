@@ -1,0 +1,53 @@
+"""Dropless routed-expert computation on one device: sort by expert, grouped matmul, unsort.
+
+Every (token, choice) pair is placed in a buffer sorted by expert id; `jax.lax.ragged_dot` multiplies
+each contiguous group with its expert's weights; results go back to their (token, choice) slots and
+are combined with the routing weights (in float32). No capacity, no token dropped.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def sort_by_expert(idx_Xk: jax.Array, n_experts: int):
+    """Returns (order, group_sizes): order[j] = flat (token*k + choice) slot at sorted position j."""
+    flat = idx_Xk.reshape(-1)
+    order = jnp.argsort(flat, stable=True)
+    group_sizes = jnp.zeros((n_experts,), jnp.int32).at[flat].add(1)
+    return order, group_sizes
+
+
+def grouped_swiglu(
+    x_MD: jax.Array, group_sizes: jax.Array, w1_EDF: jax.Array, w3_EDF: jax.Array,
+    w2_EFD: jax.Array,
+) -> jax.Array:
+    """SwiGLU of rows already sorted into contiguous expert groups."""
+    gate_MF = jax.lax.ragged_dot(x_MD, w1_EDF, group_sizes)
+    up_MF = jax.lax.ragged_dot(x_MD, w3_EDF, group_sizes)
+    return jax.lax.ragged_dot(jax.nn.silu(gate_MF) * up_MF, w2_EFD, group_sizes)
+
+
+def combine(y_XkD: jax.Array, weights_Xk: jax.Array, dtype) -> jax.Array:
+    """sum_k w_k y_k in float32, cast to the compute dtype."""
+    y = jnp.einsum("xkd,xk->xd", y_XkD.astype(jnp.float32), weights_Xk.astype(jnp.float32))
+    return y.astype(dtype)
+
+
+def dropless_experts(
+    x_XD: jax.Array,
+    idx_Xk: jax.Array,
+    weights_Xk: jax.Array,
+    w1_EDF: jax.Array,
+    w3_EDF: jax.Array,
+    w2_EFD: jax.Array,
+) -> jax.Array:
+    X, k = idx_Xk.shape
+    E = w1_EDF.shape[0]
+    order, group_sizes = sort_by_expert(idx_Xk, E)
+    x_MD = jnp.take(x_XD, order // k, axis=0)
+    y_MD = grouped_swiglu(x_MD, group_sizes, w1_EDF, w3_EDF, w2_EFD)
+    inverse = jnp.argsort(order)  # position of each (token, choice) slot in the sorted buffer
+    y_XkD = jnp.take(y_MD, inverse, axis=0).reshape(X, k, -1)
+    return combine(y_XkD, weights_Xk, x_XD.dtype)

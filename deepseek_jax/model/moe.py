@@ -1,0 +1,74 @@
+"""DeepSeekMoE layer: router + bias (selection only) + routed experts + always-on shared experts.
+
+The routed-expert computation is `dispatch.dropless_experts` unless the parallel layer installed an
+expert-parallel implementation with `hooks.expert_implementation` (same signature).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deepseek_jax.model import config as config_lib
+from deepseek_jax.model import dispatch
+from deepseek_jax.model import hooks
+from deepseek_jax.model import layers
+from deepseek_jax.model import routing
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class MoEStats:
+    load_E: jax.Array  # tokens routed to each expert in this call (selection incl. bias)
+    balance: jax.Array  # sequence-wise balance statistic sum_i f_i P_i (times alpha in the loss)
+
+
+class Gate(nnx.Module):
+    def __init__(self, cfg: config_lib.MoEConfig, *, rngs: nnx.Rngs):
+        E = cfg.n_routed_experts
+        # Router kept in float32 as HF does (`_keep_in_fp32_modules_strict`): routing is discrete.
+        self.kernel = layers.param(rngs, (cfg.d_model, E), ("embed", None), std=cfg.init_std,
+                                   dtype=cfg.param_dtype)
+        self.bias = (
+            layers.ExpertBias(jnp.zeros((E,), jnp.float32), logical_axes=(None,))
+            if cfg.use_bias else None
+        )
+
+    def __call__(self, x_XD: jax.Array) -> jax.Array:
+        return x_XD.astype(jnp.float32) @ self.kernel[...].astype(jnp.float32)
+
+
+class MoE(nnx.Module):
+    def __init__(self, cfg: config_lib.MoEConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        E, D, F = cfg.n_routed_experts, cfg.d_model, cfg.d_expert
+        self.gate = Gate(cfg, rngs=rngs)
+        kw = dict(std=cfg.init_std, dtype=cfg.param_dtype)
+        self.w1 = layers.param(rngs, (E, D, F), ("expert", "embed", "expert_mlp"), **kw)
+        self.w3 = layers.param(rngs, (E, D, F), ("expert", "embed", "expert_mlp"), **kw)
+        self.w2 = layers.param(rngs, (E, F, D), ("expert", "expert_mlp", "embed"), **kw)
+        shared_cfg = config_lib.MLPConfig(D, cfg.n_shared_experts * F, cfg.init_std,
+                                          cfg.param_dtype, cfg.compute_dtype)
+        self.shared = layers.MLP(shared_cfg, rngs=rngs) if cfg.n_shared_experts else None
+
+    def __call__(self, x_BSD: jax.Array) -> tuple[jax.Array, MoEStats]:
+        cfg = self.cfg
+        B, S, D = x_BSD.shape
+        x_XD = x_BSD.reshape(B * S, D).astype(cfg.compute_dtype)
+        bias = None if self.gate.bias is None else self.gate.bias[...]
+        r = routing.route(self.gate(x_XD), bias, cfg)
+        impl = hooks.expert_impl() or dispatch.dropless_experts
+        dt = cfg.compute_dtype
+        y_XD = impl(x_XD, r.idx_Xk, r.weights_Xk, self.w1[...].astype(dt),
+                    self.w3[...].astype(dt), self.w2[...].astype(dt))
+        y_BSD = y_XD.reshape(B, S, D)
+        if self.shared is not None:
+            y_BSD = y_BSD + self.shared(x_BSD)
+        stats = MoEStats(
+            load_E=routing.expert_load(r.idx_Xk, cfg.n_routed_experts),
+            balance=routing.sequence_balance(r.scores_XE.reshape(B, S, -1), cfg.top_k),
+        )
+        return y_BSD, stats

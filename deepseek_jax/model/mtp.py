@@ -1,0 +1,75 @@
+"""Multi-token prediction: D sequential modules sharing the embedding and output head.
+
+Depth k (1..D) at position i combines the previous depth's hidden state at i with the embedding of
+token i+k and predicts token i+k+1:
+    x = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)])     # embedding FIRST (official weights)
+    h^k = Block_k(x);  logits^k = Head(head_norm(h^k))
+h^0 is the main model's hidden state *after* its final norm (what transformers, vLLM and SGLang feed
+the released MTP layer); h^k for k >= 1 is the raw block output. Inputs past the end of the window
+are padded with id 0 and their targets masked by the loss, never wrapped around.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deepseek_jax.model import block as block_lib
+from deepseek_jax.model import config as config_lib
+from deepseek_jax.model import layers
+from deepseek_jax.model import stack
+
+
+class MTPLayer(nnx.Module):
+    def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
+        D, pdt = cfg.d_model, cfg.param_dtype.jnp
+        self.enorm = layers.RMSNorm(D, cfg.norm_eps, param_dtype=pdt)
+        self.hnorm = layers.RMSNorm(D, cfg.norm_eps, param_dtype=pdt)
+        self.eh_proj = layers.Linear((2 * D,), (D,), ("mtp_in", "embed"), std=cfg.init_std,
+                                     param_dtype=pdt, compute_dtype=cfg.compute_dtype.jnp,
+                                     rngs=rngs)
+        self.block = block_lib.Block(cfg.block(moe=cfg.mtp_is_moe), rngs=rngs)
+        self.head_norm = layers.RMSNorm(D, cfg.norm_eps, param_dtype=pdt)
+
+
+def shifted_inputs(inputs_BS: jax.Array, depth: int) -> jax.Array:
+    """[D, B, S]: row k-1 holds inputs shifted left by k (t_{i+k}), zero-padded at the end."""
+    B, S = inputs_BS.shape
+    rows = []
+    for k in range(1, depth + 1):
+        pad = jnp.zeros((B, min(k, S)), inputs_BS.dtype)
+        rows.append(jnp.concatenate([inputs_BS[:, k:], pad], axis=1))
+    return jnp.stack(rows)
+
+
+class MTP(nnx.Module):
+    def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
+        self.depth = cfg.mtp_depth
+        self.remat = cfg.remat
+        self.layers = stack.stacked(lambda r: MTPLayer(cfg, rngs=r), cfg.mtp_depth, rngs,
+                                    axis_name="mtp_layers")
+
+    def __call__(
+        self,
+        h0_BSD: jax.Array,
+        inputs_BS: jax.Array,
+        embed: Callable[[jax.Array], jax.Array],
+        head: Callable[[jax.Array], jax.Array],
+        cos: jax.Array,
+        sin: jax.Array,
+    ):
+        """Returns (logits [D, B, S, Y], stacked MoEStats | None)."""
+
+        def body(layer: MTPLayer, h_prev_BSD, ids_BS):
+            e_BSD = layer.enorm(embed(ids_BS))
+            x_BSD = layer.eh_proj(jnp.concatenate([e_BSD, layer.hnorm(h_prev_BSD)], axis=-1))
+            h_BSD, stats = layer.block(x_BSD, cos, sin)
+            return h_BSD, (head(layer.head_norm(h_BSD)), stats)
+
+        _, (logits_DBSY, stats) = stack.scan(
+            self.layers, h0_BSD, body, shifted_inputs(inputs_BS, self.depth), self.remat
+        )
+        return logits_DBSY, stats

@@ -1,0 +1,98 @@
+"""The DeepSeek-V3 model: embed -> dense stack -> MoE stack -> norm -> head (+ MTP)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deepseek_jax.model import block as block_lib
+from deepseek_jax.model import config as config_lib
+from deepseek_jax.model import hooks
+from deepseek_jax.model import layers
+from deepseek_jax.model import moe as moe_lib
+from deepseek_jax.model import mtp as mtp_lib
+from deepseek_jax.model import rope
+from deepseek_jax.model import stack
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Outputs:
+    logits_BSY: jax.Array
+    mtp_logits_DBSY: jax.Array | None  # depth k-1 row predicts token i+k+1 at position i
+    moe_stats: moe_lib.MoEStats | None  # stacked over main MoE layers [Lm, ...]
+    mtp_stats: moe_lib.MoEStats | None  # stacked over MTP depths [D, ...]
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        pdt, cdt = cfg.param_dtype.jnp, cfg.compute_dtype.jnp
+        self.embed = layers.Embed(cfg.vocab_size, cfg.d_model, std=cfg.init_std, param_dtype=pdt,
+                                  compute_dtype=cdt, rngs=rngs)
+        # Optional parts are assigned once (module or None): NNX fixes an attribute's kind on
+        # first assignment.
+        self.dense_layers = stack.stacked(
+            lambda r: block_lib.Block(cfg.block(moe=False), rngs=r), cfg.n_dense_layers, rngs
+        ) if cfg.n_dense_layers else None
+        self.moe_layers = stack.stacked(
+            lambda r: block_lib.Block(cfg.block(moe=True), rngs=r), cfg.n_moe_layers, rngs
+        ) if cfg.n_moe_layers else None
+        self.norm = layers.RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=pdt)
+        self.head = None if cfg.tie_embeddings else layers.Linear(
+            (cfg.d_model,), (cfg.vocab_size,), ("embed", "vocab"), std=cfg.init_std,
+            param_dtype=pdt, compute_dtype=cdt, rngs=rngs)
+        self.mtp = mtp_lib.MTP(cfg, rngs=rngs) if cfg.mtp_depth else None
+
+    # -- pieces (the pipeline places these on different stages) -----------------------------------
+    def rope_tables(self, batch: int, seq: int):
+        positions = jnp.broadcast_to(jnp.arange(seq)[None, :], (batch, seq))
+        return rope.cos_sin(self.cfg.rope, self.cfg.qk_rope_head_dim, positions)
+
+    def logits(self, h_BSD: jax.Array) -> jax.Array:
+        """Output head on an already-normalised hidden state; float32 logits."""
+        out = self.embed.attend(h_BSD) if self.head is None else self.head(h_BSD)
+        return hooks.constrain(out, ("act_batch", "act_seq", "act_vocab")).astype(jnp.float32)
+
+    def run_stack(self, stack_module, h_BSD, cos, sin):
+        def body(layer, h, _):
+            return layer(h, cos, sin)
+
+        return stack.scan(stack_module, h_BSD, body, None, self.cfg.remat)
+
+    def __call__(self, inputs_BS: jax.Array, *, with_mtp: bool = True) -> Outputs:
+        B, S = inputs_BS.shape
+        cos, sin = self.rope_tables(B, S)
+        h_BSD = hooks.constrain(self.embed(inputs_BS), block_lib.ACT_BSD)
+        if self.dense_layers is not None:
+            h_BSD, _ = self.run_stack(self.dense_layers, h_BSD, cos, sin)
+        moe_stats = None
+        if self.moe_layers is not None:
+            h_BSD, moe_stats = self.run_stack(self.moe_layers, h_BSD, cos, sin)
+        h_BSD = self.norm(h_BSD)
+        logits_BSY = self.logits(h_BSD)
+        mtp_logits, mtp_stats = None, None
+        if with_mtp and self.mtp is not None:
+            mtp_logits, mtp_stats = self.mtp(h_BSD, inputs_BS, self.embed, self.logits, cos, sin)
+        return Outputs(logits_BSY, mtp_logits, moe_stats, mtp_stats)
+
+    # -- aux-loss-free balancing -----------------------------------------------------------------
+    def update_expert_bias(self, out: Outputs, gamma: jax.Array) -> None:
+        """b_i += gamma * sign(mean load - load_i) per MoE layer, from this batch's loads.
+
+        Mutates the ExpertBias variables; call on a merged copy inside the step and take
+        `nnx.state(model, layers.ExpertBias)` afterwards. MTP MoE layers are balanced the same way.
+        """
+        pairs = []
+        if self.moe_layers is not None and out.moe_stats is not None:
+            pairs.append((self.moe_layers.ffn.gate, out.moe_stats.load_E))
+        if self.mtp is not None and out.mtp_stats is not None:
+            pairs.append((self.mtp.layers.block.ffn.gate, out.mtp_stats.load_E))
+        for gate, load_LE in pairs:  # stacked stats: load_E has a leading layer axis
+            if gate.bias is None:
+                continue
+            delta = jnp.sign(load_LE.mean(-1, keepdims=True) - load_LE)
+            gate.bias[...] = gate.bias[...] + gamma * delta
