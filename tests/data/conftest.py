@@ -1,35 +1,13 @@
-"""Small corpora and an offline-trained tokenizer.json shared by the data tests."""
-
-import os
+"""Fixtures shared by the data tests: a small text corpus and an offline-trained tokenizer.json."""
 
 import pytest
 
-# Documents of very different lengths, with non-ASCII text, so windows straddle documents and
-# multi-byte characters straddle windows.
-DOCS = {
-    "a.txt": "alpha " * 40,
-    "b.txt": "Grüße aus Köln — ünïcödé ✓ " * 7,
-    "c.txt": "x",
-    "d.txt": "def f(x):\n    return x * 2\n" * 11,
-    "sub/e.txt": "日本語のテキスト。" * 9,
-    "sub/f.txt": "the quick brown fox jumps over the lazy dog\n" * 5,
-    "sub/g.txt": "0123456789" * 23,
-    "h.txt": "end.",
-}
-
-
-def write_docs(root: str, docs: dict[str, str] = DOCS) -> str:
-    for rel, text in docs.items():
-        path = os.path.join(root, rel)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as fh:
-            fh.write(text)
-    return root
+from tests.data import corpora
 
 
 @pytest.fixture
 def text_dir(tmp_path):
-    return write_docs(str(tmp_path / "corpus"))
+    return corpora.write_docs(str(tmp_path / "corpus"))
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +20,7 @@ def hf_tokenizer_path(tmp_path_factory):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>", "<pad>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(list(DOCS.values()) * 3, trainer=trainer)
+    tok.train_from_iterator(list(corpora.DOCS.values()) * 3, trainer=trainer)
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     tok.save(str(path))
     return str(path)

@@ -7,8 +7,7 @@ import os
 import pytest
 
 from deepseek_jax.data import config, pipeline, sources
-from tests.data.conftest import write_docs
-from tests.data.test_sources import write_array_record
+from tests.data import corpora
 
 GOOD = {"a.txt": "good document one", "b.txt": "good document two", "c.txt": "and three"}
 
@@ -25,7 +24,7 @@ def _text(paths, **kw):
 
 @pytest.fixture
 def good_dir(tmp_path):
-    return write_docs(str(tmp_path / "good"), GOOD)
+    return corpora.write_docs(str(tmp_path / "good"), GOOD)
 
 
 def _bad_file(tmp_path, name, content: bytes):
@@ -89,7 +88,7 @@ def test_array_record_bad_file_and_bad_record(tmp_path):
     with pytest.raises(sources.DataError, match=f"{not_ar}: cannot read ArrayRecord file"):
         _make(config.SourceKind.ARRAY_RECORD, [str(not_ar)])
     path = tmp_path / "d.array_record"
-    write_array_record(path, [b"one", b"two", b"\xff\xfe", b"four"])
+    corpora.write_array_record(path, [b"one", b"two", b"\xff\xfe", b"four"])
     with pytest.raises(sources.DataError, match=f"{path} record 2: invalid UTF-8 at byte 0"):
         _make(config.SourceKind.ARRAY_RECORD, [str(path)])
     assert _make(config.SourceKind.ARRAY_RECORD, [str(path)],
@@ -112,7 +111,7 @@ def test_tokenizer_vocab_bigger_than_the_model(good_dir, hf_tokenizer_path):
 
 
 def test_empty_corpus_after_the_split(tmp_path):
-    one = write_docs(str(tmp_path / "one"), {"only.txt": "a single document"})
+    one = corpora.write_docs(str(tmp_path / "one"), {"only.txt": "a single document"})
     with pytest.raises(sources.DataError, match="corpus has 1 document.*at least 2"):
         _text([one])
     bad = tmp_path / "bad"

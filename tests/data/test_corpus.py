@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from deepseek_jax.data import config, corpus, sources, tokenizers
-from tests.data.conftest import DOCS, write_docs
+from tests.data import corpora
 
 BYTES = tokenizers.ByteTokenizer()
 
@@ -17,17 +17,17 @@ def _cfg(path, **kw):
 
 def test_corpus_is_documents_each_followed_by_eos(text_dir):
     c = corpus.load_corpus(_cfg(text_dir), BYTES)
-    assert c.keys == tuple(sorted(f"corpus/{k}" for k in DOCS))
+    assert c.keys == tuple(sorted(f"corpus/{k}" for k in corpora.DOCS))
     for i, key in enumerate(c.keys):
         doc = c.tokens[c.offsets[i]:c.offsets[i + 1]]
         assert doc[-1] == BYTES.eos_id
-        assert BYTES.decode(doc[:-1]) == DOCS[key[len("corpus/"):]]
+        assert BYTES.decode(doc[:-1]) == corpora.DOCS[key[len("corpus/"):]]
     assert c.tokens.dtype == np.uint16
 
 
 def test_split_is_disjoint_complete_deterministic_and_seeded(tmp_path):
     docs = {f"d{i:03d}.txt": f"document {i}" for i in range(200)}
-    c = corpus.load_corpus(_cfg(write_docs(str(tmp_path / "many"), docs)), BYTES)
+    c = corpus.load_corpus(_cfg(corpora.write_docs(str(tmp_path / "many"), docs)), BYTES)
     s = corpus.split_documents(c, 0.25, split_seed=0)
     assert not set(s.train) & set(s.eval)
     assert sorted([*s.train, *s.eval]) == list(range(200))
@@ -39,20 +39,22 @@ def test_split_is_disjoint_complete_deterministic_and_seeded(tmp_path):
 
 def test_split_of_a_document_does_not_depend_on_the_other_documents(tmp_path):
     docs = {f"d{i:03d}.txt": f"document {i}" for i in range(60)}
-    c1 = corpus.load_corpus(_cfg(write_docs(str(tmp_path / "c"), docs)), BYTES)
+    c1 = corpus.load_corpus(_cfg(corpora.write_docs(str(tmp_path / "c"), docs)), BYTES)
     held1 = {c1.keys[i] for i in corpus.split_documents(c1, 0.3, 0).eval}
-    write_docs(str(tmp_path / "c"), {"zzz.txt": "a new document"})
+    corpora.write_docs(str(tmp_path / "c"), {"zzz.txt": "a new document"})
     c2 = corpus.load_corpus(_cfg(str(tmp_path / "c")), BYTES)
     held2 = {c2.keys[i] for i in corpus.split_documents(c2, 0.3, 0).eval}
     assert held2 - {"c/zzz.txt"} == held1
 
 
 def test_tiny_corpora_get_both_splits_and_one_document_is_an_error(tmp_path):
-    c = corpus.load_corpus(_cfg(write_docs(str(tmp_path / "two"), {"a": "x", "b": "y"})), BYTES)
+    two = corpora.write_docs(str(tmp_path / "two"), {"a": "x", "b": "y"})
+    c = corpus.load_corpus(_cfg(two), BYTES)
     for fraction in (0.001, 0.999):
         s = corpus.split_documents(c, fraction, 0)
         assert s.train.size == 1 and s.eval.size == 1
-    one = corpus.load_corpus(_cfg(write_docs(str(tmp_path / "one"), {"a": "x"})), BYTES)
+    one = corpus.load_corpus(_cfg(corpora.write_docs(str(tmp_path / "one"), {"a": "x"})),
+                             BYTES)
     with pytest.raises(sources.DataError, match="corpus has 1 document.*at least 2"):
         corpus.split_documents(one, 0.5, 0)
 
@@ -67,7 +69,7 @@ def test_token_range_check_names_the_document():
 
 
 def test_cache_is_written_reused_and_invalidated(tmp_path, monkeypatch):
-    root = write_docs(str(tmp_path / "cached"))
+    root = corpora.write_docs(str(tmp_path / "cached"))
     cfg = _cfg(root, cache_dir=str(tmp_path / "cache"))
     first = corpus.load_corpus(cfg, BYTES)
     files = os.listdir(tmp_path / "cache")
@@ -88,7 +90,7 @@ def test_cache_is_written_reused_and_invalidated(tmp_path, monkeypatch):
 
 
 def test_corrupt_cache_is_rebuilt(tmp_path):
-    root = write_docs(str(tmp_path / "c"))
+    root = corpora.write_docs(str(tmp_path / "c"))
     cfg = _cfg(root, cache_dir=str(tmp_path / "cache"))
     good = corpus.load_corpus(cfg, BYTES)
     (path,) = (tmp_path / "cache").iterdir()

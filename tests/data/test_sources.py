@@ -6,7 +6,7 @@ import os
 import pytest
 
 from deepseek_jax.data import config, sources
-from tests.data.conftest import DOCS
+from tests.data import corpora
 
 
 def _text_cfg(*paths, **kw):
@@ -35,8 +35,8 @@ def test_stdlib_listing_is_sorted_python_only_and_excludes_third_party_and_tests
 def test_text_directory_file_and_glob_keys(text_dir):
     docs, skipped = _docs(_text_cfg(text_dir))
     assert not skipped
-    assert [d.key for d in docs] == sorted(f"corpus/{k}" for k in DOCS)
-    assert {d.key: d.text for d in docs}["corpus/sub/e.txt"] == DOCS["sub/e.txt"]
+    assert [d.key for d in docs] == sorted(f"corpus/{k}" for k in corpora.DOCS)
+    assert {d.key: d.text for d in docs}["corpus/sub/e.txt"] == corpora.DOCS["sub/e.txt"]
     one, _ = _docs(_text_cfg(os.path.join(text_dir, "a.txt")))
     assert [d.key for d in one] == ["corpus/a.txt"]
     globbed, _ = _docs(_text_cfg(os.path.join(text_dir, "sub", "*.txt")))
@@ -48,7 +48,7 @@ def test_overlapping_entries_count_each_file_once_and_hidden_files_are_ignored(t
         fh.write("secret")
     docs, _ = _docs(_text_cfg(text_dir, os.path.join(text_dir, "sub")))
     keys = [d.key for d in docs]
-    assert len(keys) == len(DOCS) and not any("hidden" in k for k in keys)
+    assert len(keys) == len(corpora.DOCS) and not any("hidden" in k for k in keys)
 
 
 def test_jsonl_documents_are_lines_with_the_text_field(tmp_path):
@@ -62,18 +62,9 @@ def test_jsonl_documents_are_lines_with_the_text_field(tmp_path):
     assert not skipped
 
 
-def write_array_record(path, records):
-    from array_record.python import array_record_module
-
-    writer = array_record_module.ArrayRecordWriter(str(path), "group_size:1")
-    for r in records:
-        writer.write(r)
-    writer.close()
-
-
 def test_array_record_documents_are_records(tmp_path):
     path = tmp_path / "d.array_record"
-    write_array_record(path, [b"one", "zwei \xfc".encode(), b"three"])
+    corpora.write_array_record(path, [b"one", "zwei \xfc".encode(), b"three"])
     cfg = config.DataConfig(source=config.SourceKind.ARRAY_RECORD, paths=(str(path),))
     docs, _ = _docs(cfg)
     assert [d.text for d in docs] == ["one", "zwei \xfc", "three"]
