@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from deepseek_jax.data import config, corpus, pipeline, tokenizers
+from deepseek_jax.data import config, corpus, packing, pipeline, tokenizers
 
 BYTES = tokenizers.ByteTokenizer()
 
@@ -51,7 +51,7 @@ def _valid_tokens(batches):
 def test_batch_format(text_dir):
     it = _train(_cfg(text_dir), seq_len=16, batch=4)
     b = next(it)
-    spec = pipeline.packing.batch_spec(4, 16)
+    spec = packing.batch_spec(4, 16)
     assert {k: (v.shape, v.dtype) for k, v in b.items()} == spec
     np.testing.assert_array_equal(b["inputs"][:, 1:], b["targets"][:, :-1])
     assert it.info.local_batch_size == 4 and it.info.vocab_size == 258
