@@ -125,7 +125,7 @@ class Plan:
         return (rank + 1, 1) if rank < self.pp - 1 else None
 
     def downstream(self, rank: int, chunk: int) -> Cell | None:
-        """Where this cell's output goes (and its output gradient comes from); None at a last stage."""
+        """Where this cell's output goes (and its output gradient comes from); None: last stage."""
         if chunk == 1:
             return (rank - 1, 1) if rank > 0 else None
         if rank < self.pp - 1:
@@ -279,7 +279,8 @@ def gpipe(pp: int, m: int) -> Plan:
     """GPipe: all forwards, then all backwards in reverse micro-batch order (last in, first out),
     which is the order autodiff of a forward pipeline loop produces."""
     _check_positive(pp=pp, m=m)
-    ops = tuple([Op(OpKind.F, 0, i) for i in range(m)] + [Op(OpKind.B, 0, i) for i in reversed(range(m))])
+    forwards = [Op(OpKind.F, 0, i) for i in range(m)]
+    ops = tuple(forwards + [Op(OpKind.B, 0, i) for i in reversed(range(m))])
     return Plan(Schedule.GPIPE, pp, m, (ops,) * pp)
 
 

@@ -164,7 +164,7 @@ def assign_ticks(plan: Plan) -> list[list[Op | None]]:
                 pos[r] += 1
             grid[r].append(op)
         if not started:
-            stuck = {r: str(plan.ranks[r][pos[r]]) for r in range(plan.pp) if pos[r] < len(plan.ranks[r])}
+            stuck = {r: str(ops[pos[r]]) for r, ops in enumerate(plan.ranks) if pos[r] < len(ops)}
             raise ValueError(f"{plan.schedule.value}: deadlock at tick {t}, waiting: {stuck}")
         for r, op in started:  # recorded after the tick: nothing is usable within its own tick
             for part in op.parts():
@@ -173,14 +173,14 @@ def assign_ticks(plan: Plan) -> list[list[Op | None]]:
     return grid
 
 
-def _colour(intervals: dict, key_order: list) -> tuple[dict, int]:
+def _colour(intervals: dict) -> tuple[dict, int]:
     """Interval colouring: slots by increasing start, reusing a slot whose last read is before.
 
     Greedy in start order is optimal for intervals, so the slot count is the peak overlap.
     """
     free_from: list[int] = []  # per slot: first tick at which it may be written again
     slots = {}
-    for key in sorted(key_order, key=lambda k: intervals[k]):
+    for key in sorted(intervals, key=lambda k: intervals[k]):
         start, end = intervals[key]
         slot = next((s for s, f in enumerate(free_from) if f <= start), len(free_from))
         if slot == len(free_from):
@@ -190,26 +190,27 @@ def _colour(intervals: dict, key_order: list) -> tuple[dict, int]:
     return slots, len(free_from)
 
 
-def build(plan: Plan) -> TickTable:
-    """The tick table of `plan` with buffer slots; `schedules.check_order` is run first."""
-    schedules.check_order(plan)
-    grid = assign_ticks(plan)
-    T, P = len(grid[0]), plan.pp
+def _slots(plan: Plan, grid: list[list[Op | None]]) -> tuple[list[dict], list[dict]]:
+    """Per rank, {(chunk, mb): slot} for stage inputs (`act`) and output gradients (`grd`).
+
+    A stage input is live from the tick it is written (its own F at a first stage, else the end
+    of the upstream F's tick) to its last reader: B, or W after a Bi (W recomputes from it). An
+    output gradient is live from its arrival to its B, or to its W (the stored cotangent).
+    """
     when: dict[tuple[int, int, int, OpKind], int] = {}  # (rank, chunk, mb, kind) -> tick
-    for r in range(P):
-        for t, op in enumerate(grid[r]):
+    for r, row in enumerate(grid):
+        for t, op in enumerate(row):
             for kind, c, m in op.parts() if op else ():
                 when[(r, c, m, kind)] = t
 
     def backward_tick(r: int, c: int, m: int) -> int:
         return when.get((r, c, m, OpKind.B), when.get((r, c, m, OpKind.BI)))
 
-    def last_use(r: int, c: int, m: int) -> int:  # W still needs input and cotangent
+    def last_use(r: int, c: int, m: int) -> int:
         return when.get((r, c, m, OpKind.W), backward_tick(r, c, m))
 
-    # Live intervals [first tick the slot must hold the value, last tick it is read].
-    act_iv: list[dict] = [{} for _ in range(P)]
-    grd_iv: list[dict] = [{} for _ in range(P)]
+    act_iv: list[dict] = [{} for _ in range(plan.pp)]  # [first tick held, last tick read]
+    grd_iv: list[dict] = [{} for _ in range(plan.pp)]
     for r, c in plan.cells():
         src, dst = plan.upstream(r, c), plan.downstream(r, c)
         for m in range(plan.per_chunk):
@@ -217,16 +218,20 @@ def build(plan: Plan) -> TickTable:
             act_iv[r][(c, m)] = (start, last_use(r, c, m))
             if dst is not None:
                 grd_iv[r][(c, m)] = (backward_tick(*dst, m) + 1, last_use(r, c, m))
-    act_slot, grd_slot, act_peak, grd_peak = [], [], [], []
-    for r in range(P):
-        s, n = _colour(act_iv[r], list(act_iv[r]))
-        act_slot.append(s)
-        act_peak.append(n)
-        s, n = _colour(grd_iv[r], list(grd_iv[r]))
-        grd_slot.append(s)
-        grd_peak.append(n)
+    return [_colour(iv)[0] for iv in act_iv], [_colour(iv)[0] for iv in grd_iv]
 
-    cols = {k: np.full((T, P), -1, np.int32) for k in ("c", "m", "c2", "m2", "act", "grd", "act2", "grd2")}
+
+def build(plan: Plan) -> TickTable:
+    """The tick table of `plan` with buffer slots; `schedules.check_order` is run first."""
+    schedules.check_order(plan)
+    grid = assign_ticks(plan)
+    T, P = len(grid[0]), plan.pp
+    act_slot, grd_slot = _slots(plan, grid)
+    act_peak = [max(s.values(), default=-1) + 1 for s in act_slot]
+    grd_peak = [max(s.values(), default=-1) + 1 for s in grd_slot]
+
+    names = ("c", "m", "c2", "m2", "act", "grd", "act2", "grd2")
+    cols = {k: np.full((T, P), -1, np.int32) for k in names}
     code = np.zeros((T, P), np.int32)
     send = np.zeros((T, P, 4), np.int32)
     recv = np.full((T, P, 4), -1, np.int32)
@@ -257,15 +262,12 @@ def build(plan: Plan) -> TickTable:
                     deliver(src[0], t, grd_channel(src[1]), grd_slot[src[0]][(src[1], m)])
 
     K = plan.chunks
-    placement = np.array([[plan.stage(r, c) for c in range(K)] for r in range(P)], np.int32)
-    is_first = np.array([[plan.upstream(r, c) is None for c in range(K)] for r in range(P)], np.int32)
-    is_last = np.array([[plan.downstream(r, c) is None for c in range(K)] for r in range(P)], np.int32)
-    perms = (
-        tuple((r, r + 1) for r in range(P - 1)),
-        tuple((r, r - 1) for r in range(1, P)),
-        tuple((r, r - 1) for r in range(1, P)),
-        tuple((r, r + 1) for r in range(P - 1)),
-    )
+    grid_cells = [[(r, c) for c in range(K)] for r in range(P)]
+    placement = np.array([[plan.stage(*cell) for cell in row] for row in grid_cells], np.int32)
+    is_first = np.array([[plan.upstream(*x) is None for x in row] for row in grid_cells], np.int32)
+    is_last = np.array([[plan.downstream(*x) is None for x in row] for row in grid_cells], np.int32)
+    up, down = tuple((r, r + 1) for r in range(P - 1)), tuple((r, r - 1) for r in range(1, P))
+    perms = (up, down, down, up) if K == 2 else (up, (), down, ())
     loopback = ()
     if plan.schedule is schedules.Schedule.DUALPIPEV:
         loopback = ((P - 1, int(Channel.ACT0), int(Channel.ACT1)),
