@@ -86,8 +86,11 @@ class TickTable:
       is_first 1 where the chunk is a first stage (F reads micro-batch m from the step input).
       is_last  1 where the chunk is a last stage (F computes the loss, B/BI start from it).
     Sizes: act_slots / grd_slots are the buffer lengths (max over ranks of the peaks act_peak[P]
-    and grd_peak[P]); per_chunk micro-batches per chunk; m indexes the chunk's micro-batches (for
-    DualPipe chunk 1 holds the second half of the step's batch).
+    and grd_peak[P]); per_chunk micro-batches per chunk. m indexes the chunk's micro-batches: for
+    DualPipe chunk 0's m is the step's micro-batch m and chunk 1's is per_chunk + m (the second
+    half, fed at rank P-1); for the other schedules both chunks' m is the step's micro-batch m.
+    Gradients: B and W add chunk c's weight gradient; BI adds none (its later W does), so every
+    (c, m) contributes exactly once.
     """
 
     schedule: schedules.Schedule
