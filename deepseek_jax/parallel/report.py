@@ -104,7 +104,7 @@ def png(plan: Plan, path: str, costs: Costs = Costs()) -> None:
     width = max(8.0, min(40.0, timings[1].makespan * 0.22))
     fig, axes = plt.subplots(2, 1, figsize=(width, 1.2 + 0.9 * plan.pp), squeeze=True)
     name = f"{plan.schedule.value}, {plan.pp} ranks, {plan.microbatches} micro-batches"
-    for ax, timing, how in zip(axes, timings, ("asynchronous (reference)", "lock-step ticks")):
+    for ax, timing, how in zip(axes, timings, ("asynchronous", "lock-step ticks")):
         idle = _ranks(timing.idle)
         _draw_timeline(ax, timing, plan.pp, f"{name}: {how}, makespan {timing.makespan:g}, "
                                             f"idle per rank {idle}")
