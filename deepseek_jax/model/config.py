@@ -15,6 +15,8 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+from deepseek_jax import dataclass_dict
+
 
 class ScoreFunc(enum.Enum):
     """Expert affinity: sigmoid (V3) or softmax (V2)."""
@@ -302,62 +304,10 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
         """Builds from a plain mapping; unknown keys and bad enum values fail naming the field."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        kwargs: dict[str, Any] = {}
-        for key, value in d.items():
-            if key not in fields:
-                raise ValueError(f"model.{key}: unknown field (known: {sorted(fields)})")
-            if key == "rope":
-                value = _rope_from_dict(value)
-            elif key in _ENUM_FIELDS:
-                value = _to_enum(_ENUM_FIELDS[key], value, f"model.{key}")
-            kwargs[key] = value
-        return cls(**kwargs)
+        return dataclass_dict.from_dict(cls, d, "model")
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f in dataclasses.fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, enum.Enum):
-                v = v.value
-            elif isinstance(v, RopeConfig):
-                v = {k: (x.value if isinstance(x, enum.Enum) else x)
-                     for k, x in dataclasses.asdict(v).items()}
-            out[f.name] = v
-        return out
-
-
-_ENUM_FIELDS = {
-    "score_func": ScoreFunc,
-    "topk_method": TopkMethod,
-    "param_dtype": DType,
-    "compute_dtype": DType,
-    "remat": RematPolicy,
-}
-
-
-def _to_enum(enum_cls: type[enum.Enum], value: Any, field: str) -> enum.Enum:
-    if isinstance(value, enum_cls):
-        return value
-    try:
-        return enum_cls(str(value).lower())
-    except ValueError:
-        allowed = [e.value for e in enum_cls]
-        raise ValueError(f"{field}: unknown value {value!r} (allowed: {allowed})") from None
-
-
-def _rope_from_dict(d: Mapping[str, Any] | RopeConfig) -> RopeConfig:
-    if isinstance(d, RopeConfig):
-        return d
-    fields = {f.name for f in dataclasses.fields(RopeConfig)}
-    kwargs = {}
-    for key, value in d.items():
-        if key not in fields:
-            raise ValueError(f"model.rope.{key}: unknown field (known: {sorted(fields)})")
-        if key == "scaling":
-            value = _to_enum(RopeScaling, value, "model.rope.scaling")
-        kwargs[key] = value
-    return RopeConfig(**kwargs)
+        return dataclass_dict.to_dict(self)
 
 
 def yarn_mscale(scale: float, mscale: float) -> float:

@@ -80,19 +80,21 @@ class Transformer(nnx.Module):
         return Outputs(logits_BSY, mtp_logits, moe_stats, mtp_stats)
 
     # -- aux-loss-free balancing -----------------------------------------------------------------
-    def update_expert_bias(self, out: Outputs, gamma: jax.Array) -> None:
+    def update_expert_bias(self, moe_stats: moe_lib.MoEStats | None,
+                           mtp_stats: moe_lib.MoEStats | None, gamma: jax.Array) -> None:
         """b_i += gamma * sign(mean load - load_i) per MoE layer, from this batch's loads.
 
         Mutates the ExpertBias variables; call on a merged copy inside the step and take
         `nnx.state(model, layers.ExpertBias)` afterwards. MTP MoE layers are balanced the same way.
+        Stacked stats carry a leading layer axis: load_E is [L, E].
         """
         pairs = []
-        if self.moe_layers is not None and out.moe_stats is not None:
-            pairs.append((self.moe_layers.ffn.gate, out.moe_stats.load_E))
-        if self.mtp is not None and out.mtp_stats is not None:
-            pairs.append((self.mtp.layers.block.ffn.gate, out.mtp_stats.load_E))
-        for gate, load_LE in pairs:  # stacked stats: load_E has a leading layer axis
+        if self.moe_layers is not None and moe_stats is not None:
+            pairs.append((self.moe_layers.ffn.gate, moe_stats.load_E))
+        if self.mtp is not None and mtp_stats is not None:
+            pairs.append((self.mtp.layers.block.ffn.gate, mtp_stats.load_E))
+        for gate, load_LE in pairs:
             if gate.bias is None:
                 continue
-            delta = jnp.sign(load_LE.mean(-1, keepdims=True) - load_LE)
-            gate.bias[...] = gate.bias[...] + gamma * delta
+            delta_LE = jnp.sign(load_LE.mean(-1, keepdims=True) - load_LE)
+            gate.bias[...] = gate.bias[...] + gamma * delta_LE
