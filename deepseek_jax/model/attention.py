@@ -1,4 +1,4 @@
-"""Causal attention core for MLA: pure function of arrays, softmax in float32.
+"""Causal attention core for MLA: pure function of arrays, softmax in (at least) float32.
 
 MLA scores are q_nope.k_nope (per head) + rope(q_rope).rope(k_rope) (one rope key shared by all
 heads), scaled once. Values have their own head dim (V), so q/k and v dims differ.
@@ -27,8 +27,9 @@ def mla_attention(
 ) -> jax.Array:
     scores_BHST = jnp.einsum("bshn,bthn->bhst", q_nope_BSHN, k_nope_BTHN)
     scores_BHST = scores_BHST + jnp.einsum("bshr,btr->bhst", q_rope_BSHR, k_rope_BTR)
-    scores_BHST = scores_BHST.astype(jnp.float32) * scale
+    dtype = jnp.promote_types(scores_BHST.dtype, jnp.float32)
+    scores_BHST = scores_BHST.astype(dtype) * scale
     mask_ST = causal_mask(q_nope_BSHN.shape[1], k_nope_BTHN.shape[1], q_offset)
-    scores_BHST = jnp.where(mask_ST[None, None], scores_BHST, jnp.finfo(jnp.float32).min)
+    scores_BHST = jnp.where(mask_ST[None, None], scores_BHST, jnp.finfo(dtype).min)
     probs_BHST = jax.nn.softmax(scores_BHST, axis=-1).astype(v_BTHV.dtype)
     return jnp.einsum("bhst,bthv->bshv", probs_BHST, v_BTHV)

@@ -30,8 +30,9 @@ def grouped_swiglu(
 
 
 def combine(y_XkD: jax.Array, weights_Xk: jax.Array, dtype) -> jax.Array:
-    """sum_k w_k y_k in float32, cast to the compute dtype."""
-    y = jnp.einsum("xkd,xk->xd", y_XkD.astype(jnp.float32), weights_Xk.astype(jnp.float32))
+    """sum_k w_k y_k in (at least) float32, cast to the compute dtype."""
+    acc = jnp.promote_types(dtype, jnp.float32)
+    y = jnp.einsum("xkd,xk->xd", y_XkD.astype(acc), weights_Xk.astype(acc))
     return y.astype(dtype)
 
 

@@ -39,9 +39,14 @@ def param(
     return nnx.Param(value, logical_axes=tuple(logical_axes))
 
 
+def accum_dtype(dtype: Any) -> Any:
+    """At least float32: the dtype of norms, softmax, router and loss (float64 stays float64)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """RMSNorm computed in float32, cast back to the input dtype before the weight (as HF does)."""
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(accum_dtype(x.dtype))
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     weight = weight.reshape((1,) * (x.ndim - 1) + weight.shape)
     return weight.astype(x.dtype) * y.astype(x.dtype)

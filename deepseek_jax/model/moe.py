@@ -33,12 +33,14 @@ class Gate(nnx.Module):
         self.kernel = layers.param(rngs, (cfg.d_model, E), ("embed", None), std=cfg.init_std,
                                    dtype=cfg.param_dtype)
         self.bias = (
-            layers.ExpertBias(jnp.zeros((E,), jnp.float32), logical_axes=(None,))
+            layers.ExpertBias(jnp.zeros((E,), layers.accum_dtype(cfg.param_dtype)),
+                              logical_axes=(None,))
             if cfg.use_bias else None
         )
 
     def __call__(self, x_XD: jax.Array) -> jax.Array:
-        return x_XD.astype(jnp.float32) @ self.kernel[...].astype(jnp.float32)
+        dt = layers.accum_dtype(self.kernel[...].dtype)
+        return x_XD.astype(dt) @ self.kernel[...].astype(dt)
 
 
 class MoE(nnx.Module):

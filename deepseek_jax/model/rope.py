@@ -58,11 +58,15 @@ def softmax_scale(cfg: config_lib.MLAConfig) -> float:
     return scale
 
 
-def cos_sin(cfg: config_lib.RopeConfig, dim: int, positions_S: jax.Array):
-    """cos, sin of shape [..., S, dim/2] in float32 for integer positions."""
-    inv_freq = jnp.asarray(inv_frequencies(cfg, dim))
+def cos_sin(cfg: config_lib.RopeConfig, dim: int, positions_S: jax.Array, dtype=jnp.float32):
+    """cos, sin of shape [..., S, dim/2] for integer positions.
+
+    The frequencies are computed in float32 as HF does (bit-compatible tables); `dtype` (float32
+    or wider) is the precision of the angles and the rotation.
+    """
+    inv_freq = jnp.asarray(inv_frequencies(cfg, dim)).astype(dtype)
     inv_freq = inv_freq.reshape((1,) * positions_S.ndim + inv_freq.shape)
-    angles = positions_S.astype(jnp.float32)[..., None] * inv_freq
+    angles = positions_S.astype(dtype)[..., None] * inv_freq
     factor = cos_sin_factor(cfg)
     return jnp.cos(angles) * factor, jnp.sin(angles) * factor
 
@@ -74,7 +78,7 @@ def apply_rope(x_SR: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     when x has one more dim than cos.
     """
     dtype = x_SR.dtype
-    x = x_SR.astype(jnp.float32)
+    x = x_SR.astype(jnp.promote_types(cos.dtype, jnp.float32))
     if x.ndim == cos.ndim + 1:  # [B, S, H, R] with cos [B, S, R/2]
         cos, sin = cos[..., None, :], sin[..., None, :]
     x_even, x_odd = x[..., 0::2], x[..., 1::2]

@@ -1,4 +1,4 @@
-"""DeepSeekMoE routing as pure functions of arrays (float32 throughout).
+"""DeepSeekMoE routing as pure functions of arrays (float32 or wider throughout).
 
 V3 (noaux_tc): s = sigmoid(x Wg); the correction bias b is added to s only to *choose* experts;
 groups of E/G consecutive experts are scored by the sum of their top-2 biased scores and the best
@@ -25,7 +25,7 @@ class Routing:
 
 
 def affinities(logits_XE: jax.Array, score_func: config_lib.ScoreFunc) -> jax.Array:
-    logits_XE = logits_XE.astype(jnp.float32)
+    logits_XE = logits_XE.astype(jnp.promote_types(logits_XE.dtype, jnp.float32))
     if score_func is config_lib.ScoreFunc.SIGMOID:
         return jax.nn.sigmoid(logits_XE)
     return jax.nn.softmax(logits_XE, axis=-1)
@@ -51,7 +51,7 @@ def route(
     scores_XE = affinities(logits_XE, cfg.score_func)
     select_XE = scores_XE
     if cfg.use_bias:
-        select_XE = scores_XE + bias_E.astype(jnp.float32)[None, :]
+        select_XE = scores_XE + bias_E.astype(scores_XE.dtype)[None, :]
     if cfg.topk_method is not config_lib.TopkMethod.GREEDY and cfg.n_group > 1:
         select_XE = jnp.where(group_mask(select_XE, cfg), select_XE, -jnp.inf)
     _, idx_Xk = jax.lax.top_k(select_XE, cfg.top_k)
@@ -77,7 +77,7 @@ def sequence_balance(scores_BSE: jax.Array, top_k: int) -> jax.Array:
     """
     B, S, E = scores_BSE.shape
     _, idx_BSk = jax.lax.top_k(scores_BSE, top_k)
-    counts_BE = jax.nn.one_hot(idx_BSk, E, dtype=jnp.float32).sum(axis=(1, 2))
+    counts_BE = jax.nn.one_hot(idx_BSk, E, dtype=scores_BSE.dtype).sum(axis=(1, 2))
     f_BE = jax.lax.stop_gradient(counts_BE * (E / (top_k * S)))
     p_BE = (scores_BSE / scores_BSE.sum(-1, keepdims=True)).mean(axis=1)
     return jnp.mean(jnp.sum(f_BE * p_BE, axis=-1))

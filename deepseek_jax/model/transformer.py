@@ -50,12 +50,14 @@ class Transformer(nnx.Module):
     # -- pieces (the pipeline places these on different stages) -----------------------------------
     def rope_tables(self, batch: int, seq: int):
         positions = jnp.broadcast_to(jnp.arange(seq)[None, :], (batch, seq))
-        return rope.cos_sin(self.cfg.rope, self.cfg.qk_rope_head_dim, positions)
+        return rope.cos_sin(self.cfg.rope, self.cfg.qk_rope_head_dim, positions,
+                            layers.accum_dtype(self.cfg.compute_dtype.jnp))
 
     def logits(self, h_BSD: jax.Array) -> jax.Array:
-        """Output head on an already-normalised hidden state; float32 logits."""
+        """Output head on an already-normalised hidden state; float32 (or wider) logits."""
         out = self.embed.attend(h_BSD) if self.head is None else self.head(h_BSD)
-        return hooks.constrain(out, ("act_batch", "act_seq", "act_vocab")).astype(jnp.float32)
+        out = hooks.constrain(out, ("act_batch", "act_seq", "act_vocab"))
+        return out.astype(layers.accum_dtype(out.dtype))
 
     def run_stack(self, stack_module, h_BSD, cos, sin):
         def body(layer, h, _):

@@ -14,7 +14,7 @@ from deepseek_jax.model import transformer
 
 
 def token_nll(logits_BSY: jax.Array, targets_BS: jax.Array) -> jax.Array:
-    logits = logits_BSY.astype(jnp.float32)
+    logits = logits_BSY.astype(jnp.promote_types(logits_BSY.dtype, jnp.float32))
     logz_BS = jax.nn.logsumexp(logits, axis=-1)
     picked_BS = jnp.take_along_axis(logits, targets_BS[..., None], axis=-1)[..., 0]
     return logz_BS - picked_BS
@@ -38,7 +38,7 @@ def mtp_targets(targets_BS: jax.Array, mask_BS: jax.Array, depth: int):
 
 def objective(out: transformer.Outputs, batch: dict, mtp_lambda: jax.Array,
               balance_alpha: float) -> tuple[jax.Array, dict]:
-    mask_BS = batch["loss_mask"].astype(jnp.float32)
+    mask_BS = batch["loss_mask"].astype(out.logits_BSY.dtype)
     ce = masked_mean(token_nll(out.logits_BSY, batch["targets"]), mask_BS)
     metrics = {"ce": ce}
     loss = ce
@@ -51,7 +51,7 @@ def objective(out: transformer.Outputs, batch: dict, mtp_lambda: jax.Array,
         loss = loss + mtp_lambda * mtp
         metrics["mtp_loss"] = mtp
         metrics["mtp_loss_per_depth"] = per_depth
-    balance = jnp.zeros((), jnp.float32)
+    balance = jnp.zeros((), out.logits_BSY.dtype)
     for stats in (out.moe_stats, out.mtp_stats):
         if stats is not None:
             balance = balance + jnp.sum(stats.balance)
