@@ -23,6 +23,6 @@ def get_config():
         log_every=20, eval_every=200, eval_batches=8, balance_alpha=1e-4,
     )
     # A faster bias speed than the paper's 1e-3: this run is 600 steps, not 240K.
-    c.train.bias_update_rate.values = (1e-2,)
+    c.train.bias_update_rate.values = (3e-3,)
     c.checkpoint.update(every_steps=200, keep_last=2)
     return c

@@ -181,7 +181,7 @@ def test_bias_update_evens_out_a_skewed_router():
         ids = jax.random.randint(key, (16, 32), 0, cfg.vocab_size)
         out = model(ids)
         load = out.moe_stats.load_E[0]
-        model.update_expert_bias(out.moe_stats, None, 0.02)
+        model.update_expert_bias(out.moe_stats, None, 0.005)
         return nnx.state(model, layers.ExpertBias), load.max() / load.mean()
 
     ratios = []
@@ -189,6 +189,6 @@ def test_bias_update_evens_out_a_skewed_router():
         biases, ratio = step(biases, jax.random.key(i))
         ratios.append(float(ratio))
     assert np.mean(ratios[:5]) > 3.0  # skewed: 2 of 8 experts take (nearly) everything
-    assert np.mean(ratios[-20:]) < 1.5
+    assert np.mean(ratios[-20:]) < 1.4
     final = tree.arrays(biases)[("moe_layers", "ffn", "gate", "bias")]
     assert final[0, :2].max() < final[0, 2:].min()  # the favoured experts were pushed down
