@@ -2,7 +2,7 @@
 
 Reads `<workdir>/metrics.jsonl` (names in docs/metrics.md) and writes PNGs:
 
-* `loss.png`: train loss, LM loss, MTP loss and eval loss against step; balance loss in its own panel.
+* `loss.png`: train, LM, MTP and eval loss against step; the balance loss in its own panel.
 * `lr.png`: the learning-rate schedule as applied.
 * `diagnostics.png`: grad norm, tokens/s, MFU and skipped steps (the panels whose metric exists).
 * `expert_load.png`: one panel per MoE layer, experts (rows) x steps (columns), colour = load
@@ -36,7 +36,7 @@ _MAX_COLUMNS = 400  # Heatmap time columns; beyond this the steps are subsampled
 
 def _save(fig: Figure, out_dir: str, name: str, dpi: int) -> str:
     path = os.path.join(out_dir, name)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    fig.savefig(path, dpi=dpi)  # Constrained layout already fits labels in.
     return path
 
 

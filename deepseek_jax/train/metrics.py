@@ -4,7 +4,7 @@ Metric-name contract (also in docs/metrics.md; `deepseek_jax.plot` relies on it)
 `write(step, metrics, split=...)`. Every key is optional except where noted; unknown keys are kept.
 
 split "train" (one record per logged step):
-    loss            float   total training loss that was optimised (main LM cross-entropy + weighted aux)
+    loss            float   the total loss optimised (LM cross-entropy + weighted MTP/balance)
     lm_loss         float   main next-token cross-entropy alone
     mtp_loss        float   multi-token-prediction loss (unweighted), when MTP is on
     balance_loss    float   sequence-wise auxiliary balance loss (unweighted)
@@ -13,8 +13,9 @@ split "train" (one record per logged step):
     tokens_per_s    float   training throughput over the logging interval (all processes)
     mfu             float   model FLOPs utilisation in [0, 1]
     skipped_steps   int     cumulative count of updates skipped for non-finite loss/gradients
-    expert_load     list[list[float]]  per MoE layer, per routed expert: fraction of routed token
-                                       slots sent to that expert over the interval (each row sums to 1)
+    expert_load     list[list[float]]  per MoE layer, per routed expert: fraction of routed
+                                       token slots sent to that expert over the logging interval
+                                       (each row sums to 1)
     expert_bias_norm list[float]       per MoE layer: L2 norm of the expert-selection bias
     moe_layer_ids   list[int]          absolute layer index of each expert_load row (default 0..n-1)
 split "eval":
@@ -28,8 +29,9 @@ continues it; `read_metrics` treats a step going backwards as a restart and drop
 records from that step on, as TensorBoard does with the START marker the writer emits.
 
 TensorBoard (`<workdir>/tensorboard/`): each numeric scalar as `<split>/<key>` (e.g. `train/loss`,
-`eval/eval_loss`); per MoE layer `moe/load_max_over_mean/layer_NN`, `moe/load_min_over_mean/layer_NN`
-and `moe/bias_norm/layer_NN` (NN = moe_layer_ids entry; non-train splits get a `<split>/` prefix).
+`eval/eval_loss`); per MoE layer `moe/load_max_over_mean/layer_NN`,
+`moe/load_min_over_mean/layer_NN` and `moe/bias_norm/layer_NN` (NN = the moe_layer_ids entry,
+zero-padded to two digits; non-train splits get a `<split>/` prefix).
 Other arrays are JSON-only.
 
 Only process 0 writes: every other process gets an inert writer, so the train loop calls the same
@@ -103,7 +105,8 @@ def scalar_tags(split: str, metrics: Mapping[str, Any]) -> dict[str, float]:
     if load is not None:
         load_LE = np.asarray(load, dtype=np.float64)
         if load_LE.ndim != 2:
-            raise ValueError(f"expert_load must be [moe_layers, experts], got shape {load_LE.shape}")
+            raise ValueError(
+                f"expert_load must be [moe_layers, experts], got shape {load_LE.shape}")
         num_layers = load_LE.shape[0]
     bias = metrics.get("expert_bias_norm")
     bias_L = None if bias is None else np.asarray(bias, dtype=np.float64).reshape(-1)

@@ -1,8 +1,8 @@
 """Training progress on the console: an in-place bar on a terminal, plain log lines otherwise.
 
-A terminal gets one line redrawn with a carriage return (step/total, loss, tokens/s, elapsed, ETA);
-anything else (a pod's log collector, `nohup`, CI) gets a self-contained line every `log_every` steps,
-because carriage-return updates turn into megabytes of noise in a log file. Only process 0 shows
+A terminal gets one line redrawn with a carriage return (step/total, loss, tokens/s, elapsed,
+ETA); anything else (a pod's log collector, `nohup`, CI) gets a self-contained line every
+`log_every` steps, because carriage-return updates turn into megabytes of noise in a log file. Only process 0 shows
 anything. The stream, the terminal decision and the clock are injectable for tests.
 """
 
@@ -145,7 +145,8 @@ class Progress:
         if not self.enabled:
             return
         if self.interactive and self._bar_visible:
-            self._stream.write("\r" + _CLEAR_TO_EOL + text + "\n" + "\r" + self._line + _CLEAR_TO_EOL)
+            clear = "\r" + _CLEAR_TO_EOL
+            self._stream.write(clear + text + "\n" + "\r" + self._line + _CLEAR_TO_EOL)
         else:
             self._stream.write(text + "\n")
         self._stream.flush()

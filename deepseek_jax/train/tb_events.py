@@ -1,8 +1,8 @@
 """A dependency-free writer of TensorBoard event files holding scalar summaries.
 
-Why not a library: TensorFlow is far too heavy for a JAX trainer, tensorboardX would be a new runtime
-dependency for ~100 lines of framing, and the `tensorboard` package is only the viewer (its internal
-writer is not a public API). The format is small and stable:
+Why not a library: TensorFlow is far too heavy for a JAX trainer, tensorboardX would be a new
+runtime dependency for ~100 lines of framing, and the `tensorboard` package is only the viewer
+(its internal writer is not a public API). The format is small and stable:
 
 * An event file is a sequence of TFRecords: `uint64 length | uint32 masked_crc32c(length) | data |
   uint32 masked_crc32c(data)`, little-endian.
@@ -48,7 +48,7 @@ _CRC32C_TABLE = _make_crc32c_table()
 
 
 def crc32c(data: bytes) -> int:
-    """CRC-32C (Castagnoli). Pure Python: event records are tens of bytes, so speed is irrelevant."""
+    """CRC-32C (Castagnoli). Pure Python: records are a few hundred bytes, so speed is moot."""
     crc = 0xFFFFFFFF
     for byte in data:
         crc = _CRC32C_TABLE[(crc ^ byte) & 0xFF] ^ (crc >> 8)
@@ -117,7 +117,8 @@ def encode_session_start_event(wall_time: float, step: int) -> bytes:
     # TensorBoard purges previously loaded events with step >= `step` when it reads a START
     # SessionLog, which is exactly what a resumed run needs: the steps re-run after the restored
     # checkpoint replace the ones the killed run logged.
-    return _event_header(wall_time, step) + _length_delimited(7, _key(1, 0) + _varint(_SESSION_START))
+    session_log = _key(1, 0) + _varint(_SESSION_START)
+    return _event_header(wall_time, step) + _length_delimited(7, session_log)
 
 
 class EventFileWriter:
@@ -138,7 +139,9 @@ class EventFileWriter:
         self._file.write(tfrecord(encode_file_version_event(now)))
         self._started = False
 
-    def add_scalars(self, step: int, scalars: Mapping[str, float], wall_time: float | None = None) -> None:
+    def add_scalars(
+        self, step: int, scalars: Mapping[str, float], wall_time: float | None = None
+    ) -> None:
         if self._file is None:
             raise ValueError(f"event file {self.path} is closed")
         wall_time = time.time() if wall_time is None else wall_time
