@@ -2,8 +2,8 @@
 
 A terminal gets one line redrawn with a carriage return (step/total, loss, tokens/s, elapsed,
 ETA); anything else (a pod's log collector, `nohup`, CI) gets a self-contained line every
-`log_every` steps, because carriage-return updates turn into megabytes of noise in a log file. Only process 0 shows
-anything. The stream, the terminal decision and the clock are injectable for tests.
+`log_every` steps, because carriage-return updates turn into megabytes of noise in a log file.
+Only process 0 shows anything. Stream, terminal decision and clock are injectable for tests.
 """
 
 from __future__ import annotations
