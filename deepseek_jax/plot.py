@@ -190,7 +190,12 @@ def plot_all(records: Records, out_dir: str, *, dpi: int = 120,
         ("diagnostics.png", plot_diagnostics, "grad_norm, tokens_per_s, mfu or skipped_steps"),
         ("expert_load.png", plot_expert_load, "expert_load"),
     ):
-        result = plotter(records, out_dir, dpi)
+        try:
+            result = plotter(records, out_dir, dpi)
+        except (ValueError, TypeError, KeyError) as error:
+            # One malformed metric (say, ragged expert_load rows) must not cost the other plots.
+            log(f"skipping {name}: malformed metrics: {error}")
+            continue
         paths = [result] if isinstance(result, str) else list(result or [])
         if paths:
             written.extend(paths)

@@ -59,6 +59,17 @@ _RESERVED = ("step", "split", "time")
 log = logging.getLogger(__name__)
 
 
+def _numeric_array(value: Any, key: str) -> np.ndarray:
+    """np.asarray for metrics; low-precision floats (bfloat16 has dtype kind 'V') widen to f32."""
+    array = np.asarray(value)
+    if array.dtype.kind in "biuf":
+        return array
+    try:
+        return array.astype(np.float32)
+    except (TypeError, ValueError):
+        raise TypeError(f"metric {key!r}: unsupported array dtype {array.dtype}") from None
+
+
 def _json_value(value: Any, key: str) -> Any:
     """Converts numpy/jax scalars and arrays to plain JSON values (non-finite floats -> None)."""
     if value is None or isinstance(value, (bool, str)):
@@ -71,9 +82,7 @@ def _json_value(value: Any, key: str) -> Any:
     if isinstance(value, (list, tuple)):
         return [_json_value(v, key) for v in value]
     if hasattr(value, "__array__"):  # np.ndarray, jax.Array (fetched to host here).
-        array = np.asarray(value)
-        if array.dtype.kind not in "biuf":
-            raise TypeError(f"metric {key!r}: unsupported array dtype {array.dtype}")
+        array = _numeric_array(value, key)
         if array.ndim == 0:
             return _json_value(array.item(), key)
         return _json_value(array.tolist(), key)
@@ -93,9 +102,9 @@ def scalar_tags(split: str, metrics: Mapping[str, Any]) -> dict[str, float]:
             continue
         if isinstance(value, bool) or value is None or isinstance(value, str):
             continue
-        array = np.asarray(value) if hasattr(value, "__array__") else value
+        array = _numeric_array(value, key) if hasattr(value, "__array__") else value
         if isinstance(array, np.ndarray):
-            if array.ndim != 0 or array.dtype.kind not in "iuf":
+            if array.ndim != 0 or array.dtype.kind == "b":
                 continue
             array = array.item()
         if isinstance(array, (int, float, np.integer, np.floating)):
@@ -183,9 +192,10 @@ class MetricsWriter:
         now = time.time()
         record = {"step": int(step), "split": split, "time": round(now, 3)}
         record.update({key: _json_value(value, key) for key, value in metrics.items()})
+        scalars = scalar_tags(split, metrics)  # Validates before either file is touched.
         self._jsonl.write(json.dumps(record, allow_nan=False) + "\n")
         self._jsonl.flush()
-        self._events.add_scalars(int(step), scalar_tags(split, metrics), wall_time=now)
+        self._events.add_scalars(int(step), scalars, wall_time=now)
         if split != "train" or self._clock() - self._last_flush >= self._flush_every_s:
             self.flush()
 

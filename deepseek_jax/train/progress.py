@@ -77,6 +77,7 @@ class Progress:
         self._bar_width = bar_width
         self._start_time = clock()
         self._first: tuple[int, float] | None = None  # (step, time) of the first update.
+        self._logged_interval = -1  # step // log_every of the last plain line.
         self._last_draw = -math.inf
         self._bar_visible = False
         self._line = ""
@@ -136,7 +137,13 @@ class Progress:
             self._stream.write("\r" + self._line + _CLEAR_TO_EOL)
             self._bar_visible = True
             self._last_draw = now
-        elif last or step % self._log_every == 0 or step == self._first[0]:
+        else:
+            # By interval rather than `step % log_every == 0`, so a loop that reports every k
+            # steps (k not dividing log_every) still gets a line per interval.
+            interval = step // self._log_every
+            if not (last or step == self._first[0] or interval > self._logged_interval):
+                return
+            self._logged_interval = interval
             self._stream.write(self.render(step, now, loss, tokens_per_s, extra) + "\n")
         self._stream.flush()
 

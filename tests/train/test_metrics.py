@@ -158,6 +158,10 @@ def test_missing_file_and_bad_values(tmp_path) -> None:
             writer.write(1, {"step": 3})
         with pytest.raises(TypeError, match="'bad'"):
             writer.write(1, {"bad": object()})
+        with pytest.raises(ValueError, match="expert_load"):
+            writer.write(1, {"expert_load": [0.5, 0.5]})  # Not [layers, experts].
+    # Rejected records leave no trace: the file holds nothing.
+    assert metrics.read_metrics(str(tmp_path)) == []
     with pytest.raises(ValueError, match="local or NFS"):
         metrics.MetricsWriter("gs://bucket/run", process_index=0)
 
@@ -174,3 +178,17 @@ def test_tensorboard_flush_policy(tmp_path) -> None:
     writer.write(2, {"loss": 2.0})
     assert _scalars(_accumulator(str(tmp_path)), "train/loss") == [(1, 1.0), (2, 2.0)]
     writer.close()
+
+
+def test_bfloat16_values_are_written(tmp_path) -> None:
+    import ml_dtypes
+
+    bf16 = ml_dtypes.bfloat16
+    with metrics.MetricsWriter(str(tmp_path), process_index=0) as writer:
+        writer.write(1, {"loss": np.asarray(2.5, dtype=bf16),
+                         "expert_bias_norm": np.asarray([0.5, 1.5], dtype=bf16)})
+    (record,) = metrics.read_metrics(str(tmp_path))
+    assert record["loss"] == 2.5 and record["expert_bias_norm"] == [0.5, 1.5]
+    acc = _accumulator(str(tmp_path))
+    assert _scalars(acc, "train/loss") == [(1, 2.5)]
+    assert _scalars(acc, "moe/bias_norm/layer_01") == [(1, 1.5)]

@@ -73,6 +73,17 @@ def test_missing_keys_skip_with_message(tmp_path, capsys) -> None:
     assert "skipping lr.png" in printed and "skipping expert_load.png" in printed
 
 
+def test_malformed_expert_load_skips_only_that_plot(tmp_path, capsys) -> None:
+    workdir, out = str(tmp_path / "run"), str(tmp_path / "png")
+    os.makedirs(workdir)
+    # The writer refuses ragged rows, so write the file the way another tool might have.
+    with open(os.path.join(workdir, metrics.METRICS_FILE), "w") as f:
+        f.write('{"step": 1, "split": "train", "lr": 0.001, "expert_load": [[0.5, 0.5], [1.0]]}\n')
+    assert plot.main([f"--workdir={workdir}", f"--out={out}", "--dpi=40"]) == 0
+    assert os.listdir(out) == ["lr.png"]
+    assert "skipping expert_load.png: malformed metrics" in capsys.readouterr().out
+
+
 def test_missing_or_empty_metrics_is_an_error(tmp_path, capsys) -> None:
     assert plot.main([f"--workdir={tmp_path}", f"--out={tmp_path / 'png'}"]) == 1
     assert "no metrics.jsonl" in capsys.readouterr().err

@@ -84,3 +84,13 @@ def test_detects_terminal_and_respects_process_index() -> None:
     assert stream.getvalue() == ""
     with pytest.raises(ValueError):
         progress.Progress(0)
+
+
+def test_plain_lines_when_updates_skip_the_multiples() -> None:
+    # A loop reporting every 3 steps with log_every=4 never hits a multiple of 4 exactly on time.
+    stream = io.StringIO()
+    bar = progress.Progress(12, stream=stream, interactive=False, log_every=4, clock=FakeClock())
+    for step in range(3, 13, 3):
+        bar.update(step, loss=1.0)
+    assert [line.split()[1] for line in stream.getvalue().splitlines()] == [
+        "3/12", "6/12", "9/12", "12/12"]
