@@ -112,7 +112,10 @@ def scalar_tags(split: str, metrics: Mapping[str, Any]) -> dict[str, float]:
     num_layers = 0
     load = metrics.get("expert_load")
     if load is not None:
-        load_LE = np.asarray(load, dtype=np.float64)
+        try:
+            load_LE = np.asarray(load, dtype=np.float64)
+        except ValueError:  # Ragged rows: numpy's message would not name the metric.
+            raise ValueError("expert_load rows must all have one entry per expert") from None
         if load_LE.ndim != 2:
             raise ValueError(
                 f"expert_load must be [moe_layers, experts], got shape {load_LE.shape}")

@@ -160,6 +160,8 @@ def test_missing_file_and_bad_values(tmp_path) -> None:
             writer.write(1, {"bad": object()})
         with pytest.raises(ValueError, match="expert_load"):
             writer.write(1, {"expert_load": [0.5, 0.5]})  # Not [layers, experts].
+        with pytest.raises(ValueError, match="expert_load rows"):
+            writer.write(1, {"expert_load": [[0.5, 0.5], [1.0]]})
     # Rejected records leave no trace: the file holds nothing.
     assert metrics.read_metrics(str(tmp_path)) == []
     with pytest.raises(ValueError, match="local or NFS"):
