@@ -197,6 +197,7 @@ class Checkpointer:
         self.file_checksums = file_checksums
         self._inflight_step: int | None = None
         self._inflight: _Inflight | None = None
+        self._ours: set[int] = set()  # steps this run saved or restored: same timeline
         is_primary = jax.process_index() == primary_host
         if is_primary:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -231,6 +232,10 @@ class Checkpointer:
         step = int(step)
         self.wait_until_finished()
         if step in self._manager.all_steps():
+            if step not in self._ours:
+                raise CheckpointError(
+                    f"checkpoint step {step} exists from another run (after restoring an older "
+                    "step, call discard_after(step) before training on)")
             log.info("checkpoint step %d already saved; not saving it again", step)
             return False
         meta_doc = {
@@ -247,6 +252,7 @@ class Checkpointer:
         # Dispatched before orbax's copy so it reads the same buffers; fetched in the background.
         self._inflight = _Inflight(step, leaves, integrity.start_fingerprints(state))
         self._inflight_step = step
+        self._ours.add(step)
         self._manager.save(step, force=True, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=_DataSave(_json_item("data", data)),
@@ -306,8 +312,9 @@ class Checkpointer:
         for the current mesh (any mesh: the saved layout does not matter). With `step=None`, a step
         that fails verification is logged as a warning with its reason, moved to
         `checkpoints/quarantine/`, and the next older one is tried; returns None if there are no
-        checkpoints. An explicit `step` that fails raises CheckpointError. A target whose leaves
-        differ from the saved ones raises ValueError (never treated as corruption).
+        checkpoints. An explicit `step` that fails raises CheckpointError; newer steps are left
+        alone (see discard_after). A target whose leaves differ from the saved ones raises
+        ValueError (never treated as corruption).
         """
         self.wait_until_finished()
         if step is not None:
@@ -358,19 +365,30 @@ class Checkpointer:
             out, reason = None, f"restore failed: {type(e).__name__}: {e}"
         if not _all_agree(not reason):
             return None, reason or "failed on another host"
+        self._ours.add(step)
         return Restored(step=step, state=out.state, data=out.data, config=dict(out.config),
                         meta=dict(out.meta)), ""
 
-    def _quarantine(self, steps: list[int]) -> None:
-        """Moves unusable steps aside (never deletes them): orbax would otherwise refuse to save
-        those step numbers again, and a person may still want to look at them."""
+    def discard_after(self, step: int) -> list[int]:
+        """Moves every step newer than `step` to quarantine/ (e.g. to branch a run from an older
+        checkpoint restored explicitly); returns them. Without this, those steps would shadow the
+        new timeline's saves."""
+        self.wait_until_finished()
+        newer = [s for s in self._step_dirs() if s > step]
+        if newer:
+            self._quarantine(newer, why="superseded")
+        return newer
+
+    def _quarantine(self, steps: list[int], why: str = "unusable") -> None:
+        """Moves steps aside (never deletes them): orbax would otherwise refuse to save those step
+        numbers again, and a person may still want to look at them."""
         if jax.process_index() == self.primary_host:
             target = self.directory / QUARANTINE
             target.mkdir(exist_ok=True)
             for s in steps:
-                dest = target / f"{s}-{int(time.time())}"
+                dest = target / f"{s}-{why}-{int(time.time())}"
                 (self.directory / str(s)).rename(dest)
-                log.warning("moved unusable checkpoint step %d to %s", s, dest)
+                log.warning("moved %s checkpoint step %d to %s", why, s, dest)
         _sync("deepseek_jax_checkpoint_quarantine")
         self._manager.reload()
 

@@ -54,14 +54,10 @@ def _words(x: jax.Array) -> jax.Array:
         x = jax.random.key_data(x)
     if x.dtype == jnp.bool_:
         x = x.astype(jnp.uint8)
-    bits = x.dtype.itemsize * 8
-    if bits == 32:
+    bits = jax.dtypes.itemsize_bits(x.dtype)
+    if bits in (32, 64):  # 64 bits become a trailing axis of 2 words
         return jax.lax.bitcast_convert_type(x, jnp.uint32)
-    if bits in (8, 16):
-        return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{bits}")).astype(jnp.uint32)
-    if bits == 64:  # adds a trailing axis of 2 words
-        return jax.lax.bitcast_convert_type(x, jnp.uint32)
-    raise TypeError(f"no fingerprint for dtype {x.dtype}")
+    return jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{bits}")).astype(jnp.uint32)
 
 
 def _leaf_fingerprint(x: jax.Array) -> jax.Array:
@@ -79,12 +75,14 @@ def _leaf_fingerprint(x: jax.Array) -> jax.Array:
 
 
 def _supported(x: Any) -> bool:
+    """Leaves we can hash; others (sub-byte ints, complex) are saved but not fingerprinted."""
     dtype = getattr(x, "dtype", None)
     if dtype is None:
         return False
     if jnp.issubdtype(dtype, jax.dtypes.prng_key) or dtype == jnp.bool_:
         return True
-    return dtype.itemsize in (1, 2, 4, 8) and not jnp.issubdtype(dtype, jnp.complexfloating)
+    return (jax.dtypes.itemsize_bits(dtype) in (8, 16, 32, 64)
+            and not jnp.issubdtype(dtype, jnp.complexfloating))
 
 
 def _device_group(x: Any) -> tuple[int, ...]:

@@ -166,7 +166,24 @@ def test_retention_never_deletes_newest_good_checkpoint(tmp_path, caplog):
         assert_bit_identical(restored.state, small_state(10))
         assert ckpt.all_steps() == [10]
         assert ckpt.save(30, small_state(31), wait=True)  # the quarantined number is free again
-    assert os.listdir(tmp_path / "checkpoints" / "quarantine")[0].startswith("30-")
+    assert os.listdir(tmp_path / "checkpoints" / "quarantine")[0].startswith("30-unusable-")
+
+
+def test_branching_from_an_older_step(tmp_path):
+    abstract = checkpoint.abstract_state(small_state(0))
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(step, small_state(step))
+    with checkpoint.Checkpointer(tmp_path) as ckpt:
+        assert ckpt.restore(1, abstract).step == 1
+        assert not ckpt.save(1, small_state(1))  # the step just restored: nothing to do
+        with pytest.raises(checkpoint.CheckpointError, match="another run"):
+            ckpt.save(2, small_state(2))  # would silently keep the old timeline's step 2
+        assert ckpt.discard_after(1) == [3, 2]
+        assert ckpt.save(2, small_state(22), wait=True)
+        assert ckpt.all_steps() == [1, 2]
+        assert float(ckpt.restore(None, abstract).state["w"][0, 0]) == 22.0
+    assert sorted(os.listdir(tmp_path / "checkpoints" / "quarantine"))[0].startswith("2-superseded-")
 
 
 def test_invalid_items_fail_at_save(tmp_path):

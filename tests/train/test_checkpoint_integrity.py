@@ -102,7 +102,7 @@ def test_corrupt_latest_falls_back(workdir, corrupt, caplog):
         warning = caplog.text
         assert "step 20" in warning and CORRUPTIONS[corrupt] in warning
         # Moved aside, not deleted; the number can be saved again; 10 survives.
-        assert os.listdir(workdir / "checkpoints" / "quarantine")[0].startswith("20-")
+        assert os.listdir(workdir / "checkpoints" / "quarantine")[0].startswith("20-unusable-")
         assert ckpt.save(20, state_at(21), wait=True)
         assert ckpt.all_steps() == [10, 20]
         with pytest.raises(checkpoint.CheckpointError):
