@@ -183,7 +183,8 @@ def test_branching_from_an_older_step(tmp_path):
         assert ckpt.save(2, small_state(22), wait=True)
         assert ckpt.all_steps() == [1, 2]
         assert float(ckpt.restore(None, abstract).state["w"][0, 0]) == 22.0
-    assert sorted(os.listdir(tmp_path / "checkpoints" / "quarantine"))[0].startswith("2-superseded-")
+    quarantined = sorted(os.listdir(tmp_path / "checkpoints" / "quarantine"))
+    assert quarantined[0].startswith("2-superseded-")
 
 
 def test_invalid_items_fail_at_save(tmp_path):
