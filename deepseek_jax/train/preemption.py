@@ -15,8 +15,8 @@ loop saves synchronously and exits 0. How the "go" arrives depends on how JAX wa
   allgather waits for the device queue, hence the interval.
 - `local` (one process, no distributed runtime): Python handlers set a flag; the next step stops.
 
-A second SIGINT/SIGTERM on a process that is already stopping restores the previous handler and
-re-delivers the signal: an impatient Ctrl-C still kills the run.
+A second delivery of a signal we handle restores its previous handler and re-delivers it: an
+impatient Ctrl-C still kills the run.
 """
 
 from __future__ import annotations
@@ -132,7 +132,8 @@ class PreemptionGuard:
         local = self._signalled
         if self.mode == SERVICE:
             if multihost_utils.reached_preemption_sync_point(step):
-                self.reason = f"preemption notice (all hosts synced at step {step})"
+                here = f"; {local} received here" if local else ""
+                self.reason = f"preemption notice (all hosts synced at step {step}{here})"
             elif local is not None and local != "SIGINT":  # request_stop; SIGINT went as SIGTERM
                 self.reason = local
         elif self.mode == ALLGATHER:
