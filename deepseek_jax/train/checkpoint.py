@@ -238,6 +238,7 @@ class Checkpointer:
                     "step, call discard_after(step) before training on)")
             log.info("checkpoint step %d already saved; not saving it again", step)
             return False
+        data_doc, config_doc = _json_item("data", data), _json_item("config", config)
         meta_doc = {
             "step": step,
             "time": time.time(),
@@ -255,8 +256,8 @@ class Checkpointer:
         self._ours.add(step)
         self._manager.save(step, force=True, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=_DataSave(_json_item("data", data)),
-            config=ocp.args.JsonSave(_json_item("config", config)),
+            data=_DataSave(data_doc),
+            config=ocp.args.JsonSave(config_doc),
             meta=ocp.args.JsonSave(meta_doc),
         ))
         if wait:
