@@ -324,9 +324,12 @@ class Checkpointer:
                 raise CheckpointError(f"checkpoint step {step} in {self.directory}: {reason}")
             return restored
         candidates = self._step_dirs()
-        if jax.process_count() > 1:  # one listing for everyone, whatever the filesystem shows
-            newest = _from_primary(candidates[0] if candidates else -1, self.primary_host)
-            candidates = [s for s in candidates if s <= newest]
+        if jax.process_count() > 1:  # the primary's listing for everyone: same loop, same barriers
+            is_primary = jax.process_index() == self.primary_host
+            n = _from_primary(len(candidates), self.primary_host)
+            mine = np.array(candidates if is_primary else [0] * n, np.int64)
+            candidates = [int(s) for s in multihost_utils.broadcast_one_to_all(
+                mine, is_source=is_primary)] if n else []
         bad: list[tuple[int, str]] = []
         for candidate in candidates:
             restored, reason = self._try_restore(candidate, abstract_state)

@@ -83,7 +83,11 @@ def toy(tmp_path_factory):
         t.kill()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
+@pytest.fixture
+def free_port():
+    """free_port() -> a TCP port nobody listens on now (for jax.distributed's coordinator)."""
+    def pick() -> int:
+        with socket.socket() as s:
+            s.bind(("localhost", 0))
+            return s.getsockname()[1]
+    return pick

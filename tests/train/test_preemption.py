@@ -9,7 +9,6 @@ import pytest
 from jax.sharding import AxisType
 
 import toy_loop
-from conftest import free_port
 from deepseek_jax.train import checkpoint, preemption
 
 
@@ -63,7 +62,7 @@ def test_sigterm_saves_at_step_boundary_and_exits_zero(toy, tmp_path):
     assert restored.data == {"next_index": stopped * toy_loop.ROWS}
 
 
-def test_two_processes_agree_on_the_preemption_step(toy, tmp_path):
+def test_two_processes_agree_on_the_preemption_step(toy, tmp_path, free_port):
     """SIGTERM to one host only: JAX's preemption service makes both save the same step."""
     coordinator = f"localhost:{free_port()}"
     runs = [toy(f"--workdir={tmp_path}", "--steps=1000", "--save-every=4", "--sleep=0.05",
@@ -84,3 +83,12 @@ def test_two_processes_agree_on_the_preemption_step(toy, tmp_path):
     assert restored.step == stopped[0] == int(restored.state["step"])
     assert restored.meta["process_count"] == 2 and restored.data is None
     assert np.isfinite(np.asarray(restored.state["params"]["w"])).all()
+    # And both hosts resume from it together (the multi-process restore path).
+    coordinator = f"localhost:{free_port()}"
+    runs = [toy(f"--workdir={tmp_path}", f"--steps={stopped[0] + 2}", "--save-every=100",
+                f"--coordinator={coordinator}", "--num-processes=2", f"--process-id={i}")
+            for i in range(2)]
+    for i, run in enumerate(runs):
+        run.wait_for(rf"\[{i}\] resumed at step {stopped[0]}$", timeout=120)
+    assert [run.finish() for run in runs] == [0, 0], runs[0].output() + runs[1].output()
+    assert all(f"done at step {stopped[0] + 2}" in run.output() for run in runs)
