@@ -96,7 +96,7 @@ class PreemptionGuard:
         self.mode = None
 
     def _repeat(self, signum: int) -> bool:
-        """A second signal while stopping: give the signal its previous meaning, now."""
+        """On the second delivery of a signal, give it back its previous meaning, now."""
         if signum not in self._received:
             self._received.add(signum)
             return False
