@@ -3,7 +3,7 @@ that was never interrupted, having applied every step and every data index exact
 
 import numpy as np
 
-import toy_loop
+from tests.train import toy_loop
 
 STEPS, KILL_AFTER = 16, 8
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType
 
-import toy_loop
+from tests.train import toy_loop
 from deepseek_jax.train import checkpoint, preemption
 
 
