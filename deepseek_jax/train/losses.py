@@ -40,7 +40,7 @@ def objective(out: transformer.Outputs, batch: dict, mtp_lambda: jax.Array,
               balance_alpha: float) -> tuple[jax.Array, dict]:
     mask_BS = batch["loss_mask"].astype(out.logits_BSY.dtype)
     ce = masked_mean(token_nll(out.logits_BSY, batch["targets"]), mask_BS)
-    metrics = {"ce": ce}
+    metrics = {"lm_loss": ce}
     loss = ce
     if out.mtp_logits_DBSY is not None:
         depth = out.mtp_logits_DBSY.shape[0]
@@ -56,6 +56,6 @@ def objective(out: transformer.Outputs, batch: dict, mtp_lambda: jax.Array,
         if stats is not None:
             balance = balance + jnp.sum(stats.balance)
     loss = loss + balance_alpha * balance
-    metrics["balance_loss"] = balance_alpha * balance
+    metrics["balance_loss"] = balance  # unweighted; the loss adds alpha times this
     metrics["loss"] = loss
     return loss, metrics

@@ -1,9 +1,10 @@
 """Train state and its (possibly sharded) initialisation.
 
 The functional boundary: the model is split once into (graphdef, params, expert_bias); the state
-holds the two States plus the optimizer state and the step. `init_fn` is a pure function of a key,
-so callers can `jax.jit(init_fn, out_shardings=...)` and a model too large for one device is
-created already sharded.
+holds them as plain nested dicts (`nnx.merge` accepts those), plus the optimizer state and the step,
+so checkpoints and shardings are keyed by clean paths like params/moe_layers/attn/wq_b/kernel.
+`init_fn` is a pure function of a key, so callers can `jax.jit(init_fn, out_shardings=...)` and a
+model too large for one device is created already sharded.
 """
 
 from __future__ import annotations
@@ -25,18 +26,33 @@ from deepseek_jax.model import transformer
 @dataclasses.dataclass
 class TrainState:
     step: jax.Array  # int32 scalar: optimizer steps taken (skipped non-finite steps included)
-    params: Any  # nnx.State of nnx.Param
-    expert_bias: Any  # nnx.State of layers.ExpertBias (updated outside the gradient)
+    params: Any  # nested dict of nnx.Param values
+    expert_bias: Any  # nested dict of layers.ExpertBias values (updated outside the gradient)
     opt_state: Any
 
 
 def split(model: transformer.Transformer):
-    return nnx.split(model, nnx.Param, layers.ExpertBias)
+    """(graphdef, params, expert_bias) with the two collections as plain nested dicts."""
+    graphdef, params, bias = nnx.split(model, nnx.Param, layers.ExpertBias)
+    return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(bias)
 
 
 def abstract_model(cfg: config_lib.ModelConfig):
     """(graphdef, abstract params, abstract expert_bias) without allocating anything."""
     return split(nnx.eval_shape(lambda: transformer.Transformer(cfg, rngs=nnx.Rngs(0))))
+
+
+def logical_axes(cfg: config_lib.ModelConfig) -> tuple[Any, Any]:
+    """Nested dicts, shaped like (params, expert_bias), of each variable's logical axis names."""
+    model = nnx.eval_shape(lambda: transformer.Transformer(cfg, rngs=nnx.Rngs(0)))
+    _, params, bias = nnx.split(model, nnx.Param, layers.ExpertBias)
+
+    def names(state):
+        return nnx.to_pure_dict(jax.tree.map(
+            lambda v: v.replace(tuple(v.get_metadata()["logical_axes"])), state,
+            is_leaf=lambda x: isinstance(x, nnx.Variable)))
+
+    return names(params), names(bias)
 
 
 def init_fn(cfg: config_lib.ModelConfig, tx: optax.GradientTransformation, key: jax.Array

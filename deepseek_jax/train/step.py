@@ -66,7 +66,7 @@ def apply_update(graphdef, train_cfg, tx, state: state_lib.TrainState, loss, aux
     gamma = optim.piecewise(train_cfg.bias_update_rate, state.step)
     model = nnx.merge(graphdef, state.params, state.expert_bias)
     model.update_expert_bias(moe_stats, mtp_stats, gamma)
-    expert_bias = nnx.state(model, layers.ExpertBias)
+    expert_bias = nnx.to_pure_dict(nnx.state(model, layers.ExpertBias))
 
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 

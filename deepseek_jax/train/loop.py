@@ -1,0 +1,229 @@
+"""The training loop: data -> jitted step -> metrics, evaluation, checkpoints, preemption.
+
+Resumes from the newest good checkpoint in `<workdir>/checkpoints/` (state, data-iterator position,
+config); otherwise initialises (or loads `checkpoint.init_from`). Step n's metrics are read after
+step n+1 has been dispatched, so the host never stalls the device; a run of non-finite steps longer
+than `train.max_nonfinite_in_a_row` stops with the step, the metric and the batch named.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pathlib
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from deepseek_jax import config as config_lib
+from deepseek_jax import data as data_lib
+from deepseek_jax.model import counting
+from deepseek_jax.train import checkpoint as checkpoint_lib
+from deepseek_jax.train import metrics as metrics_lib
+from deepseek_jax.train import optim
+from deepseek_jax.train import preemption
+from deepseek_jax.train import progress as progress_lib
+from deepseek_jax.train import state as state_lib
+from deepseek_jax.train import step as step_lib
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def host_peak_flops() -> float:
+    """Measured dense-matmul FLOP/s of this host's default backend (MFU denominator on CPU)."""
+    n = 1024
+    x = jax.numpy.ones((n, n), jax.numpy.float32)
+    f = jax.jit(lambda a: a @ a)
+    f(x).block_until_ready()
+    reps, t = 0, time.perf_counter()
+    while time.perf_counter() - t < 0.5:
+        f(x).block_until_ready()
+        reps += 1
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+# Dense bf16 peaks per chip (vendor figures), for MFU on accelerators.
+_PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
+               "TPU v6 lite": 918e12, "TPU7x": 2307e12, "H100": 989e12, "H200": 989e12,
+               "H800": 989e12, "A100": 312e12, "B200": 2250e12, "GB200": 2500e12}
+
+
+def peak_flops() -> float:
+    kind = jax.devices()[0].device_kind
+    for name, flops in sorted(_PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
+        if name.lower() in kind.lower():
+            return flops * jax.device_count()
+    return host_peak_flops() * jax.process_count()
+
+
+class Evaluator:
+    def __init__(self, exp: config_lib.ExperimentConfig, graphdef):
+        t = exp.train
+        self.batches = data_lib.make_eval_iterator(
+            exp.data, seq_len=t.seq_len, batch_size=t.global_batch_size,
+            model_vocab_size=exp.model.vocab_size, num_batches=t.eval_batches or None,
+            process_index=jax.process_index(), process_count=jax.process_count())
+        self.fn = jax.jit(step_lib.make_eval_step(graphdef))
+
+    def __call__(self, state: state_lib.TrainState) -> dict[str, float]:
+        sums = {"nll_sum": 0.0, "tokens": 0.0, "bytes": 0.0}
+        for batch in self.batches:
+            out = self.fn(state.params, state.expert_bias, batch)
+            for k in sums:
+                sums[k] += float(out[k])
+        loss = sums["nll_sum"] / max(sums["tokens"], 1.0)
+        bpb = sums["nll_sum"] / math.log(2) / max(sums["bytes"], 1.0)
+        return {"eval_loss": loss, "eval_bpb": bpb, "eval_tokens": sums["tokens"]}
+
+
+class _Interval:
+    """Host-side accumulation of per-step metrics between log lines."""
+
+    def __init__(self):
+        self.reset(time.perf_counter())
+
+    def reset(self, now: float):
+        self.start, self.steps, self.finite, self.sums, self.load = now, 0, 0, {}, None
+
+    def add(self, m: dict[str, np.ndarray]):
+        self.finite += 1
+        for k in ("loss", "lm_loss", "mtp_loss", "balance_loss", "grad_norm"):
+            if k in m:
+                self.sums[k] = self.sums.get(k, 0.0) + float(m[k])
+        if "expert_load" in m:
+            self.load = m["expert_load"] if self.load is None else self.load + m["expert_load"]
+
+
+def run(exp: config_lib.ExperimentConfig, workdir: str | pathlib.Path) -> dict[str, Any]:
+    """Trains to exp.train.steps (resuming if possible); returns a summary for callers and tests."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    t, pid = exp.train, jax.process_index()
+    tx = optim.optimizer(t)
+    graphdef, _, _ = state_lib.abstract_model(exp.model)
+
+    train_iter = data_lib.make_train_iterator(
+        exp.data, seq_len=t.seq_len, global_batch_size=t.global_batch_size,
+        model_vocab_size=exp.model.vocab_size, seed=t.seed, process_index=pid,
+        process_count=jax.process_count())
+    evaluate = Evaluator(exp, graphdef)
+
+    guard = preemption.PreemptionGuard().install()
+    ckpt = checkpoint_lib.Checkpointer(workdir, keep_last=exp.checkpoint.keep_last,
+                                       keep_every=exp.checkpoint.keep_every or None)
+    abstract = state_lib.abstract_state(exp.model, tx)
+    restored = ckpt.restore(None, abstract)
+    if restored is not None:
+        state, step = restored.state, restored.step
+        if restored.data is not None:
+            train_iter.set_state(restored.data)
+        else:
+            log.warning("checkpoint %d has no data state for %d processes: the data order "
+                        "restarts", step, jax.process_count())
+        print(f"resumed from step {step} ({workdir / 'checkpoints' / str(step)})", flush=True)
+    else:
+        state, step = state_lib.init_state(exp.model, tx, t.seed), 0
+
+    train_step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, t, tx))
+    counts = counting.count(exp.model, t.seq_len)
+    peak = peak_flops()
+    writer = metrics_lib.MetricsWriter(workdir, process_index=pid)
+    bar = progress_lib.Progress(t.steps, log_every=t.log_every, process_index=pid)
+    n_moe = exp.model.n_moe_layers + (exp.model.mtp_depth if exp.model.mtp_is_moe else 0)
+    moe_ids = list(range(exp.model.n_dense_layers, exp.model.n_layers)) + [
+        exp.model.n_layers + k for k in range(n_moe - exp.model.n_moe_layers)]
+    config_json = exp.to_dict()
+
+    summary: dict[str, Any] = {"start_step": step}
+    if step == 0:
+        first = evaluate(state)
+        writer.write(0, first, split="eval")
+        summary["eval_bpb_start"] = first["eval_bpb"]
+        bar.message(f"step 0: held-out {first['eval_loss']:.4f} nats/token, "
+                    f"{first['eval_bpb']:.4f} bits/byte")
+
+    interval, skipped, streak, pending = _Interval(), 0, 0, None
+    tokens_per_step = t.global_batch_size * t.seq_len
+
+    def consume(done_step: int, m, data_state) -> None:
+        nonlocal skipped, streak
+        m = jax.device_get(m)
+        interval.steps += 1
+        if int(m["skipped"]):
+            skipped += 1
+            streak += 1
+            bad = "loss" if not bool(m["loss_finite"]) else "grad_norm"
+            if streak >= t.max_nonfinite_in_a_row:
+                raise NonFiniteError(
+                    f"step {done_step}: {bad} is not finite ({streak} steps in a row, limit "
+                    f"train.max_nonfinite_in_a_row={t.max_nonfinite_in_a_row}); the batch was "
+                    f"global batch #{done_step - 1} of this run, data state before it: "
+                    f"{json.dumps(data_state)}")
+        else:
+            streak = 0
+            interval.add(m)
+        if done_step % t.log_every == 0 or done_step == t.steps:
+            now = time.perf_counter()
+            n = max(interval.finite, 1)
+            tps = interval.steps * tokens_per_step / max(now - interval.start, 1e-9)
+            record = {k: v / n for k, v in interval.sums.items()}
+            record.update(lr=float(m["lr"]), tokens_per_s=tps,
+                          mfu=tps * counts.train_flops_per_token / peak, skipped_steps=skipped)
+            if interval.load is not None:
+                record["expert_load"] = (interval.load / n).tolist()
+                record["moe_layer_ids"] = moe_ids
+                record["load_max_over_mean"] = float(np.mean(m["load_max_over_mean"]))
+            if "bias_norm" in m:
+                record["expert_bias_norm"] = np.asarray(m["bias_norm"]).tolist()
+            writer.write(done_step, record)
+            bar.update(done_step, loss=record.get("loss"), tokens_per_s=tps)
+            interval.reset(now)
+
+    try:
+        while step < t.steps:
+            data_state = train_iter.get_state()
+            batch = next(train_iter)
+            state, m = train_step(state, batch)
+            step += 1
+            if pending is not None:
+                consume(*pending)
+            pending = (step, m, data_state)
+            if step % t.eval_every == 0 and step < t.steps:
+                consume(*pending)
+                pending = None
+                writer.write(step, evaluate(state), split="eval")
+            if step % exp.checkpoint.every_steps == 0 or step == t.steps:
+                ckpt.save(step, state, data=train_iter.get_state(), config=config_json)
+            if guard.should_stop(step):
+                if pending is not None:
+                    consume(*pending)
+                ckpt.save(step, state, data=train_iter.get_state(), config=config_json,
+                          wait=True)
+                bar.message(f"stopping at step {step} ({guard.reason}); checkpoint saved")
+                summary.update(preempted=True, step=step)
+                return summary
+        if pending is not None:
+            consume(*pending)
+        last = evaluate(state)
+        writer.write(step, last, split="eval")
+        summary.update(step=step, eval_bpb_end=last["eval_bpb"], eval_loss_end=last["eval_loss"],
+                       skipped_steps=skipped, preempted=False)
+        bar.message(f"step {step}: held-out {last['eval_loss']:.4f} nats/token, "
+                    f"{last['eval_bpb']:.4f} bits/byte")
+        if "eval_bpb_start" in summary:
+            bar.message(f"held-out bits/byte: {summary['eval_bpb_start']:.4f} at step 0 -> "
+                        f"{last['eval_bpb']:.4f} at step {step}")
+        return summary
+    finally:
+        ckpt.wait_until_finished()
+        ckpt.close()
+        guard.uninstall()
+        bar.close()
+        writer.close()
