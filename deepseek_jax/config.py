@@ -42,6 +42,9 @@ class ExperimentConfig:
     parallel: parallel_config.ParallelConfig
     checkpoint: CheckpointConfig
 
+    def __post_init__(self):
+        parallel_config.check_pipeline(self.parallel, self.model, self.train)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model.to_dict(),

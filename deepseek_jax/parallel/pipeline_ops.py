@@ -1,0 +1,142 @@
+"""The per-tick ops of the pipeline executor: F, B, Bi, W and F&B as lax.switch branches.
+
+Each branch is (carry, row) -> (carry, outbox [4, b, s, D], log [5]). A chunk's role (first, last
+or middle stage) is data, so the prologue (embedding, dense layers) and epilogue (norm, head, loss,
+MTP) run under lax.cond and the MoE body is traced once per op kind.
+
+B, Bi and W recompute the stage forward from the stored stage input (jax.vjp; nothing but the
+[b, s, D] input is kept between F and the backward):
+  F   prologue? -> body -> epilogue?; stores the body input (the prologue output at a first stage).
+  B   recompute body; epilogue vjp (last) or the received gradient; body vjp w.r.t. weights and
+      input; prologue vjp (first); sends the input gradient.
+  Bi  the same, but every vjp is taken w.r.t. activations only: no weight cotangent is computed.
+  W   the same as B without the send: weight cotangents, plus the input cotangent the weights
+      below need (at a first stage the prologue's weights need the body's input gradient).
+Gradients of the replicated globals are added inside the conds, so middle stages never
+materialise zero gradients for embedding, head or MTP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from deepseek_jax.parallel import stages
+from deepseek_jax.parallel.ticks import Channel, Code
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Carry:
+    """One rank's loop state."""
+
+    act: jax.Array  # [A, b, s, D] stage inputs (body inputs), by act slot
+    grd: jax.Array  # [G, b, s, D] received output gradients, by grd slot
+    d_stack: Any  # [K, Ls, ...] weight gradients of this rank's chunks
+    d_glob: dict  # gradients of the replicated globals (summed over `stage` after the loop)
+    load: jax.Array  # [K, Ls, E] tokens per expert, per chunk
+    balance: jax.Array  # [K, Ls] sequence-balance statistic / M, per chunk
+    epi: stages.EpilogueAux  # loss terms and MTP statistics, summed
+
+
+def take(tree, i):
+    return jax.tree.map(lambda a: a[i], tree)
+
+
+def _add(acc: dict, delta: dict) -> dict:
+    return {**acc, **jax.tree.map(lambda a, d: a + d.astype(a.dtype),
+                                  {k: acc[k] for k in delta}, delta)}
+
+
+def _put(buf: jax.Array, value: jax.Array, i) -> jax.Array:
+    return jax.lax.dynamic_update_index_in_dim(buf, value.astype(buf.dtype), i, 0)
+
+
+class Ops:
+    """Builds the branches over `env`: the rank's arrays inside shard_map (stack [K, ...], its
+    biases, globals, micro-batches [M, b, s], norms, and the per-chunk role flags first/last)."""
+
+    def __init__(self, stage: stages.Stage, env: dict):
+        self.stage, self.env = stage, env
+        self.pro_keys = stages.prologue_keys(stage.cfg)
+        self.epi_keys = stages.epilogue_keys(stage.cfg)
+
+    def _glob(self, keys) -> dict:
+        return {k: self.env["glob"][k] for k in keys}
+
+    def forward(self, carry: Carry, c, mb, slot, outbox):
+        st, env = self.stage, self.env
+        batch = take(env["mbs"], mb)
+        x = jax.lax.cond(env["first"][c] > 0, lambda: st.prologue({}, env, batch["inputs"]),
+                         lambda: carry.act[slot].astype(st.cfg.compute_dtype.jnp))
+        (h, _), (load, balance) = st.body(take(env["stack"], c), x, take(env["bias"], c), env)
+        _, epi = jax.lax.cond(env["last"][c] > 0,
+                              lambda: st.epilogue({}, h, batch, env["norms"], env),
+                              lambda: (jnp.zeros((), st.acc_dtype), st.zero_aux()))
+        carry = dataclasses.replace(
+            carry, act=_put(carry.act, x, slot), load=carry.load.at[c].add(load),
+            balance=carry.balance.at[c].add(balance),
+            epi=jax.tree.map(jnp.add, carry.epi, epi))
+        return carry, _put(outbox, h, Channel.ACT0 + c)
+
+    def backward(self, carry: Carry, kind: Code, c, mb, slot, gslot, outbox):
+        st, env = self.stage, self.env
+        batch, norms = take(env["mbs"], mb), env["norms"]
+        chunk, bias = take(env["stack"], c), take(env["bias"], c)
+        x = carry.act[slot]
+        weights = kind is not Code.BI
+        if weights:
+            (h, aux_loss), body_vjp = jax.vjp(lambda p, x_: st.body(p, x_, bias, env)[0], chunk, x)
+        else:
+            (h, aux_loss), body_vjp = jax.vjp(lambda x_: st.body(chunk, x_, bias, env)[0], x)
+        received = carry.grd[gslot]
+
+        def from_loss(d_glob):
+            if weights:
+                _, vjp = jax.vjp(lambda d, h_: st.epilogue(d, h_, batch, norms, env)[0],
+                                 self._glob(self.epi_keys), h)
+                d_epi, g_h = vjp(jnp.ones((), st.acc_dtype))
+                return _add(d_glob, d_epi), g_h
+            _, vjp = jax.vjp(lambda h_: st.epilogue({}, h_, batch, norms, env)[0], h)
+            return d_glob, vjp(jnp.ones((), st.acc_dtype))[0]
+
+        def from_downstream(d_glob):
+            return d_glob, received.astype(h.dtype)
+
+        d_glob, g_h = jax.lax.cond(env["last"][c] > 0, from_loss, from_downstream, carry.d_glob)
+        cot = body_vjp((g_h, jnp.ones_like(aux_loss)))
+        if weights:
+            d_chunk, d_x = cot
+
+            def into_prologue(d_glob):
+                _, vjp = jax.vjp(lambda d: st.prologue(d, env, batch["inputs"]),
+                                 self._glob(self.pro_keys))
+                return _add(d_glob, vjp(d_x)[0])
+
+            d_glob = jax.lax.cond(env["first"][c] > 0, into_prologue, lambda d: d, d_glob)
+            carry = dataclasses.replace(carry, d_glob=d_glob, d_stack=jax.tree.map(
+                lambda a, d: a.at[c].add(d.astype(a.dtype)), carry.d_stack, d_chunk))
+        else:
+            (d_x,) = cot
+        if kind is not Code.W:
+            outbox = _put(outbox, d_x, Channel.GRD0 + c)
+        return carry, outbox
+
+    def branch(self, code: Code) -> Callable:
+        def run(carry: Carry, row: dict):
+            outbox = jnp.zeros((4,) + carry.act.shape[1:], carry.act.dtype)
+            if code in (Code.F, Code.FB):
+                carry, outbox = self.forward(carry, row["c"], row["mb"], row["act"], outbox)
+            if code in (Code.B, Code.BI, Code.W):
+                carry, outbox = self.backward(carry, code, row["c"], row["mb"], row["act"],
+                                              row["grd"], outbox)
+            if code is Code.FB:
+                carry, outbox = self.backward(carry, Code.B, row["c2"], row["mb2"], row["act2"],
+                                              row["grd2"], outbox)
+            log = jnp.stack([jnp.int32(code), row["c"], row["m"], row["c2"], row["m2"]])
+            return carry, outbox, log
+
+        return run
