@@ -113,6 +113,7 @@ def _receive(carry: pipeline_ops.Carry, inbox: list, recv: jax.Array) -> pipelin
     return dataclasses.replace(carry, **bufs)
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Result:
     d_stack: Any  # [P, K, Ls, ...] weight gradients in the pipelined layout

@@ -70,8 +70,8 @@ def build(schedule: Schedule, pp: int, microbatches: int, graphdef,
 
 def loss_and_grads(pipe: Pipeline, run: Callable, train_cfg: train_config.TrainConfig,
                    state: state_lib.TrainState, batch: dict, tbl: dict):
-    """(loss, (metrics, moe_stats, mtp_stats), grads, log) as `step.loss_and_grads` returns them,
-    plus the executed-op log [P, T, 5]."""
+    """(loss, (metrics, moe_stats, mtp_stats), grads) as `step.loss_and_grads` returns them, plus
+    the executor's `Result` (executed-op log, gradients in the pipelined layout)."""
     cfg, S = pipe.stage.cfg, pipe.num_stages
     mtp_lambda = optim.piecewise(train_cfg.mtp_lambda, state.step)
     acc = jnp.promote_types(cfg.compute_dtype.jnp, jnp.float32)
@@ -98,21 +98,19 @@ def loss_and_grads(pipe: Pipeline, run: Callable, train_cfg: train_config.TrainC
         loss = loss + norms.mtp_lambda * mtp
         metrics.update(mtp_loss=mtp, mtp_loss_per_depth=epi.mtp)
     metrics.update(balance_loss=balance_total, loss=loss)
-    return loss, (metrics, moe_stats, mtp_stats), grads, res.log
+    return loss, (metrics, moe_stats, mtp_stats), grads, res
 
 
 def make_train_step(pipe: Pipeline, mesh: jax.sharding.Mesh,
                     train_cfg: train_config.TrainConfig, tx: optax.GradientTransformation
                     ) -> Callable:
-    """train_step(state, batch, tbl) -> (state, metrics, log); tbl = pipe.tables()."""
+    """train_step(state, batch, tbl) -> (state, metrics); tbl = pipe.tables()."""
     run = pipeline.executor(pipe.stage, pipe.layout, mesh)
     graphdef = pipe.stage.graphdef
 
     def train_step(state: state_lib.TrainState, batch: dict, tbl: dict):
-        loss, aux, grads, log = loss_and_grads(pipe, run, train_cfg, state, batch, tbl)
-        new_state, metrics = step_lib.apply_update(graphdef, train_cfg, tx, state, loss, aux,
-                                                   grads)
-        return new_state, metrics, log
+        loss, aux, grads, _ = loss_and_grads(pipe, run, train_cfg, state, batch, tbl)
+        return step_lib.apply_update(graphdef, train_cfg, tx, state, loss, aux, grads)
 
     return train_step
 

@@ -1,0 +1,48 @@
+"""Pipeline settings: `--config.parallel.pipeline=...` overrides, and every bad combination failing
+at config conversion (before anything is compiled) with a message that names the field."""
+
+import pathlib
+
+import pytest
+
+from deepseek_jax import config as config_lib
+from deepseek_jax.parallel.config import ParallelConfig, Pipeline
+
+TINY = str(pathlib.Path(__file__).parents[2] / "configs" / "tiny.py")
+# tiny.py: 3 layers, first_k_dense_replace=1 -> 2 MoE layers; global batch 16.
+GOOD = {"parallel.stage": 2, "parallel.pipeline": "dualpipe", "parallel.microbatches": 4}
+
+
+def load(**overrides):
+    return config_lib.load(TINY, {**GOOD, **{k.replace("__", "."): v
+                                             for k, v in overrides.items()}})
+
+
+def test_pipeline_override_is_an_enum():
+    exp = load()
+    assert exp.parallel.pipeline is Pipeline.DUALPIPE
+    assert exp.parallel.num_microbatches == 4
+    assert load(parallel__pipeline="1f1b").parallel.pipeline is Pipeline.ONE_F_ONE_B
+    assert ParallelConfig().pipeline is Pipeline.NONE
+    assert ParallelConfig(stage=4, pipeline=Pipeline.GPIPE).num_microbatches == 8  # default 2*PP
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"parallel__stage": 3, "model__n_layers": 4}, r"parallel\.stage=3.*even"),
+    ({"parallel__microbatches": 2}, r"parallel\.microbatches=2.*>= 2\*pp=4"),
+    ({"parallel__microbatches": 3, "parallel__pipeline": "dualpipev"},
+     r"dualpipev.*parallel\.microbatches=3.*>= 2\*pp=4"),
+    ({"parallel__stage": 4, "parallel__microbatches": 8}, r"model\.n_layers.*2 MoE layers.*4 stages"),
+    ({"parallel__pipeline": "dualpipev"}, r"model\.n_layers.*2 MoE layers.*4 stages of dualpipev"),
+    ({"model__n_layers": 4}, r"model\.n_layers.*3 MoE layers.*evenly"),
+    ({"parallel__microbatches": 6, "model__n_layers": 3}, r"global_batch_size=16.*microbatches=6"),
+    ({"parallel__fsdp": 2}, r"parallel\.fsdp=2 is not supported with parallel\.pipeline"),
+    ({"parallel__tensor": 2}, r"parallel\.tensor=2 is not supported"),
+    ({"parallel__stage": 1}, r"needs parallel\.stage >= 2"),
+    ({"parallel__pipeline": "none"}, r"parallel\.stage=2 needs a parallel\.pipeline"),
+    ({"parallel__pipeline": "zerobubble"}, r"parallel\.pipeline: unknown value"),
+    ({"parallel__microbatches": -1}, r"parallel\.microbatches must be >= 0"),
+])
+def test_bad_pipeline_settings_fail_naming_the_field(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        load(**overrides)
