@@ -173,7 +173,7 @@ def executor(stage: stages.Stage, layout: Layout, mesh: jax.sharding.Mesh) -> Ca
         body, mesh=mesh,
         in_specs=(staged, staged, rep, rep, rep, rep, staged),
         out_specs=(staged, rep, staged, staged, rep, staged),
-        check_vma=False)
+        axis_names=frozenset({AXIS}), check_vma=False)
 
     def run(stack, stack_bias, glob, glob_bias, mbs, norms, tbl) -> Result:
         return Result(*fn(stack, stack_bias, glob, glob_bias, mbs, norms, tbl))
