@@ -63,7 +63,8 @@ def open_source(hf_dir: pathlib.Path) -> Source:
     try:
         cfg = hf_config.from_hf_config(hf)
     except ValueError as e:
-        raise ConversionError(f"{hf_dir / 'config.json'}: {e}") from None
+        raise ConversionError(f"{hf_dir / 'config.json'}: "
+                              f"{str(e).removeprefix('config.json: ')}") from None
     block = fp8.block_size(hf) or fp8.DEFAULT_BLOCK
     files = st.HFDirectory(hf_dir)
     notes = []

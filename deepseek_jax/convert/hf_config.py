@@ -1,7 +1,8 @@
 """ModelConfig <-> Hugging Face config.json (DeepseekV3 / DeepseekV2).
 
-Export writes the legacy `rope_theta`/`rope_scaling` keys that transformers 4.x, vLLM and SGLang read,
-and `rope_parameters` + `rope_interleave` that transformers 5.x writes.
+Export writes the legacy `rope_theta`/`rope_scaling` keys that transformers 4.x, vLLM and SGLang
+read, and `rope_parameters` + `rope_interleave` that transformers 5.x writes. Import falls back to
+transformers' class defaults for absent keys and rejects features our model does not have.
 """
 
 from __future__ import annotations

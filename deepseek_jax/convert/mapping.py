@@ -1,10 +1,11 @@
 """Name and layout mapping between our parameter tree and Hugging Face DeepseekV3 tensors.
 
 One table, `tensor_specs(cfg)`, lists every HF tensor: its name, HF shape, where it lives in our
-state (path + leading indices into stacked arrays) and how to transform it. Linear kernels are stored
-[in..., out...] here and [out, in] (flattened) in torch; RoPE rows need no permutation because both
-sides use the official interleaved pair layout. MTP depth k sits at HF layer index n_layers + k with
-copies of the shared embedding and head (official layout).
+state (path + leading indices into stacked arrays) and how to transform it. Linear kernels are
+stored [in..., out...] here and [out, in] (flattened) in torch; RoPE rows need no permutation
+because both sides use the official interleaved pair layout. MTP depth k sits at HF layer index
+n_layers + k with copies of the shared embedding and head (official layout). `leaf_slots` inverts
+the table per stored array, which is how both conversion directions stream slice by slice.
 """
 
 from __future__ import annotations

@@ -105,7 +105,8 @@ def _read_header(path: pathlib.Path) -> tuple[dict[str, TensorInfo], dict[str, s
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
         try:
-            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            dtype, shape = entry["dtype"], tuple(entry["shape"])
+            begin, end = entry["data_offsets"]
             if not all(isinstance(d, int) and d >= 0 for d in shape):
                 raise ValueError(f"bad shape {entry['shape']}")
         except (KeyError, TypeError, ValueError) as e:
@@ -252,7 +253,9 @@ def write_file(path: pathlib.Path, tensors: list[Planned],
         f.write(len(raw).to_bytes(8, "little"))
         f.write(raw)
         for t in tensors:
-            arr = np.ascontiguousarray(produce(t))
+            arr = np.asarray(produce(t))
+            if not arr.flags.c_contiguous:  # (np.ascontiguousarray would make 0-d arrays 1-d)
+                arr = arr.copy(order="C")
             if arr.shape != t.shape or arr.dtype != t.dtype:
                 raise AssertionError(f"{t.name}: produced {arr.dtype}{arr.shape}, planned "
                                      f"{t.dtype}{t.shape}")
