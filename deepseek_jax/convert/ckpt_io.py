@@ -8,7 +8,7 @@ Both directions stream. Reading opens each leaf's TensorStore array (the spec or
 and reads one slice at a time, aligned to the stored chunks, so opt_state is never touched and a
 stacked [layers, experts, ...] leaf is never held whole unless it was stored as one chunk.
 Writing goes through orbax's own PyTree handler with a `LazyLeaf` type whose handler creates the
-array with one storage chunk per leading index and fills it slice by slice from a callback; the
+array with the leaf's chunk shape and fills it chunk by chunk from a callback; the
 files are exactly what orbax's numpy handler writes (`np.ndarray` leaves), so StandardRestore and
 PyTreeRestore read them like any other checkpoint.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import json
 import pathlib
 from typing import Any, Callable, Mapping
 
@@ -38,7 +39,8 @@ from deepseek_jax.model import config as config_lib
 STATE, CONFIG = "state", "config"
 PARAMS, EXPERT_BIAS = "params", "expert_bias"
 Path = tuple[str, ...]
-WRITE_BUDGET_BYTES = 256 * 2**20  # slices held while their writes are in flight
+WRITE_BUDGET_BYTES = 64 * 2**20  # slices held while their writes are in flight
+_ARRAY_TYPES = ("np.ndarray", "jax.Array")  # value types in orbax's _METADATA
 
 
 # -- locating checkpoints ---------------------------------------------------------------------
@@ -97,28 +99,37 @@ class Leaf:
 
 
 class StateReader:
-    """Slices of the params / expert_bias leaves of a step's state item."""
+    """Slices of the params / expert_bias leaves of a step's state item.
+
+    The tree structure comes from the item's `_METADATA` file and only params and expert_bias
+    arrays are opened (one at a time, so a damaged checkpoint gives one error naming the leaf);
+    orbax's own metadata call would open every array, opt_state included, concurrently."""
 
     def __init__(self, step_dir: pathlib.Path):
         self.dir = epath.Path(step_dir) / STATE
         try:
-            meta = ocp.PyTreeCheckpointHandler().metadata(self.dir)
-        except (FileNotFoundError, ValueError) as e:
-            raise ConversionError(f"{self.dir}: cannot read checkpoint metadata ({e})") from None
-        tree = meta.tree
-        self.use_zarr3 = bool(meta.use_zarr3)
+            meta = json.loads((self.dir / "_METADATA").read_text())
+            entries = [tuple(str(k["key"]) for k in e["key_metadata"])
+                       + (e["value_metadata"]["value_type"],)
+                       for e in meta["tree_metadata"].values()]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ConversionError(f"{self.dir}: not a readable orbax PyTree item ({e})") from None
+        self.use_zarr3 = bool(meta.get("use_zarr3", False))
         self.use_ocdbt = ocp_handlers.is_ocdbt_checkpoint(self.dir)
-        self.leaves: dict[str, dict[Path, Leaf]] = {}
-        for collection in (PARAMS, EXPERT_BIAS):
-            if collection not in tree:
-                raise ConversionError(f"{self.dir}: the state has no '{collection}' entry")
-            self.leaves[collection] = {
-                path: Leaf(tuple(m.shape), np.dtype(m.dtype), m.name)
-                for path, m in _flatten(tree[collection]).items()
-            }
         self._context = ts_utils.get_ts_context(use_ocdbt=self.use_ocdbt)  # one, shared
         self._open: dict[str, Any] = {}
         self._cache: tuple[tuple, np.ndarray] | None = None  # one block: bounds memory
+        self.leaves: dict[str, dict[Path, Leaf]] = {}
+        for collection in (PARAMS, EXPERT_BIAS):
+            if not any(keys[0] == collection for keys in entries):
+                raise ConversionError(f"{self.dir}: the state has no '{collection}' entry")
+            self.leaves[collection] = {}
+            for *keys, value_type in entries:
+                if keys[0] != collection or value_type not in _ARRAY_TYPES:
+                    continue
+                t = self._store(".".join(keys))
+                self.leaves[collection][tuple(keys[1:])] = Leaf(
+                    tuple(t.shape), np.dtype(t.dtype.numpy_dtype), ".".join(keys))
 
     def check(self, want: Mapping[str, Mapping[Path, tuple[tuple[int, ...], Any]]],
               allow_missing: tuple[str, ...] = ()) -> None:
@@ -142,22 +153,25 @@ class StateReader:
                 raise ConversionError(f"{self.dir}: leaves not in the model config: "
                                       f"{', '.join(extra[:5])}")
 
-    def _store(self, leaf: Leaf):
-        if leaf.name not in self._open:
-            info = ocp_types.ParamInfo(name=leaf.name, parent_dir=self.dir,
+    def _store(self, name: str):
+        if name not in self._open:
+            info = ocp_types.ParamInfo(name=name, parent_dir=self.dir,
                                        is_ocdbt_checkpoint=self.use_ocdbt,
                                        use_zarr3=self.use_zarr3, ts_context=self._context)
             spec = ts_utils.build_array_read_spec(info, use_ocdbt=self.use_ocdbt)
-            self._open[leaf.name] = ts.open(
-                ts.Spec(spec.json), open=True, read=True,
-                context=self._context).result()
-        return self._open[leaf.name]
+            try:
+                self._open[name] = ts.open(ts.Spec(spec.json), open=True, read=True,
+                                           context=self._context).result()
+            except ValueError as e:  # tensorstore's errors; drop the spec dump it appends
+                msg = str(e).split(" [tensorstore_spec=")[0]
+                raise ConversionError(f"{self.dir}: cannot open leaf {name} ({msg})") from None
+        return self._open[name]
 
     def read(self, collection: str, path: Path, index: tuple[int, ...] = ()) -> np.ndarray:
         """leaf[index], reading whole storage chunks along the indexed dims and keeping the last
         block, so a sweep over consecutive indices reads every chunk once."""
         leaf = self.leaves[collection][path]
-        t = self._store(leaf)
+        t = self._store(leaf.name)
         if not index:
             return np.asarray(t.read().result())
         chunk = t.chunk_layout.read_chunk.shape
@@ -170,15 +184,6 @@ class StateReader:
             self._cache = (key, np.asarray(block))
         local = tuple(i - a for i, (a, _) in zip(index, bounds))
         return self._cache[1][local]
-
-
-def _flatten(tree: Any, prefix: Path = ()) -> dict[Path, Any]:
-    if isinstance(tree, Mapping):
-        out: dict[Path, Any] = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, prefix + (str(k),)))
-        return out
-    return {prefix: tree}
 
 
 def nest(flat: Mapping[Path, Any]) -> dict[str, Any]:
@@ -195,17 +200,23 @@ def nest(flat: Mapping[Path, Any]) -> dict[str, Any]:
 # -- writing ----------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class LazyLeaf:
-    """A leaf written slice by slice: fill(index) returns leaf[index] for every index over the
-    first `lead` dims; each such slice is one storage chunk."""
+    """A leaf written region by region: `fill(region)` returns leaf[region] for each cell of the
+    grid of `chunk`-shaped regions (clipped at the edges); each region is one storage chunk."""
 
     shape: tuple[int, ...]
     dtype: np.dtype
-    lead: int
-    fill: Callable[[tuple[int, ...]], np.ndarray]
+    chunk: tuple[int, ...]
+    fill: Callable[[tuple[slice, ...]], np.ndarray]
+
+    def regions(self):
+        grid = [-(-n // c) for n, c in zip(self.shape, self.chunk)]
+        for cell in np.ndindex(*grid):
+            yield tuple(slice(i * c, min((i + 1) * c, n))
+                        for i, c, n in zip(cell, self.chunk, self.shape))
 
 
 class _LazyLeafHandler(ocp_handlers.NumpyHandler):
-    """Writes what NumpyHandler writes (typestr np.ndarray), one chunk-sized slice at a time."""
+    """Writes what NumpyHandler writes (typestr np.ndarray), one chunk-sized region at a time."""
 
     async def serialize(self, values, infos, args=None):
         args = args or [ocp_types.SaveArgs()] * len(values)
@@ -216,9 +227,8 @@ class _LazyLeafHandler(ocp_handlers.NumpyHandler):
         opens = []
         for leaf, info, arg in zip(values, infos, args):
             await info.await_path_creation()
-            slice_shape = (1,) * leaf.lead + tuple(leaf.shape[leaf.lead:])
             spec = ts_utils.build_array_write_spec(
-                info=info, arg=arg, global_shape=leaf.shape, local_shape=slice_shape,
+                info=info, arg=arg, global_shape=leaf.shape, local_shape=leaf.chunk,
                 dtype=leaf.dtype, use_ocdbt=info.is_ocdbt_checkpoint,
                 process_index=ocdbt_utils.get_process_index_for_subdir(
                     use_ocdbt=info.is_ocdbt_checkpoint))
@@ -226,16 +236,18 @@ class _LazyLeafHandler(ocp_handlers.NumpyHandler):
                                  context=info.ts_context))
         stores = await asyncio.gather(*opens)
         # Writes run concurrently up to a byte budget: each one committed alone costs a storage
-        # round trip (~17 ms with OCDBT); concurrent ones are committed together.
+        # round trip (~17 ms with OCDBT); concurrent ones are committed together. TensorStore
+        # may keep a reference to each region instead of copying it: we never modify them.
         in_flight: collections.deque = collections.deque()
         held = 0
         for leaf, info, t in zip(values, infos, stores):
-            for index in np.ndindex(*leaf.shape[:leaf.lead]):
-                value = np.asarray(leaf.fill(index)).astype(leaf.dtype, copy=False)
-                if value.shape != leaf.shape[leaf.lead:]:
-                    raise AssertionError(f"{info.name}{list(index)}: filled {value.shape}, want "
-                                         f"{leaf.shape[leaf.lead:]}")
-                in_flight.append((t[index].write(value), value.nbytes))
+            for region in leaf.regions():
+                value = np.asarray(leaf.fill(region)).astype(leaf.dtype, copy=False)
+                want = tuple(r.stop - r.start for r in region)
+                if value.shape != want:
+                    raise AssertionError(f"{info.name}{region}: filled {value.shape}, want {want}")
+                write = t[region].write(value, can_reference_source_data_indefinitely=True)
+                in_flight.append((write, value.nbytes))
                 held += value.nbytes
                 while held > WRITE_BUDGET_BYTES and len(in_flight) > 1:
                     fut, n = in_flight.popleft()

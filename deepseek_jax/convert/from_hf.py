@@ -4,7 +4,8 @@ Everything that can be wrong with the input is found from config.json and the sa
 alone, before any tensor data is read: unknown model type, missing or extra tensors, shapes,
 dtypes, FP8 scales. Then each leaf of our state is filled slice by slice: one HF tensor is read
 (a pread of exactly its bytes), dequantised if FP8, transposed into our layout and written, so host
-memory holds about one tensor at a time.
+memory holds about one tensor at a time; the embedding and head, the largest single tensors, are
+read and written in blocks of rows.
 
 MTP: config.json's num_nextn_predict_layers (transformers' default is 1 even for models saved
 without MTP weights) is trusted only when tensors at layer index num_hidden_layers exist; with no
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 from typing import Any
 
@@ -28,6 +30,7 @@ from deepseek_jax.convert.errors import ConversionError, first_few
 from deepseek_jax.model import config as config_lib
 
 WEIGHT_DTYPES = ("F32", "BF16", "F16", "F64")  # plus F8_E4M3 with a scale
+ROW_BLOCK_BYTES = 32 * 2**20  # unstacked 2-D leaves above this (float32) go in row blocks
 
 
 @dataclasses.dataclass
@@ -118,32 +121,54 @@ def _validate_scale(files: st.HFDirectory, name: str, info: st.TensorInfo, block
                               f"{block}x{block} blocks of {list(info.shape)}")
 
 
-def read_float32(src: Source, name: str) -> np.ndarray:
-    """One HF tensor as float32, dequantised when stored as FP8."""
-    arr = src.files.read(name)
+def read_float32(src: Source, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+    """One HF tensor (or rows [a, b), a block-aligned) as float32, dequantised if FP8."""
+    arr = src.files.read(name, rows)
     if src.files.info(name).dtype == "F8_E4M3":
-        return fp8.dequantize(arr, src.files.read(fp8.scale_name(name)), src.block)
+        scale = src.files.read(fp8.scale_name(name))
+        if rows is not None:
+            scale = scale[rows[0] // src.block: -(-rows[1] // src.block)]
+        return fp8.dequantize(arr, scale, src.block)
     return arr.astype(np.float32)
 
 
-def _slots(src: Source) -> tuple[mapping.Leaves, mapping.Slots]:
-    leaves = mapping.model_leaves(src.cfg)
-    return leaves, mapping.leaf_slots(src.specs, leaves)
+def _leaf(src: Source, shape: tuple[int, ...], dtype: np.dtype,
+          by_index: dict[tuple[int, ...], mapping.TensorSpec]) -> ckpt_io.LazyLeaf:
+    lead = len(next(iter(by_index)))
+    spec = next(iter(by_index.values()))
+    if (lead == 0 and len(shape) == 2 and spec.in_rank in (None, 1)
+            and math.prod(shape) * 4 > ROW_BLOCK_BYTES):
+        # Embedding / output head: written in blocks of HF rows, read as byte ranges, so neither
+        # the HF tensor nor our float32 leaf is ever whole in memory. HF rows are our rows for
+        # the embedding and our columns for a [in, out] kernel.
+        axis = 0 if spec.in_rank is None else 1
+        row_bytes = spec.hf_shape[1] * 4
+        rows = max(src.block, ROW_BLOCK_BYTES // row_bytes // src.block * src.block)
+        chunk = (rows, shape[1]) if axis == 0 else (shape[0], rows)
+
+        def fill_rows(region: tuple[slice, ...]) -> np.ndarray:
+            r = region[axis]
+            block = read_float32(src, spec.hf_name, (r.start, r.stop))
+            return (block if axis == 0 else block.T).astype(dtype, copy=False)
+
+        return ckpt_io.LazyLeaf(shape, dtype, chunk, fill_rows)
+    chunk = (1,) * lead + shape[lead:]
+
+    def fill(region: tuple[slice, ...]) -> np.ndarray:
+        s = by_index[tuple(r.start for r in region[:lead])]
+        ours = s.from_hf(read_float32(src, s.hf_name), shape[lead:])
+        return ours.astype(dtype, copy=False).reshape(chunk)
+
+    return ckpt_io.LazyLeaf(shape, dtype, chunk, fill)
 
 
 def lazy_leaves(src: Source) -> dict[str, dict[mapping.Path, ckpt_io.LazyLeaf]]:
-    """Our state as LazyLeafs whose fill reads, dequantises and transposes one HF tensor."""
-    leaves, slots = _slots(src)
+    """Our state as LazyLeafs whose fill reads, dequantises and transposes HF tensors."""
+    leaves = mapping.model_leaves(src.cfg)
     out: dict[str, dict[mapping.Path, ckpt_io.LazyLeaf]] = {c: {} for c in leaves}
-    for (collection, path), by_index in slots.items():
+    for (collection, path), by_index in mapping.leaf_slots(src.specs, leaves).items():
         shape, dtype = leaves[collection][path]
-        lead = len(next(iter(by_index)))
-
-        def fill(index, by_index=by_index, slot_shape=shape[lead:], dtype=dtype):
-            spec = by_index[index]
-            return spec.from_hf(read_float32(src, spec.hf_name), slot_shape).astype(dtype)
-
-        out[collection][path] = ckpt_io.LazyLeaf(shape, dtype, lead, fill)
+        out[collection][path] = _leaf(src, shape, dtype, by_index)
     return out
 
 
@@ -154,8 +179,8 @@ def load_arrays(src: Source) -> dict[str, dict[mapping.Path, np.ndarray]]:
         out[collection] = {}
         for path, leaf in leaves.items():
             arr = np.empty(leaf.shape, leaf.dtype)
-            for index in np.ndindex(*leaf.shape[:leaf.lead]):
-                arr[index] = leaf.fill(index)
+            for region in leaf.regions():
+                arr[region] = leaf.fill(region)
             out[collection][path] = arr
     return out
 

@@ -64,19 +64,26 @@ class SafetensorsFile:
         self.path = pathlib.Path(path)
         self.tensors, self.metadata = _read_header(self.path)
 
-    def read(self, name: str) -> np.ndarray:
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The tensor, or rows [a, b) of its first dimension (a contiguous byte range)."""
         info = self.tensors[name]
-        buf = np.empty(info.nbytes, np.uint8)
+        offset, nbytes, shape = info.offset, info.nbytes, info.shape
+        if rows is not None:
+            a, b = rows
+            row_bytes = nbytes // shape[0] if shape[0] else 0
+            offset, nbytes = offset + a * row_bytes, (b - a) * row_bytes
+            shape = (b - a,) + shape[1:]
+        buf = np.empty(nbytes, np.uint8)
         view = memoryview(buf)
         done = 0
         with open(self.path, "rb") as f:
             fd = f.fileno()
-            while done < info.nbytes:  # pread returns at most ~2 GiB per call
-                n = os.preadv(fd, [view[done:]], info.offset + done)
+            while done < nbytes:  # pread returns at most ~2 GiB per call
+                n = os.preadv(fd, [view[done:]], offset + done)
                 if n <= 0:
                     raise ConversionError(f"{self.path}: truncated while reading tensor {name}")
                 done += n
-        return buf.view(DTYPES[info.dtype]).reshape(info.shape)
+        return buf.view(DTYPES[info.dtype]).reshape(shape)
 
 
 def _read_header(path: pathlib.Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -190,8 +197,8 @@ class HFDirectory:
     def info(self, name: str) -> TensorInfo:
         return self.where[name].tensors[name]
 
-    def read(self, name: str) -> np.ndarray:
-        return self.where[name].read(name)
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        return self.where[name].read(name, rows)
 
 
 # -- writing ----------------------------------------------------------------------------------

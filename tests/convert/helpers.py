@@ -36,6 +36,12 @@ CONFIGS = {
         n_group=1, topk_group=1, score_func=config_lib.ScoreFunc.SOFTMAX,
         topk_method=config_lib.TopkMethod.GREEDY, routed_scaling_factor=1.0,
         norm_topk_prob=False, mtp_depth=0),
+    # tied embedding/head (no lm_head tensor; the MTP head copy is the embedding); MTP 1
+    "v3_tied_embeddings": config_lib.ModelConfig(
+        vocab_size=80, d_model=32, n_layers=2, first_k_dense_replace=1, intermediate_size=64,
+        n_heads=2, q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4,
+        v_head_dim=8, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=8,
+        num_experts_per_tok=2, n_group=2, topk_group=1, tie_embeddings=True, mtp_depth=1),
 }
 
 State = dict[str, dict[mapping.Path, np.ndarray]]

@@ -7,6 +7,7 @@ reproduce the reference float32 weights bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -14,7 +15,8 @@ import numpy as np
 import pytest
 
 from deepseek_jax.convert import __main__ as convert_cli
-from deepseek_jax.convert import ckpt_io, fp8, hf_config, mapping
+from deepseek_jax.convert import ckpt_io, fp8, from_hf, hf_config, mapping
+from deepseek_jax.convert import safetensors_io as st
 from deepseek_jax.model import config as config_lib
 from tests.convert import helpers
 
@@ -63,20 +65,20 @@ def test_dequantize_matches_torch_reference_with_partial_blocks():
     assert np.array_equal(q_ours.view(np.uint8), q.view(torch.uint8).numpy())
 
 
-@pytest.fixture(scope="module")
-def fp8_checkpoint(tmp_path_factory):
-    """An official-style FP8 checkpoint in two torch-written shards; returns (dir, reference)."""
+def write_fp8_checkpoint(root, cfg, *, quantize=lambda spec: spec.fp8_quantized):
+    """An FP8 checkpoint in two torch-written shards; returns {name: float32 reference} and the
+    names stored as FP8."""
     import torch
     from safetensors.torch import save_file
 
-    root = tmp_path_factory.mktemp("fp8")
-    state = helpers.random_state(CFG, seed=7)
+    state = helpers.random_state(cfg, seed=7)
     flat = {p: a for leaves in state.values() for p, a in leaves.items()}
+    specs = {s.hf_name: s for s in mapping.tensor_specs(cfg)}
     tensors, reference = {}, {}
-    for name, hf in mapping.export_tensors(CFG, flat):
-        spec = next(s for s in mapping.tensor_specs(CFG) if s.hf_name == name)
+    for name, hf in mapping.export_tensors(cfg, flat):
+        spec = specs[name]
         w = torch.from_numpy(np.ascontiguousarray(hf))
-        if spec.fp8_quantized:
+        if quantize(spec):
             q, s = torch_quantize(w)
             tensors[name], tensors[fp8.scale_name(name)] = q, s
             reference[name] = torch_dequantize(q, s).numpy()
@@ -93,30 +95,59 @@ def fp8_checkpoint(tmp_path_factory):
         save_file({n: tensors[n] for n in part}, root / "hf" / file, metadata={"format": "pt"})
     index = {"metadata": {}, "weight_map": {n: f for f, part in halves.items() for n in part}}
     (root / "hf" / "model.safetensors.index.json").write_text(json.dumps(index))
-    config = hf_config.to_hf_config(CFG, torch_dtype="bfloat16")
+    config = hf_config.to_hf_config(cfg, torch_dtype="bfloat16")
     config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
                                      "activation_scheme": "dynamic", "weight_block_size": [B, B]}
     (root / "hf" / "config.json").write_text(json.dumps(config))
-    assert tuple(tensors["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"].shape) == (576, 160)
-    assert tuple(tensors["model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv"].shape
-                 ) == (5, 2)
-    return root, reference
+    return reference, {n for n in tensors if fp8.scale_name(n) in tensors}
 
 
-def test_fp8_import_matches_dequantised_reference_exactly(fp8_checkpoint):
-    root, reference = fp8_checkpoint
-    assert convert_cli.main(["from-hf", f"--hf-dir={root / 'hf'}", f"--out={root / 'step'}"]) == 0
-    reader = ckpt_io.StateReader(root / "step")
-    leaves = mapping.model_leaves(CFG)
+def assert_imported_exactly(step_dir, cfg, reference, quantized) -> int:
+    """Every leaf equals the reference bit for bit; returns the number of FP8 tensors."""
+    reader = ckpt_io.StateReader(step_dir)
+    leaves = mapping.model_leaves(cfg)
     n_fp8 = 0
-    for (collection, path), by_index in mapping.leaf_slots(mapping.tensor_specs(CFG),
+    for (collection, path), by_index in mapping.leaf_slots(mapping.tensor_specs(cfg),
                                                            leaves).items():
         got = reader.read(collection, path)
         for index, spec in by_index.items():
             want = spec.from_hf(reference[spec.hf_name], got.shape[len(index):])
             assert np.array_equal(got[index].view(np.uint32), want.view(np.uint32)), spec.hf_name
-            n_fp8 += spec.fp8_quantized
+            n_fp8 += spec.hf_name in quantized
+    return n_fp8
+
+
+@pytest.fixture(scope="module")
+def fp8_checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fp8")
+    reference, quantized = write_fp8_checkpoint(root, CFG)
+    tensors = st.HFDirectory(root / "hf")
+    kv_a = "model.layers.0.self_attn.kv_a_proj_with_mqa.weight"
+    assert tensors.info(kv_a).shape == (576, 160) and tensors.info(kv_a).dtype == "F8_E4M3"
+    assert tensors.info(fp8.scale_name(kv_a)).shape == (5, 2)
+    return root, reference, quantized
+
+
+def test_fp8_import_matches_dequantised_reference_exactly(fp8_checkpoint):
+    root, reference, quantized = fp8_checkpoint
+    assert convert_cli.main(["from-hf", f"--hf-dir={root / 'hf'}", f"--out={root / 'step'}"]) == 0
+    n_fp8 = assert_imported_exactly(root / "step", CFG, reference, quantized)
     assert n_fp8 > 40
     print(f"FP8: {n_fp8} quantised tensors (incl. [576, 160] with [5, 2] scales) imported "
           "bit-exact against the torch dequantisation")
 
+
+def test_row_blocked_import_of_embedding_and_head(tmp_path, monkeypatch):
+    """Large unstacked leaves are read and written in 128-row blocks (the last one partial),
+    FP8 included: the embedding and head are quantised here too, with 300 rows."""
+    cfg = dataclasses.replace(CFG, vocab_size=300, mtp_depth=0)
+    reference, quantized = write_fp8_checkpoint(tmp_path, cfg,
+                                                quantize=lambda s: len(s.hf_shape) == 2)
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= quantized
+    monkeypatch.setattr(from_hf, "ROW_BLOCK_BYTES", 1)
+    leaves = from_hf.lazy_leaves(from_hf.open_source(tmp_path / "hf"))["params"]
+    assert leaves[("embed", "embedding")].chunk == (128, 160)
+    assert leaves[("head", "kernel")].chunk == (160, 128)
+    assert convert_cli.main(["from-hf", f"--hf-dir={tmp_path / 'hf'}",
+                             f"--out={tmp_path / 'step'}"]) == 0
+    assert assert_imported_exactly(tmp_path / "step", cfg, reference, quantized) > 10

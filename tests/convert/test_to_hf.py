@@ -27,6 +27,8 @@ def test_transformers_loads_export_with_matching_logits(name, exported, tmp_path
         "missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
     want_cls = "DeepseekV3ForCausalLM" if name.startswith("v3") else "DeepseekV2ForCausalLM"
     assert type(model).__name__ == want_cls
+    if e.cfg.tie_embeddings:
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     theirs = helpers.torch_logits(model, e.tokens).logits.numpy()
     diff = np.abs(theirs - e.logits).max()
     print(f"{name}: max|transformers(export) - ours| = {diff:.2e} "
