@@ -159,13 +159,17 @@ class StateReader:
                                        is_ocdbt_checkpoint=self.use_ocdbt,
                                        use_zarr3=self.use_zarr3, ts_context=self._context)
             spec = ts_utils.build_array_read_spec(info, use_ocdbt=self.use_ocdbt)
-            try:
-                self._open[name] = ts.open(ts.Spec(spec.json), open=True, read=True,
-                                           context=self._context).result()
-            except ValueError as e:  # tensorstore's errors; drop the spec dump it appends
-                msg = str(e).split(" [tensorstore_spec=")[0]
-                raise ConversionError(f"{self.dir}: cannot open leaf {name} ({msg})") from None
+            self._open[name] = self._result(
+                ts.open(ts.Spec(spec.json), open=True, read=True, context=self._context),
+                f"open leaf {name}")
         return self._open[name]
+
+    def _result(self, future, what: str):
+        try:
+            return future.result()
+        except ValueError as e:  # tensorstore's errors; drop the spec dump it appends
+            msg = str(e).split(" [tensorstore_spec=")[0]
+            raise ConversionError(f"{self.dir}: cannot {what} ({msg})") from None
 
     def read(self, collection: str, path: Path, index: tuple[int, ...] = ()) -> np.ndarray:
         """leaf[index], reading whole storage chunks along the indexed dims and keeping the last
@@ -173,14 +177,15 @@ class StateReader:
         leaf = self.leaves[collection][path]
         t = self._store(leaf.name)
         if not index:
-            return np.asarray(t.read().result())
+            return np.asarray(self._result(t.read(), f"read leaf {leaf.name}"))
         chunk = t.chunk_layout.read_chunk.shape
         bounds = tuple((i // c * c, min(i // c * c + c, n))
                        for i, c, n in zip(index, chunk, leaf.shape))
         key = (leaf.name, bounds)
         if self._cache is None or self._cache[0] != key:
             self._cache = None  # drop the old block before reading the next
-            block = t[tuple(slice(a, b) for a, b in bounds)].read().result()
+            block = self._result(t[tuple(slice(a, b) for a, b in bounds)].read(),
+                                 f"read leaf {leaf.name}{list(index)}")
             self._cache = (key, np.asarray(block))
         local = tuple(i - a for i, (a, _) in zip(index, bounds))
         return self._cache[1][local]

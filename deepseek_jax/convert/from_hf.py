@@ -65,7 +65,7 @@ def open_source(hf_dir: pathlib.Path) -> Source:
     hf = read_hf_config(hf_dir)
     try:
         cfg = hf_config.from_hf_config(hf)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:  # TypeError: a value of the wrong JSON type
         raise ConversionError(f"{hf_dir / 'config.json'}: "
                               f"{str(e).removeprefix('config.json: ')}") from None
     block = fp8.block_size(hf) or fp8.DEFAULT_BLOCK

@@ -142,6 +142,8 @@ def from_hf_config(d: Mapping[str, Any], **overrides: Any) -> config_lib.ModelCo
     rope: dict[str, Any] = {"theta": float(d.get("rope_theta") or params.get("rope_theta")
                                            or 10000.0)}
     if rope_type == "yarn":
+        if "factor" not in src:
+            raise ValueError("config.json: YaRN rope scaling without a 'factor'")
         rope.update(
             scaling="yarn",
             factor=float(src["factor"]),

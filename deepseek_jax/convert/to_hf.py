@@ -23,7 +23,6 @@ import numpy as np
 
 from deepseek_jax.convert import ckpt_io, hf_config, mapping, outdir
 from deepseek_jax.convert import safetensors_io as st
-from deepseek_jax.convert.errors import ConversionError
 
 
 class ExportDType(enum.Enum):
@@ -32,8 +31,7 @@ class ExportDType(enum.Enum):
 
     @property
     def np(self) -> np.dtype:
-        return np.dtype(ml_dtypes.bfloat16) if self is ExportDType.BFLOAT16 else np.dtype(
-            np.float32)
+        return np.dtype(ml_dtypes.bfloat16 if self is ExportDType.BFLOAT16 else np.float32)
 
 
 def export_order(specs: list[mapping.TensorSpec], slots: mapping.Slots) -> list[mapping.TensorSpec]:

@@ -13,7 +13,6 @@ from deepseek_jax.convert import __main__ as convert_cli
 from deepseek_jax.convert import ckpt_io
 from deepseek_jax.convert import safetensors_io as st
 from deepseek_jax.model import layers, transformer, tree
-from tests.convert import helpers
 
 NAME = "v3_tied_embeddings"
 
