@@ -37,7 +37,7 @@ def exported(tmp_path_factory) -> Callable[[str], Exported]:
         if name not in cache:
             cfg = helpers.CONFIGS[name]
             root = tmp_path_factory.mktemp(name)
-            state = helpers.random_state(cfg, seed=len(cache) + 1)
+            state = helpers.random_state(cfg, seed=sorted(helpers.CONFIGS).index(name) + 1)
             helpers.save_state(root / "step", cfg, state)
             argv = ["to-hf", f"--checkpoint={root / 'step'}", f"--out={root / 'hf'}",
                     "--dtype=float32", f"--shard-size={SHARD_SIZE.get(name, '5GB')}"]
