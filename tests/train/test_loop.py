@@ -56,3 +56,23 @@ def test_plot_command_on_a_real_run(run, tmp_path):
     pngs = {p.name: p.stat().st_size for p in tmp_path.glob("*.png")}
     for name in ["loss.png", "lr.png", "expert_load.png"]:
         assert pngs.get(name, 0) > 1000, (name, pngs)
+
+
+def test_fine_tune_from_a_converted_checkpoint(run, tmp_path):
+    """to-hf, from-hf, then train from it: the first evaluation equals the source run's last."""
+    from deepseek_jax.convert import __main__ as convert_cli
+
+    workdir, summary = run
+    assert convert_cli.main(["to-hf", f"--checkpoint={workdir}", "--step=12",
+                             f"--out={tmp_path / 'hf'}", "--dtype=float32"]) == 0
+    assert convert_cli.main(["from-hf", f"--hf-dir={tmp_path / 'hf'}",
+                             f"--out={tmp_path / 'imported'}"]) == 0
+    tuned = loop.run(experiment.load("configs/tiny.py", {
+        **OVERRIDES, "train.steps": 2, "checkpoint.init_from": str(tmp_path / "imported")}),
+        tmp_path / "tune")
+    assert tuned["start_step"] == 0
+    assert abs(tuned["eval_bpb_start"] - summary["eval_bpb_end"]) < 1e-4
+    with pytest.raises(ValueError, match="model.*n_layers: checkpoint 3 vs config 4"):
+        loop.run(experiment.load("configs/tiny.py", {
+            **OVERRIDES, "model.n_layers": 4, "checkpoint.init_from": str(tmp_path / "imported")}),
+            tmp_path / "bad")
