@@ -22,6 +22,7 @@ from deepseek_jax import config as config_lib
 from deepseek_jax import data as data_lib
 from deepseek_jax.model import counting
 from deepseek_jax.train import checkpoint as checkpoint_lib
+from deepseek_jax.train import init_from
 from deepseek_jax.train import metrics as metrics_lib
 from deepseek_jax.train import optim
 from deepseek_jax.train import preemption
@@ -130,6 +131,9 @@ def run(exp: config_lib.ExperimentConfig, workdir: str | pathlib.Path) -> dict[s
         print(f"resumed from step {step} ({workdir / 'checkpoints' / str(step)})", flush=True)
     else:
         state, step = state_lib.init_state(exp.model, tx, t.seed), 0
+        if exp.checkpoint.init_from:
+            state = init_from.load_into(state, exp.model, exp.checkpoint.init_from)
+            print(f"initialised parameters from {exp.checkpoint.init_from}", flush=True)
 
     train_step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, t, tx))
     counts = counting.count(exp.model, t.seq_len)
