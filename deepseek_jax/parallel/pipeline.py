@@ -131,24 +131,13 @@ def executor(stage: stages.Stage, layout: Layout, mesh: jax.sharding.Mesh) -> Ca
     groups; mbs: the batch as [M, b, s] micro-batches; tbl: `encode(table, layout)`.
     """
     channel_perms = perms(layout)
-    cfg = stage.cfg
 
     def body(stack, stack_bias, glob, glob_bias, mbs, norms, tbl):
         stack, stack_bias = pipeline_ops.take(stack, 0), pipeline_ops.take(stack_bias, 0)
         tbl = {k: v[0] for k, v in tbl.items()}
-        env = dict(stack=stack, bias=stack_bias, glob=glob, glob_bias=glob_bias, mbs=mbs,
-                   norms=norms, first=tbl["is_first"], last=tbl["is_last"],
-                   stack0=pipeline_ops.take(stack, 0), bias0=pipeline_ops.take(stack_bias, 0))
-        b, s = mbs["inputs"].shape[1:]
-        dt = cfg.compute_dtype.jnp
-        K, Ls = layout.chunks, jax.tree.leaves(stack)[0].shape[1]
-        carry = pipeline_ops.Carry(
-            act=jnp.full((layout.act_slots, b, s, cfg.d_model), jnp.nan, dt),
-            grd=jnp.full((layout.grd_slots, b, s, cfg.d_model), jnp.nan, dt),
-            d_stack=jax.tree.map(jnp.zeros_like, stack),
-            d_glob=jax.tree.map(jnp.zeros_like, glob),
-            load=jnp.zeros((K, Ls, cfg.n_routed_experts), jnp.float32),
-            balance=jnp.zeros((K, Ls), stage.acc_dtype), epi=stage.zero_aux())
+        env = pipeline_ops.make_env(stack, stack_bias, glob, glob_bias, mbs, norms,
+                                    tbl["is_first"], tbl["is_last"])
+        carry = pipeline_ops.init_carry(stage, env, layout.act_slots, layout.grd_slots)
         ops = pipeline_ops.Ops(stage, env)
         branches = [ops.branch(code) for code in layout.codes]
         loopback = tbl["loopback"]

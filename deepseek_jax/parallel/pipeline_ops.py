@@ -42,6 +42,30 @@ class Carry:
     epi: stages.EpilogueAux  # loss terms and MTP statistics, summed
 
 
+def make_env(stack, stack_bias, glob: dict, glob_bias: dict, mbs: dict, norms: stages.Norms,
+             first: jax.Array, last: jax.Array) -> dict:
+    """One rank's arrays as the ops read them: stack/stack_bias [K, Ls, ...], micro-batches
+    [M, b, s], first/last [K] role flags of the rank's chunks."""
+    return dict(stack=stack, bias=stack_bias, glob=glob, glob_bias=glob_bias, mbs=mbs,
+                norms=norms, first=first, last=last, stack0=take(stack, 0),
+                bias0=take(stack_bias, 0))
+
+
+def init_carry(stage: stages.Stage, env: dict, act_slots: int, grd_slots: int) -> Carry:
+    """Empty accumulators and NaN buffers: a read of a slot nobody wrote poisons the result."""
+    cfg = stage.cfg
+    b, s = env["mbs"]["inputs"].shape[1:]
+    K, Ls = jax.tree.leaves(env["stack"])[0].shape[:2]
+    dt = cfg.compute_dtype.jnp
+    return Carry(
+        act=jnp.full((act_slots, b, s, cfg.d_model), jnp.nan, dt),
+        grd=jnp.full((grd_slots, b, s, cfg.d_model), jnp.nan, dt),
+        d_stack=jax.tree.map(jnp.zeros_like, env["stack"]),
+        d_glob=jax.tree.map(jnp.zeros_like, env["glob"]),
+        load=jnp.zeros((K, Ls, cfg.n_routed_experts), jnp.float32),
+        balance=jnp.zeros((K, Ls), stage.acc_dtype), epi=stage.zero_aux())
+
+
 def take(tree, i):
     return jax.tree.map(lambda a: a[i], tree)
 

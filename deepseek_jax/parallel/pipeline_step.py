@@ -118,3 +118,21 @@ def make_train_step(pipe: Pipeline, mesh: jax.sharding.Mesh,
 def stage_mesh(pp: int) -> jax.sharding.Mesh:
     return jax.sharding.Mesh(np.asarray(jax.devices()[:pp]), (pipeline.AXIS,))
 
+
+
+def for_experiment(exp, graphdef, tx: optax.GradientTransformation,
+                   devices: list | None = None) -> Callable:
+    """The jitted pipelined step (state, batch) -> (state, metrics) of an experiment config whose
+    parallel.pipeline is set (already validated by config.check_pipeline). The mesh is the first
+    parallel.stage devices along `stage`; the table is baked in as a constant."""
+    par = exp.parallel
+    devices = list(jax.devices() if devices is None else devices)
+    if len(devices) < par.stage:
+        raise ValueError(f"parallel.stage={par.stage} needs {par.stage} devices, "
+                         f"{len(devices)} present")
+    pipe = build(Schedule(par.pipeline.value), par.stage, par.num_microbatches, graphdef,
+                 exp.model, exp.train)
+    mesh = jax.sharding.Mesh(np.asarray(devices[:par.stage]), (pipeline.AXIS,))
+    step = make_train_step(pipe, mesh, exp.train, tx)
+    tbl = pipe.tables()
+    return jax.jit(lambda state, batch: step(state, batch, tbl), donate_argnums=0)

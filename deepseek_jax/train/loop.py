@@ -21,6 +21,8 @@ import numpy as np
 from deepseek_jax import config as config_lib
 from deepseek_jax import data as data_lib
 from deepseek_jax.model import counting
+from deepseek_jax.parallel import config as parallel_config
+from deepseek_jax.parallel import pipeline_step
 from deepseek_jax.train import checkpoint as checkpoint_lib
 from deepseek_jax.train import init_from
 from deepseek_jax.train import metrics as metrics_lib
@@ -135,7 +137,10 @@ def run(exp: config_lib.ExperimentConfig, workdir: str | pathlib.Path) -> dict[s
             state = init_from.load_into(state, exp.model, exp.checkpoint.init_from)
             print(f"initialised parameters from {exp.checkpoint.init_from}", flush=True)
 
-    train_step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, t, tx))
+    if exp.parallel.pipeline is parallel_config.Pipeline.NONE:
+        train_step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, t, tx))
+    else:
+        train_step = pipeline_step.for_experiment(exp, graphdef, tx)
     counts = counting.count(exp.model, t.seq_len)
     peak = peak_flops()
     writer = metrics_lib.MetricsWriter(workdir, process_index=pid)
