@@ -1,12 +1,13 @@
 """Per-op costs of one pipeline stage (F, B, Bi, W, F&B) and the bubble they predict per schedule.
 
-    JAX_PLATFORMS=cpu python bench/pipeline_costs.py --config=configs/small.py --microbatch=2
+    JAX_PLATFORMS=cpu python bench/pipeline_costs.py --config=configs/small.py --microbatch=1 \
+        --set train.seq_len=128
 
 Times the executor's own op branches (`pipeline_ops.Ops`, exactly what runs inside the tick loop)
-on one device for a middle stage (no prologue or epilogue) of `--layers` MoE layers, jitted one op
-per call, median of `--reps` runs. DualPipeV folds twice as many stages onto the same ranks, so at
-a fixed model its stages are half as deep: its costs are measured on a stage of layers/2. The
-costs go into `costmodel` (asynchronous = the official DualPipe's timeline, lock-step = this
+on one device for a middle stage (no prologue or epilogue) of `--layers` MoE layers, one jitted
+op per call; an op's cost is its fastest of `--reps` interleaved rounds. DualPipeV folds twice as
+many stages onto the same ranks, so at a fixed model its stages are half as deep: its costs are
+measured on a stage of layers/2. The costs go into `costmodel` (asynchronous = the official DualPipe's timeline, lock-step = this
 executor's) for PP=4 and 8; the printout is the BENCHMARKS.md table.
 """
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import time
 
 import jax
@@ -27,19 +27,21 @@ from deepseek_jax import config as config_lib
 from deepseek_jax.parallel import costmodel, pipeline_ops, schedules, stages
 from deepseek_jax.parallel.schedules import Schedule
 from deepseek_jax.parallel.ticks import Code
+from deepseek_jax.train import optim
 from deepseek_jax.train import state as state_lib
+from deepseek_jax.train import step as step_lib
 
 OPS = {"F": Code.F, "B": Code.B, "Bi": Code.BI, "W": Code.W, "FB": Code.FB}
 
 
-def measure(exp, layers: int, microbatch: int, reps: int) -> dict[str, float]:
-    """Seconds per op for a middle stage of `layers` MoE layers (two chunks, as DualPipe holds)."""
+def compile_ops(exp, layers: int, microbatch: int) -> dict:
+    """{op: (jitted fn, args)} for a middle stage of `layers` MoE layers, holding two chunks as
+    DualPipe does (F&B runs the forward of chunk 0 and the backward of chunk 1)."""
     cfg = dataclasses.replace(exp.model, n_layers=exp.model.n_dense_layers + 2 * layers)
     graphdef, _, _ = state_lib.abstract_model(cfg)
     init = state_lib.init_state(cfg, optax.identity(), exp.train.seed)
-    params, bias = init.params, init.expert_bias
-    stack, glob = stages.split(params)
-    stack_bias, glob_bias = stages.split(bias)
+    stack, glob = stages.split(init.params)
+    stack_bias, glob_bias = stages.split(init.expert_bias)
     pair = lambda t: jax.tree.map(lambda a: a.reshape(2, layers, *a.shape[1:]), t)  # noqa: E731
     seq, M = exp.train.seq_len, 2
     rng = np.random.default_rng(0)
@@ -52,7 +54,7 @@ def measure(exp, layers: int, microbatch: int, reps: int) -> dict[str, float]:
     stage = stages.Stage(graphdef, cfg, exp.train.balance_alpha, M)
     row = {k: jnp.int32(v) for k, v in dict(c=0, m=0, mb=0, act=0, grd=0, c2=1, m2=1, mb2=1,
                                              act2=1, grd2=1).items()}
-    times = {}
+    out = {}
     for name, code in OPS.items():
         def op(stack, stack_bias, row, code=code):
             env = pipeline_ops.make_env(stack, stack_bias, glob, glob_bias, mbs, norms, zero, zero)
@@ -62,16 +64,53 @@ def measure(exp, layers: int, microbatch: int, reps: int) -> dict[str, float]:
             carry, outbox, _ = pipeline_ops.Ops(stage, env).branch(code)(carry, row)
             return carry.d_stack, outbox
 
-        fn = jax.jit(op)
-        args = (pair(stack), pair(stack_bias), row)
-        jax.block_until_ready(fn(*args))
-        runs = []
-        for _ in range(reps):
-            t = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            runs.append(time.perf_counter() - t)
-        times[name] = statistics.median(runs)
-    return times
+        fn, args = jax.jit(op), (pair(stack), pair(stack_bias), row)
+        jax.block_until_ready(fn(*args))  # compile and warm up
+        out[name] = (fn, args)
+    return out
+
+
+def measure(compiled: dict[str, dict], reps: int) -> dict[str, dict[str, float]]:
+    """Seconds per op: the minimum over `reps` rounds, each round timing every op once in turn,
+    so that load from other processes on a shared machine hits all ops alike."""
+    best = {size: {op: float("inf") for op in ops} for size, ops in compiled.items()}
+    for _ in range(reps):
+        for size, ops in compiled.items():
+            for op, (fn, args) in ops.items():
+                t = time.perf_counter()
+                jax.block_until_ready(fn(*args))
+                best[size][op] = min(best[size][op], time.perf_counter() - t)
+    return best
+
+
+def time_unpipelined(exp, layers: int, batch: int, reps: int) -> float:
+    """Seconds per unpipelined train step of the model with 2*layers MoE layers, `batch` seqs."""
+    cfg = dataclasses.replace(exp.model, n_layers=exp.model.n_dense_layers + 2 * layers)
+    tx = optim.optimizer(exp.train)
+    graphdef, _, _ = state_lib.abstract_model(cfg)
+    fn = jax.jit(step_lib.make_train_step(graphdef, exp.train, tx), donate_argnums=0)
+    state = state_lib.init_state(cfg, tx, 0)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size,
+                                                          (batch, exp.train.seq_len)), jnp.int32)
+    data = {"inputs": ids, "targets": ids, "loss_mask": jnp.ones_like(ids)}
+    state, m = fn(state, data)
+    jax.block_until_ready(m)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        state, m = fn(state, data)
+        jax.block_until_ready(m)
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def _value(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
 
 
 def table(costs_by_schedule: dict, pps=(4, 8)) -> list[dict]:
@@ -95,20 +134,30 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="configs/small.py")
     ap.add_argument("--layers", type=int, default=2, help="MoE layers per stage (DualPipe/1F1B)")
-    ap.add_argument("--microbatch", type=int, default=2, help="sequences per micro-batch")
-    ap.add_argument("--seq", type=int, default=0, help="override train.seq_len")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--microbatch", type=int, default=1, help="sequences per micro-batch")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override, e.g. --set train.seq_len=128 (repeatable)")
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--unpipelined-batch", type=int, default=0,
+                    help="also time the unpipelined train step of the 2*layers model on this "
+                         "many sequences (0: skip)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    overrides = {"train.seq_len": args.seq} if args.seq else {}
+    overrides = dict(kv.split("=", 1) for kv in args.set)
+    overrides = {k: _value(v) for k, v in overrides.items()}
     exp = config_lib.load(args.config, overrides)
-    full = measure(exp, args.layers, args.microbatch, args.reps)
-    half = measure(exp, args.layers // 2, args.microbatch, args.reps) if args.layers > 1 else full
+    compiled = {"stage": compile_ops(exp, args.layers, args.microbatch)}
+    if args.layers > 1:
+        compiled["half"] = compile_ops(exp, args.layers // 2, args.microbatch)
+    times = measure(compiled, args.reps)
+    full, half = times["stage"], times.get("half", times["stage"])
     costs = {s: costmodel.Costs(**(half if s is Schedule.DUALPIPEV else full)) for s in Schedule}
     rows = table(costs)
+    plain = (time_unpipelined(exp, args.layers, args.unpipelined_batch, args.reps)
+             if args.unpipelined_batch else None)
     if args.json:
-        print(json.dumps({"per_op_s": {"stage": full, "half_stage": half}, "rows": rows},
-                         indent=1))
+        print(json.dumps({"per_op_s": {"stage": full, "half_stage": half}, "rows": rows,
+                          "unpipelined_step_s": plain}, indent=1))
         return
     print(f"{jax.devices()[0].device_kind}; {args.config}, seq {exp.train.seq_len}, "
           f"micro-batch {args.microbatch}, {args.layers} MoE layers per stage")
@@ -116,6 +165,12 @@ def main():
         print(f"  {label}: " + "  ".join(f"{k}={1e3 * v:.1f}ms" for k, v in t.items())
               + f"  (Bi+W)/B={(t['Bi'] + t['W']) / t['B']:.2f}  FB/(F+B)="
               f"{t['FB'] / (t['F'] + t['B']):.2f}")
+    if plain is not None:
+        print(f"  unpipelined train step, {2 * args.layers} MoE layers, "
+              f"{args.unpipelined_batch} x {exp.train.seq_len} tokens: {1e3 * plain:.1f}ms "
+              f"(2 stages x (F + B) per sequence: "
+              f"{1e3 * 2 * args.unpipelined_batch / args.microbatch * (full['F'] + full['B']):.1f}"
+              "ms)")
     print("| schedule | PP | M | ticks | lock-step step (s) | lock-step bubble | async step (s) "
           "| async bubble | formula idle (s) |")
     print("|---|---|---|---|---|---|---|---|---|")

@@ -152,14 +152,18 @@ class Ops:
     def branch(self, code: Code) -> Callable:
         def run(carry: Carry, row: dict):
             outbox = jnp.zeros((4,) + carry.act.shape[1:], carry.act.dtype)
+            # The scopes name each half in the HLO metadata (bench/pipeline_overlap.py reads them).
             if code in (Code.F, Code.FB):
-                carry, outbox = self.forward(carry, row["c"], row["mb"], row["act"], outbox)
+                with jax.named_scope("pp_forward"):
+                    carry, outbox = self.forward(carry, row["c"], row["mb"], row["act"], outbox)
             if code in (Code.B, Code.BI, Code.W):
-                carry, outbox = self.backward(carry, code, row["c"], row["mb"], row["act"],
-                                              row["grd"], outbox)
+                with jax.named_scope(f"pp_{code.name.lower()}"):
+                    carry, outbox = self.backward(carry, code, row["c"], row["mb"], row["act"],
+                                                  row["grd"], outbox)
             if code is Code.FB:
-                carry, outbox = self.backward(carry, Code.B, row["c2"], row["mb2"], row["act2"],
-                                              row["grd2"], outbox)
+                with jax.named_scope("pp_backward"):
+                    carry, outbox = self.backward(carry, Code.B, row["c2"], row["mb2"],
+                                                  row["act2"], row["grd2"], outbox)
             log = jnp.stack([jnp.int32(code), row["c"], row["m"], row["c2"], row["m2"]])
             return carry, outbox, log
 

@@ -31,10 +31,13 @@ from deepseek_jax.train import step as step_lib
 def microbatched(batch: dict, microbatches: int) -> dict:
     """[B, s] -> [M, B/M, s]; micro-batch i holds rows i, i+M, i+2M, ... so that a batch sharded
     in contiguous row blocks over `data` gives every micro-batch an equal share of every block."""
+    B = batch["inputs"].shape[0]
+    if B % microbatches:
+        raise ValueError(f"a batch of {B} sequences is not divisible into {microbatches} "
+                         "micro-batches")
     out = {}
     for k in ("inputs", "targets", "loss_mask"):
         x = batch[k]
-        B = x.shape[0]
         out[k] = x.reshape(B // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1)
     return out
 
@@ -113,11 +116,6 @@ def make_train_step(pipe: Pipeline, mesh: jax.sharding.Mesh,
         return step_lib.apply_update(graphdef, train_cfg, tx, state, loss, aux, grads)
 
     return train_step
-
-
-def stage_mesh(pp: int) -> jax.sharding.Mesh:
-    return jax.sharding.Mesh(np.asarray(jax.devices()[:pp]), (pipeline.AXIS,))
-
 
 
 def for_experiment(exp, graphdef, tx: optax.GradientTransformation,

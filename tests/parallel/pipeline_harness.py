@@ -32,6 +32,9 @@ BATCH, SEQ, MICROBATCHES = 16, 8, 8
 TOL = {"float32": 1e-5, "float64": 1e-10}
 # (schedule, pp): the executor groups that share one compiled program (same mesh and layout).
 GROUPS = {4: (Schedule.DUALPIPE, Schedule.ONE_F_ONE_B, Schedule.GPIPE)}
+# The float32 runs double as the composition tests: the same equality on a mesh with more axes
+# (float64 runs on the stage-only mesh, where any difference is the pipeline's own).
+MESHES = {("float32", 4): {"stage": 4, "data": 2}}
 
 
 def model_config(dtype: str) -> config_lib.ModelConfig:
@@ -107,11 +110,27 @@ class Compiled:
     exe: object
     dtype: str
 
+    mesh: jax.sharding.Mesh
+
     def run(self, table: ticks.TickTable | None = None):
         """(grads, new_state, metrics, aux, log, d_stack) for `table` (default: the schedule's)."""
         with jax.enable_x64(self.dtype == "float64"):
-            st, batch = state(self.dtype)
+            st, batch = placed(self.mesh, *state(self.dtype))
             return jax.device_get(self.exe(st, batch, self.pipe.tables(table)))
+
+
+def mesh_for(pp: int, dtype: str) -> jax.sharding.Mesh:
+    sizes = MESHES.get((dtype, pp), {"stage": pp})
+    return jax.make_mesh(tuple(sizes.values()), tuple(sizes),
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(sizes))
+
+
+def placed(mesh, st, batch):
+    """State replicated, batch rows split over the batch axes of `mesh` (all but stage)."""
+    rows = tuple(a for a in mesh.axis_names if a != pipeline.AXIS) or None
+    put = jax.sharding.NamedSharding
+    return (jax.device_put(st, put(mesh, jax.sharding.PartitionSpec())),
+            jax.device_put(batch, put(mesh, jax.sharding.PartitionSpec(rows))))
 
 
 @functools.cache
@@ -120,13 +139,13 @@ def compiled(schedule: Schedule, pp: int, dtype: str) -> Compiled:
     group = GROUPS.get(pp, ()) if schedule in GROUPS.get(pp, ()) else (schedule,)
     if schedule is not group[0]:
         base = compiled(group[0], pp, dtype)
-        return Compiled(_pipe(schedule, pp, dtype, base.pipe.layout), base.exe, dtype)
+        return Compiled(_pipe(schedule, pp, dtype, base.pipe.layout), base.exe, dtype, base.mesh)
     with jax.enable_x64(dtype == "float64"):
         tables = [ticks.build(schedules.build(s, pp, MICROBATCHES)) for s in group]
         num_stages = schedules.build(schedule, pp, MICROBATCHES).num_stages
         layout = pipeline.Layout.of(*tables, num_stages=num_stages)
         pipe = _pipe(schedule, pp, dtype, layout)
-        mesh = pipeline_step.stage_mesh(pp)
+        mesh = mesh_for(pp, dtype)
         run = pipeline.executor(pipe.stage, layout, mesh)
         tx = optim.optimizer(TRAIN)
         graphdef = pipe.stage.graphdef
@@ -137,9 +156,9 @@ def compiled(schedule: Schedule, pp: int, dtype: str) -> Compiled:
             new, metrics = step_lib.apply_update(graphdef, TRAIN, tx, st, loss, aux, grads)
             return grads, new, metrics, aux, res.log, res.d_stack
 
-        st, batch = state(dtype)
+        st, batch = placed(mesh, *state(dtype))
         exe = jax.jit(fn).lower(st, batch, pipe.tables()).compile(FAST_COMPILE)
-        return Compiled(pipe, exe, dtype)
+        return Compiled(pipe, exe, dtype, mesh)
 
 
 def _pipe(schedule, pp, dtype, layout) -> pipeline_step.Pipeline:

@@ -1,0 +1,62 @@
+"""Stage partitioning helpers: the pipelined parameter layout and its inverse, micro-batching,
+the table encoding the executor reads. Pure array bookkeeping, no compiled step."""
+
+import numpy as np
+import pytest
+
+from deepseek_jax.parallel import pipeline, pipeline_step, schedules, stages, ticks
+from deepseek_jax.parallel.schedules import Schedule
+from deepseek_jax.parallel.ticks import Code
+
+
+@pytest.mark.parametrize("schedule,pp,num_stages", [(Schedule.DUALPIPE, 4, 4),
+                                                    (Schedule.DUALPIPEV, 2, 4),
+                                                    (Schedule.ONE_F_ONE_B, 4, 4)])
+def test_pipeline_layout_places_stages_and_sums_copies(schedule, pp, num_stages):
+    table = ticks.build(schedules.build(schedule, pp, 2 * pp))
+    placement = np.asarray(table.stage)
+    n_moe = 2 * num_stages
+    layers = np.arange(n_moe * 3, dtype=np.float64).reshape(n_moe, 3)  # row = layer id * 3 + j
+    pipe = np.asarray(stages.to_pipeline({"w": layers}, placement, num_stages)["w"])
+    assert pipe.shape == (pp, table.chunks, 2, 3)
+    for r in range(pp):
+        for c in range(table.chunks):
+            s = placement[r, c]
+            np.testing.assert_array_equal(pipe[r, c], layers[2 * s:2 * s + 2])
+    back = np.asarray(stages.from_pipeline({"w": pipe}, placement, num_stages)["w"])
+    copies = np.bincount(placement.ravel(), minlength=num_stages)  # DualPipe: 2 per stage
+    np.testing.assert_array_equal(back, layers * np.repeat(copies, 2)[:, None])
+
+
+def test_unused_chunks_are_dropped_on_the_way_back():
+    placement = np.array([[0, 2], [1, 2]])  # chunk 1 unused (== num_stages)
+    pipe = np.ones((2, 2, 1, 1))
+    back = np.asarray(stages.from_pipeline({"w": pipe}, placement, 2)["w"])
+    np.testing.assert_array_equal(back, np.ones((2, 1)))
+
+
+def test_microbatches_are_strided_and_divisibility_is_checked():
+    batch = {k: np.arange(12 * 2).reshape(12, 2) for k in ("inputs", "targets", "loss_mask")}
+    mbs = pipeline_step.microbatched(batch, 4)
+    assert mbs["inputs"].shape == (4, 3, 2)
+    np.testing.assert_array_equal(mbs["inputs"][1], batch["inputs"][1::4])
+    with pytest.raises(ValueError, match="12 sequences is not divisible into 5 micro-batches"):
+        pipeline_step.microbatched(batch, 5)
+
+
+def test_encoding_pads_with_idle_and_maps_dualpipe_halves():
+    dp = ticks.build(schedules.dualpipe(4, 8))
+    gp = ticks.build(schedules.gpipe(4, 8))
+    layout = pipeline.Layout.of(dp, gp)
+    assert layout.ticks == max(dp.num_ticks, gp.num_ticks) and layout.chunks == 2
+    assert layout.codes == tuple(Code)
+    enc = pipeline.encode(dp, layout)
+    assert enc["branch"].shape == (4, layout.ticks)
+    assert (enc["branch"][:, dp.num_ticks:] == 0).all()  # padding ticks are IDLE
+    c, m, mb = enc["c"], enc["m"], enc["mb"]
+    np.testing.assert_array_equal(mb[c == 1], m[c == 1] + 4)  # direction 1: second half
+    np.testing.assert_array_equal(mb[c == 0], m[c == 0])
+    g = pipeline.encode(gp, layout)
+    assert (g["placement"][:, 1] == layout.num_stages).all()  # gpipe has no chunk 1
+    with pytest.raises(ValueError, match="does not fit"):
+        pipeline.encode(ticks.build(schedules.gpipe(4, 16)), layout)
