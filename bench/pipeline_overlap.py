@@ -65,10 +65,13 @@ def main():
     ap.add_argument("--config", default="configs/tiny.py")
     ap.add_argument("--stage", type=int, default=2)
     ap.add_argument("--microbatches", type=int, default=4)
+    ap.add_argument("--layers-per-stage", type=int, default=1)
     args = ap.parse_args()
-    exp = config_lib.load(args.config, {"parallel.stage": args.stage,
-                                        "parallel.pipeline": "dualpipe",
-                                        "parallel.microbatches": args.microbatches})
+    base = config_lib.load(args.config)
+    exp = config_lib.load(args.config, {
+        "parallel.stage": args.stage, "parallel.pipeline": "dualpipe",
+        "parallel.microbatches": args.microbatches,
+        "model.n_layers": base.model.n_dense_layers + args.stage * args.layers_per_stage})
     graphdef, _, _ = state_lib.abstract_model(exp.model)
     tx = optim.optimizer(exp.train)
     pipe = pipeline_step.build(Schedule.DUALPIPE, args.stage, args.microbatches, graphdef,
@@ -93,6 +96,13 @@ def main():
     print(f"F&B branch: {len(seq)} scheduled instructions, {sum(s[0] == 'F' for s in seq)} from "
           f"the forward half, {sum(s[0] == 'B' for s in seq)} from the backward half, "
           f"{switches} alternations between halves")
+    runs = []  # the schedule as runs of one half: F x12, B x3, ...
+    for lab, _, _ in halves:
+        if runs and runs[-1][0] == lab:
+            runs[-1][1] += 1
+        else:
+            runs.append([lab, 1])
+    print("order:", " ".join(f"{lab}x{n}" for lab, n in runs))
     for lab, kind, name in seq:
         if kind in ("while", "conditional", "call") or "all-" in kind or "collective" in kind:
             print(f"  {lab} {kind:22s} {name}")

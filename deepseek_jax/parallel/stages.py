@@ -31,6 +31,7 @@ from flax import nnx
 from deepseek_jax.model import block as block_lib
 from deepseek_jax.model import config as config_lib
 from deepseek_jax.model import hooks
+from deepseek_jax.model import stack
 from deepseek_jax.train import losses
 
 STACK = "moe_layers"  # the canonical params/expert_bias key that is cut into stages
@@ -146,6 +147,19 @@ class Stage:
     def _model(self, glob, bias_glob, chunk, bias_chunk):
         return nnx.merge(self.graphdef, join(chunk, glob), join(bias_chunk, bias_glob))
 
+    def _layers(self, module, h, cos, sin):
+        """Transformer.run_stack with the layer loop unrolled. A scanned stack is one opaque
+        while loop per op, so in an F&B branch the two chunks' layers could never interleave
+        (bench/pipeline_overlap.py); unrolled, the branch is one computation that XLA's scheduler
+        can interleave, e.g. one chunk's expert all-to-all with the other's compute. A stage holds
+        few layers (V3 on 16 stages: ~4), so the program grows little."""
+        graphdef, state = nnx.split(module)
+
+        def step(carry, layer_state):
+            return nnx.merge(graphdef, layer_state)(carry, cos, sin)
+
+        return jax.lax.scan(stack.remat(step, self.cfg.remat), h, state, unroll=True)
+
     def prologue(self, diff: dict, env: dict, ids) -> jax.Array:
         """Embedding and dense layers, in the order of Transformer.__call__."""
         model = self._model({**env["glob"], **diff}, env["glob_bias"], env["stack0"],
@@ -153,14 +167,14 @@ class Stage:
         cos, sin = model.rope_tables(*ids.shape)
         x = hooks.constrain(model.embed(ids), block_lib.ACT_BSD)
         if model.dense_layers is not None:
-            x, _ = model.run_stack(model.dense_layers, x, cos, sin)
+            x, _ = self._layers(model.dense_layers, x, cos, sin)
         return x
 
     def body(self, chunk, x, bias_chunk, env: dict):
         """The stage's MoE layers: ((h, alpha * balance / M), (load [Ls, E], balance / M))."""
         model = self._model(env["glob"], env["glob_bias"], chunk, bias_chunk)
         cos, sin = model.rope_tables(*x.shape[:2])
-        h, stats = model.run_stack(model.moe_layers, x, cos, sin)
+        h, stats = self._layers(model.moe_layers, x, cos, sin)
         balance = stats.balance / self.microbatches
         loss = (self.balance_alpha * jnp.sum(balance)).astype(self.acc_dtype)
         return (h, loss), (stats.load_E, balance)
