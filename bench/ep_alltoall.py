@@ -5,8 +5,9 @@
 
 For each expert-parallel layout on 8 (simulated) devices, compiles the real sharded train step
 (MoE + MTP on), sums the result bytes of every all-to-all that the expert shard_map emits
-(dispatch and return, forward and backward) on one device, and divides by the minimum: every
-(token, choice) row crosses once per direction, i.e. per step and device
+(dispatch and return, forward and backward; an op in the scanned layer stack counts once per
+layer) on one device, and divides by the minimum: every (token, choice) row crosses once per
+direction, i.e. per step and device
     moe_calls x 2 (dispatch, return) x 2 (forward, backward) x X_local x top_k x d_model x bytes,
 with moe_calls = MoE layers + MoE MTP depths. The dense ALL_TO_ALL exchange sends a worst-case
 buffer of C = X_local * min(top_k, E_local) rows to each of the EP ranks, so its ratio is
@@ -63,12 +64,13 @@ def measure(model: model_config.ModelConfig, train: train_config.TrainConfig,
         sizes["data"] * sizes["fsdp"] * sizes["expert"])
     calls = model.n_moe_layers + (model.mtp_depth if model.mtp_is_moe else 0)
     minimum = calls * 2 * 2 * x_local * model.num_experts_per_tok * model.d_model * itemsize
-    moved = sum(c.bytes for c in data_ops)
+    moved = sum(c.bytes * c.count for c in data_ops)
     ep, e_local = sizes["expert"], model.n_routed_experts // sizes["expert"]
     k = model.num_experts_per_tok
     return dict(layout=f"{cfg.preset.value} " + " ".join(f"{a}={v}" for a, v in sizes.items()
                                                          if v > 1),
-                ops=len(data_ops), count_bytes=sum(c.bytes for c in ops) - moved,
+                ops=sum(c.count for c in data_ops),
+                count_bytes=sum(c.bytes * c.count for c in ops) - moved,
                 moved=moved, minimum=minimum, ratio=moved / minimum,
                 formula=ep * min(k, e_local) / k, compile_s=compile_s)
 
@@ -89,7 +91,7 @@ def main():
     print(f"model: d_model={model.d_model}, {model.n_moe_layers} MoE layers + "
           f"{model.mtp_depth} MoE MTP depth, E={model.n_routed_experts}, "
           f"top_k={model.num_experts_per_tok}, float32; batch {args.batch} x {args.seq} tokens")
-    print("| layout | all-to-alls | bytes moved / device / step | analytic minimum | ratio | "
+    print("| layout | all-to-alls run | bytes moved / device / step | analytic minimum | ratio | "
           "EP*min(k,E_l)/k | count bytes | compile s |")
     print("|---|---|---|---|---|---|---|---|")
     for preset, sizes in LAYOUTS:

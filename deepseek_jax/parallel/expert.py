@@ -65,9 +65,15 @@ def make_expert_fn(mesh, rules: sharding_lib.Rules, exchange: Exchange) -> Calla
     ep = math.prod(sizes[a] for a in expert_axes)
     local = functools.partial(_local, ep=ep, expert_axes=expert_axes, tensor_axes=tensor_axes,
                               exchange=exchange)
-    return jax.shard_map(local, mesh=mesh, out_specs=tokens,
-                         in_specs=(tokens, tokens, tokens, P(e, None, t), P(e, None, t),
-                                   P(e, t, None)))
+    in_specs = (tokens, tokens, tokens, P(e, None, t), P(e, None, t), P(e, t, None))
+    # Manual over every axis but `stage`, which a pipeline's enclosing shard_map owns.
+    manual = frozenset(a for a in mesh.axis_names if a != mesh_lib.STAGE)
+
+    def experts(*args):
+        return jax.shard_map(local, mesh=mesh_lib.current(mesh), in_specs=in_specs,
+                             out_specs=tokens, axis_names=manual)(*args)
+
+    return experts
 
 
 def _local(x_XD, idx_Xk, weights_Xk, w1_eDF, w3_eDF, w2_eFD, *, ep, expert_axes, tensor_axes,

@@ -3,6 +3,8 @@
 Used by the tests (the expert-parallel step must contain the expert all-to-all) and by the
 all-to-all byte benchmark. Bytes are those of the op's result on one device: for an all-to-all,
 what each device receives per execution (its own chunk included), which equals what it sends.
+`count` is how often the op runs per program execution: an op inside a scanned layer stack sits
+once in a while-loop body, which runs `known_trip_count` times (XLA records it for scans).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Collective:
     bytes: int  # result bytes on one device
     groups: tuple[tuple[int, ...], ...] | None  # device groups, None when not printed
     op_name: str  # jax-level name from the metadata, e.g. ".../shard_map/all_to_all"
+    count: int = 1  # executions per run of the program (while-loop trip counts multiplied)
 
 
 def type_bytes(type_text: str) -> int:
@@ -57,17 +60,57 @@ def _groups(line: str) -> tuple[tuple[int, ...], ...] | None:
     return None
 
 
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_CALLEE = re.compile(r"\b(body|condition|calls|to_apply)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+def _multiplicities(lines: list[str]) -> dict[int, int]:
+    """Line number -> executions per program run, for every line inside a computation."""
+    owner: dict[int, str] = {}
+    calls: dict[str, list[tuple[str, int]]] = {}  # callee -> [(caller, times per caller run)]
+    entry, current = None, None
+    for i, line in enumerate(lines):
+        if current is None:
+            if m := _COMPUTATION.match(line):
+                current = m.group(1)
+                entry = current if line.startswith("ENTRY") else entry
+            continue
+        if line.strip() == "}":
+            current = None
+            continue
+        owner[i] = current
+        trip = int(t.group(1)) if (t := _TRIP.search(line)) else 1
+        for kind, callee in _CALLEE.findall(line):
+            calls.setdefault(callee, []).append((current, trip if kind == "body" else 1))
+        if b := _BRANCHES.search(line):
+            for callee in re.findall(r"%?([\w.\-]+)", b.group(1)):
+                calls.setdefault(callee, []).append((current, 1))  # at most once each
+    memo: dict[str, int] = {}
+
+    def times(name: str, depth: int = 0) -> int:
+        if name == entry or depth > 64:
+            return 1
+        if name not in memo:
+            memo[name] = sum(times(c, depth + 1) * n for c, n in calls.get(name, [])) or 1
+        return memo[name]
+
+    return {i: times(name) for i, name in owner.items()}
+
+
 def collectives(hlo_text: str) -> list[Collective]:
     """Every collective op of an HLO module's text (async `-start` halves counted once)."""
+    lines = hlo_text.splitlines()
+    times = _multiplicities(lines)
     out = []
-    for line in hlo_text.splitlines():
+    for i, line in enumerate(lines):
         m = _OP.match(line)
         if not m:
             continue
         name = _OP_NAME.search(line)
         out.append(Collective(m.group("kind"), m.group("type"), type_bytes(m.group("type")),
-                              _groups(line),
-                              name.group(1) if name else ""))
+                              _groups(line), name.group(1) if name else "", times.get(i, 1)))
     return out
 
 

@@ -67,5 +67,17 @@ def abstract_mesh(cfg: config_lib.ParallelConfig, n_devices: int) -> AbstractMes
     return AbstractMesh(tuple(sizes[a] for a in AXES), AXES, axis_types=AXIS_TYPES)
 
 
+def current(mesh: Mesh | AbstractMesh) -> Mesh | AbstractMesh:
+    """The mesh to name in a constraint or shard_map being traced now.
+
+    Inside a shard_map (the pipeline's, manual over `stage`) JAX requires the context's abstract
+    mesh, which marks the manual axes; elsewhere there is no context mesh and `mesh` is used.
+    """
+    ctx = jax.sharding.get_abstract_mesh()
+    if not ctx.empty and tuple(ctx.axis_names) == tuple(mesh.axis_names):
+        return ctx
+    return mesh
+
+
 def sizes_of(mesh: Mesh | AbstractMesh) -> dict[str, int]:
     return {name: int(size) for name, size in mesh.shape.items()}

@@ -188,6 +188,6 @@ def constraint_fn(mesh, rules: Rules) -> Callable[[jax.Array, Sequence[str]], ja
 
     def constrain(x: jax.Array, logical: Sequence[str]) -> jax.Array:
         s = spec(rules, logical, x.shape, sizes, f"activation {tuple(logical)}")
-        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, s))
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh_lib.current(mesh), s))
 
     return constrain

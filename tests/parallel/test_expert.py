@@ -13,12 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.model import moe as moe_lib
 from deepseek_jax.model import routing
 from deepseek_jax.parallel import config as parallel_config
 from deepseek_jax.parallel import expert
+from deepseek_jax.parallel import mesh as mesh_lib
 from deepseek_jax.parallel import plan as plan_lib
+from deepseek_jax.parallel import sharding
 from tests.parallel import cases
 
 Exchange = parallel_config.ExpertExchange
@@ -41,23 +44,26 @@ def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outpu
 
 @functools.cache
 def moe_setup(dtype: str = "float32"):
-    """(value_and_grad of a scalar of one MoE layer, its params, an input) in `dtype`."""
+    """(value_and_grad of a scalar of one MoE layer, its forward, params, an input) in `dtype`."""
     model = cases.CFG if dtype == "float32" else cases.CFG64
     layer = moe_lib.MoE(model.moe(), rngs=nnx.Rngs(0))
     graphdef, params, bias = nnx.split(layer, nnx.Param, ...)
     x = jax.random.normal(jax.random.key(1), (B, S, model.d_model), model.compute_dtype.jnp)
     cot = jax.random.normal(jax.random.key(2), (B, S, model.d_model), model.compute_dtype.jnp)
 
+    def forward(params, x):
+        return nnx.merge(graphdef, params, bias)(x)
+
     def loss(params, x):
-        y, stats = nnx.merge(graphdef, params, bias)(x)
+        y, stats = forward(params, x)
         return jnp.sum(y * cot), (y, stats.load_E)
 
-    return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True), params, x
+    return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True), forward, params, x
 
 
 def run(dtype: str, plan=None):
     """The layer jitted on one device, or over the plan's mesh with its hooks (EP MoE)."""
-    fn, params, x = moe_setup(dtype)
+    fn, _, params, x = moe_setup(dtype)
     if plan is None:
         return jax.jit(fn)(params, x)
     return jax.jit(plan.wrap(fn))(params, jax.device_put(x, plan.batch_sharding()))
@@ -101,7 +107,7 @@ def test_ragged_exchange_equals_dense(monkeypatch):
 
 def test_ragged_exchange_lowers_to_ragged_all_to_all():
     """The TPU/GPU path lowers (forward and both transposes) to the real collective."""
-    fn, params, x = moe_setup()
+    fn, _, params, x = moe_setup()
     cfg = dataclasses.replace(cases.parallel(cases.Preset.DATA_EXPERT),
                               expert_exchange=Exchange.RAGGED_ALL_TO_ALL)
     plan = plan_lib.make_plan(cfg, cases.CFG, B)
@@ -127,3 +133,19 @@ def test_group_limited_routing_reaches_at_most_topk_group_ranks():
     assert limited.max() <= 2
     unlimited = ranks_per_token(n_group=1, topk_group=1)  # the check can fail
     assert unlimited.max() > 2
+
+
+def test_ep_moe_inside_a_stage_shard_map():
+    """What the pipeline will do: each `stage` rank runs the EP layer on its own tokens."""
+    _, forward, params, x = moe_setup()
+    cfg = parallel_config.ParallelConfig(preset=cases.Preset.DATA_EXPERT, stage=2, expert=4)
+    mesh = mesh_lib.make_mesh(cfg)  # make_plan refuses stage > 1 until the pipeline exists
+    plan = plan_lib.Plan(cfg, mesh, sharding.rules_for(cfg.preset))
+    per_stage = jax.shard_map(lambda p, x: plan.wrap(forward)(p, x)[0], mesh=mesh,
+                              in_specs=(P(), P("stage")), out_specs=P("stage"),
+                              axis_names={"stage"})
+    compiled = jax.jit(per_stage).lower(params, x).compile()
+    assert "all-to-all" in compiled.as_text()
+    y = compiled(params, x)
+    want = jax.jit(lambda p, x: forward(p, x)[0])(params, x)  # per-sequence: halves don't mix
+    assert cases.rel_err(y, want) <= 1e-5
