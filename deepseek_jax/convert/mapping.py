@@ -1,10 +1,11 @@
 """Name and layout mapping between our parameter tree and Hugging Face DeepseekV3 tensors.
 
 One table, `tensor_specs(cfg)`, lists every HF tensor: its name, HF shape, where it lives in our
-state (path + leading indices into stacked arrays) and how to transform it. Linear kernels are stored
-[in..., out...] here and [out, in] (flattened) in torch; RoPE rows need no permutation because both
-sides use the official interleaved pair layout. MTP depth k sits at HF layer index n_layers + k with
-copies of the shared embedding and head (official layout).
+state (path + leading indices into stacked arrays) and how to transform it. Linear kernels are
+stored [in..., out...] here and [out, in] (flattened) in torch; RoPE rows need no permutation
+because both sides use the official interleaved pair layout. MTP depth k sits at HF layer index
+n_layers + k with copies of the shared embedding and head (official layout). `leaf_slots` inverts
+the table per stored array, which is how both conversion directions stream slice by slice.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 from deepseek_jax.model import config as config_lib
 
 Path = tuple[str, ...]
+_NOT_QUANTIZED = ("mlp.gate.weight", "eh_proj.weight", "lm_head.weight", "shared_head.head.weight")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +31,18 @@ class TensorSpec:
     in_rank: int | None  # linear kernel: number of input dims in our layout; None: same layout
     bias: bool = False  # lives in the ExpertBias collection, not in params
     copy_of: str | None = None  # an HF duplicate of another tensor (MTP embed/head copies)
+
+    @property
+    def collection(self) -> str:
+        """The checkpoint collection holding it: the correction bias is not a gradient param."""
+        return "expert_bias" if self.bias else "params"
+
+    @property
+    def fp8_quantized(self) -> bool:
+        """Whether the official FP8 checkpoints store it as e4m3 + scales (reference §4): every
+        linear weight except the router, eh_proj and the output heads."""
+        return (self.in_rank is not None and self.copy_of is None
+                and not self.hf_name.endswith(_NOT_QUANTIZED))
 
     def to_hf(self, ours: np.ndarray) -> np.ndarray:
         if self.in_rank is None:
@@ -154,4 +168,58 @@ def import_tensors(
         target = out[spec.path]
         slot_shape = target.shape[len(spec.index):]
         target[spec.index] = spec.from_hf(np.asarray(theirs), slot_shape)
+    return out
+
+
+Leaves = dict[str, dict[Path, tuple[tuple[int, ...], np.dtype]]]
+
+
+def model_leaves(cfg: config_lib.ModelConfig) -> Leaves:
+    """{collection: {path: (shape, dtype)}} of our state (params, expert_bias), not allocated."""
+    from flax import nnx
+
+    from deepseek_jax.model import layers, transformer, tree
+
+    model = nnx.eval_shape(lambda: transformer.Transformer(cfg, rngs=nnx.Rngs(0)))
+    _, params, biases = nnx.split(model, nnx.Param, layers.ExpertBias)
+    return {
+        name: {path: (tuple(a.shape), np.dtype(a.dtype)) for path, a in tree.arrays(st).items()}
+        for name, st in (("params", params), ("expert_bias", biases))
+    }
+
+
+Slots = dict[tuple[str, Path], dict[tuple[int, ...], TensorSpec]]
+
+
+def leaf_slots(specs: list[TensorSpec], leaves: Leaves, *, complete: bool = True) -> Slots:
+    """For each leaf, the HF tensor behind each leading index, in order of first appearance.
+
+    Copies (copy_of) are left out. Checks that every slot is filled exactly once; with
+    complete=False, leaves no spec touches (MTP when exporting without it) may be absent.
+    A failure here is a bug in this table, not bad input.
+    """
+    out: Slots = {}
+    for spec in specs:
+        if spec.copy_of is not None:
+            continue
+        key = (spec.collection, spec.path)
+        if spec.path not in leaves[spec.collection]:
+            raise AssertionError(f"{spec.hf_name}: no leaf {key} in our state")
+        slots = out.setdefault(key, {})
+        if spec.index in slots:
+            raise AssertionError(f"{spec.hf_name} and {slots[spec.index].hf_name} both fill "
+                                 f"{key}{list(spec.index)}")
+        slots[spec.index] = spec
+    for collection, paths in leaves.items():
+        for path, (shape, _) in paths.items():
+            key = (collection, path)
+            if key not in out:
+                if complete:
+                    raise AssertionError(f"no HF tensor fills {key}")
+                continue
+            lead = len(next(iter(out[key])))
+            want = set(np.ndindex(*shape[:lead]))
+            if set(out[key]) != want:
+                raise AssertionError(f"{key}: HF tensors fill {len(out[key])} of {len(want)} "
+                                     "slots")
     return out

@@ -23,6 +23,7 @@ from deepseek_jax import data as data_lib
 from deepseek_jax.model import counting
 from deepseek_jax.parallel import plan as plan_lib
 from deepseek_jax.train import checkpoint as checkpoint_lib
+from deepseek_jax.train import init_from
 from deepseek_jax.train import metrics as metrics_lib
 from deepseek_jax.train import optim
 from deepseek_jax.train import preemption
@@ -138,6 +139,9 @@ def run(exp: config_lib.ExperimentConfig, workdir: str | pathlib.Path) -> dict[s
         print(f"resumed from step {step} ({workdir / 'checkpoints' / str(step)})", flush=True)
     else:
         state, step = plan.init_state(exp.model, tx, t.seed), 0
+        if exp.checkpoint.init_from:
+            state = init_from.load_into(state, exp.model, exp.checkpoint.init_from)
+            print(f"initialised parameters from {exp.checkpoint.init_from}", flush=True)
 
     train_step = plan.jit_train_step(step_lib.make_train_step(graphdef, t, tx), exp.model, tx)
     counts = counting.count(exp.model, t.seq_len)
