@@ -13,8 +13,10 @@ The compiled EP steps are also inspected: their HLO must hold the expert all-to-
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
+import os
 
 import jax
 import numpy as np
@@ -83,15 +85,50 @@ def _fn(setup: Setup):
     return step_lib.make_train_step(graphdef, setup.train, tx), tx
 
 
-@functools.cache
-def run_reference(dtype: str) -> Run:
+def _structs(tree, sharding_of):
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,
+                        sharding_of(tree))
+
+
+def _lower(dtype: str, preset: cases.Preset | None):
+    """The step of one comparison, lowered from abstract inputs (None: the single device)."""
     setup = SETUPS[dtype]
     with x64(dtype):
-        fn, _ = _fn(setup)
+        fn, tx = _fn(setup)
+        state = state_lib.abstract_state(setup.model, tx)
+        batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), cases.batch())
+        if preset is None:
+            one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            every = lambda tree: jax.tree.map(lambda _: one, tree)  # noqa: E731
+            return step_lib.jit_train_step(fn).lower(_structs(state, every),
+                                                     _structs(batch, every))
+        plan = plan_lib.make_plan(cases.parallel(preset), setup.model, cases.B)
+        batch = _structs(batch, lambda tree: jax.tree.map(lambda _: plan.batch_sharding(), tree))
+        return plan.jit_train_step(fn, setup.model, tx).lower(
+            plan.abstract_state(setup.model, tx), batch)
+
+
+@functools.cache
+def compiled() -> dict:
+    """Every program of this module, compiled before any test runs them.
+
+    Tracing holds the GIL, so programs are lowered one after the other, but XLA:CPU compiles
+    (most of this module's time, single-threaded each) run in a pool, one per core.
+    """
+    keys = [(d, None) for d in SETUPS] + [(d, p) for d in SETUPS for p in cases.MESHES]
+    with concurrent.futures.ThreadPoolExecutor(max(2, min(4, os.cpu_count() or 1))) as pool:
+        init = pool.submit(initial_state)
+        jobs = {key: pool.submit(_lower(*key).compile, COMPILE) for key in keys}
+        init.result()
+        return {key: job.result() for key, job in jobs.items()}
+
+
+@functools.cache
+def run_reference(dtype: str) -> Run:
+    with x64(dtype):
         state = jax.device_put(start(dtype), jax.devices()[0])
         batch = jax.device_put(cases.batch(), jax.devices()[0])
-        compiled = step_lib.jit_train_step(fn).lower(state, batch).compile(COMPILE)
-        new, metrics = compiled(state, batch)
+        new, metrics = compiled()[(dtype, None)](state, batch)
         return Run(jax.device_get(new), jax.device_get(metrics))
 
 
@@ -99,15 +136,14 @@ def run_reference(dtype: str) -> Run:
 def run_sharded(dtype: str, preset: cases.Preset) -> Run:
     setup = SETUPS[dtype]
     with x64(dtype):
-        fn, tx = _fn(setup)
+        _, tx = _fn(setup)
         plan = plan_lib.make_plan(cases.parallel(preset), setup.model, cases.B)
         state = jax.device_put(start(dtype), plan.state_shardings(setup.model, tx))
         batch = plan.global_batch(cases.batch(), cases.B)
-        step = plan.jit_train_step(fn, setup.model, tx)
-        compiled = step.lower(state, batch).compile(COMPILE)
-        new, metrics = compiled(state, batch)
+        step = compiled()[(dtype, preset)]
+        new, metrics = step(state, batch)
         shardings = jax.tree.map(lambda x: x.sharding, new)
-        return Run(jax.device_get(new), jax.device_get(metrics), compiled.as_text(), shardings)
+        return Run(jax.device_get(new), jax.device_get(metrics), step.as_text(), shardings)
 
 
 @pytest.mark.parametrize("preset", list(cases.MESHES), ids=lambda p: p.value)
