@@ -4,6 +4,8 @@ Resumes from the newest good checkpoint in `<workdir>/checkpoints/` (state, data
 config); otherwise initialises (or loads `checkpoint.init_from`). Step n's metrics are read after
 step n+1 has been dispatched, so the host never stalls the device; a run of non-finite steps longer
 than `train.max_nonfinite_in_a_row` stops with the step, the metric and the batch named.
+Everything runs on the mesh of `exp.parallel` (parallel/plan.py): the state is created or restored
+sharded, each process loads only its rows of every batch, and metrics come back replicated.
 """
 
 from __future__ import annotations
