@@ -1,9 +1,12 @@
 """Typed parallelism settings (the `parallel` section of an experiment config).
 
-Mesh axis sizes and the logical-axis rules preset. The sharding layer (parallel/sharding.py, mesh.py)
-interprets them; -1 for `data` means "whatever the device count leaves".
-`pipeline` selects a pipeline schedule over the `stage` axis (`--config.parallel.pipeline=dualpipe`);
-`microbatches` is the total per step (DualPipe's num_chunks: half enter at each end).
+Mesh axis sizes, the logical-axis rules preset and the expert-parallel exchange. The sharding layer
+(parallel/mesh.py, sharding.py, plan.py) interprets them; -1 for `data` means "whatever the device
+count leaves". Which axes a preset may use, and every check that needs the model or the device
+count, live in plan.py; what is checked here needs nothing else.
+`pipeline` selects a pipeline schedule over the `stage` axis (`--config.parallel.pipeline=dualpipe`,
+docs/pipeline_execution.md); `microbatches` is the total per step (DualPipe's num_chunks: half
+enter at each end). `check_pipeline` checks a pipeline against the model and train sections.
 """
 
 from __future__ import annotations
@@ -13,8 +16,39 @@ import enum
 from typing import Any
 
 
+class Preset(enum.Enum):
+    """Named logical->mesh rules (the table is parallel/sharding.py's RULES; docs/parallelism.md).
+
+    DATA: pure data parallel, every parameter replicated.
+    FSDP: parameters and optimizer state sharded over `fsdp` (ZeRO-3); `data` replicates (HSDP).
+    FSDP_TP: FSDP plus Megatron tensor parallelism over `tensor` (heads, FFN, vocab).
+    DATA_EXPERT: data parallel dense layers, routed experts sharded over `expert` (all-to-all).
+    FSDP_EXPERT_TP: experts over `expert`; dense weights FSDP-sharded over `fsdp` x `expert`;
+        heads, FFN and vocab over `tensor`.
+    """
+
+    DATA = "data"
+    FSDP = "fsdp"
+    FSDP_TP = "fsdp_tp"
+    DATA_EXPERT = "data_expert"
+    FSDP_EXPERT_TP = "fsdp_expert_tp"
+
+
+class ExpertExchange(enum.Enum):
+    """How routed tokens travel between expert-parallel ranks (parallel/expert.py).
+
+    ALL_TO_ALL: one dense all_to_all of a worst-case-sized buffer per direction; dropless and
+        runs on every backend (the only one XLA:CPU can execute).
+    RAGGED_ALL_TO_ALL: jax.lax.ragged_all_to_all sends exactly the routed rows (TPU, GPU); the
+        same code as ALL_TO_ALL apart from the two exchange calls.
+    """
+
+    ALL_TO_ALL = "all_to_all"
+    RAGGED_ALL_TO_ALL = "ragged_all_to_all"
+
+
 class Pipeline(enum.Enum):
-    """Pipeline schedule, or none. Values are those of `schedules.Schedule` plus "none"."""
+    """Pipeline schedule over `stage`, or none. Values are `schedules.Schedule`'s plus "none"."""
 
     NONE = "none"
     DUALPIPE = "dualpipe"
@@ -23,17 +57,38 @@ class Pipeline(enum.Enum):
     GPIPE = "gpipe"
 
 
+AXIS_FIELDS = ("stage", "data", "fsdp", "expert", "tensor")
+# Presets verified with a pipeline (tests/parallel/test_pipeline_step.py): parameters replicated
+# or experts over `expert`. Sharding weights over fsdp/tensor inside a stage is not composed yet.
+PIPELINE_PRESETS = (Preset.DATA, Preset.DATA_EXPERT)
+
+
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig:
     data: int = -1
     fsdp: int = 1
     expert: int = 1
     tensor: int = 1
-    stage: int = 1
+    stage: int = 1  # pipeline ranks; > 1 needs `pipeline`
+    preset: Preset = Preset.DATA
+    expert_exchange: ExpertExchange = ExpertExchange.ALL_TO_ALL
     pipeline: Pipeline = Pipeline.NONE
     microbatches: int = 0  # per step; 0: 2 * stage, the least DualPipe accepts
 
     def __post_init__(self):
+        for name in AXIS_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"parallel.{name}: expected an int, got {value!r}")
+            if value <= 0 and not (name == "data" and value == -1):
+                allowed = "a positive int or -1 (fill)" if name == "data" else "a positive int"
+                raise ValueError(f"parallel.{name}: must be {allowed}, got {value}")
+        if not isinstance(self.preset, Preset):
+            raise ValueError(f"parallel.preset: unknown preset {self.preset!r} (allowed: "
+                             f"{[p.value for p in Preset]})")
+        if not isinstance(self.expert_exchange, ExpertExchange):
+            raise ValueError(f"parallel.expert_exchange: unknown value {self.expert_exchange!r} "
+                             f"(allowed: {[e.value for e in ExpertExchange]})")
         if self.microbatches < 0:
             raise ValueError(f"parallel.microbatches must be >= 0, got {self.microbatches}")
         if self.pipeline is not Pipeline.NONE and self.stage < 2:
@@ -47,10 +102,15 @@ class ParallelConfig:
     def num_microbatches(self) -> int:
         return self.microbatches or 2 * self.stage
 
+    def sizes(self) -> dict[str, int]:
+        """Axis sizes as configured ({'data': -1, ...} before the device count is known)."""
+        return {name: getattr(self, name) for name in AXIS_FIELDS}
+
 
 def check_pipeline(parallel: ParallelConfig, model: Any, train: Any) -> None:
     """Cross-section checks of a pipelined run, before anything is compiled (ValueError naming
-    the fields). `model` is a ModelConfig, `train` a TrainConfig."""
+    the fields). `model` is a ModelConfig, `train` a TrainConfig. Checks that need the device
+    count (micro-batch rows per data shard) are in validate.py."""
     if parallel.pipeline is Pipeline.NONE:
         return
     from deepseek_jax.parallel import schedules  # pure Python; no JAX import at config time
@@ -76,3 +136,7 @@ def check_pipeline(parallel: ParallelConfig, model: Any, train: Any) -> None:
             raise ValueError(f"parallel.{field}={getattr(parallel, field)} is not supported with "
                              f"parallel.pipeline={name} (the pipeline composes with data and "
                              "expert parallelism only)")
+    if parallel.preset not in PIPELINE_PRESETS:
+        raise ValueError(f"parallel.preset={parallel.preset.value} is not supported with "
+                         f"parallel.pipeline={name} (allowed: "
+                         f"{[p.value for p in PIPELINE_PRESETS]})")

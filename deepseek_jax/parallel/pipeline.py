@@ -22,11 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from deepseek_jax.parallel import mesh as mesh_lib
 from deepseek_jax.parallel import pipeline_ops, stages
 from deepseek_jax.parallel.schedules import Schedule
 from deepseek_jax.parallel.ticks import Channel, Code, TickTable
 
-AXIS = "stage"
+AXIS = mesh_lib.STAGE
 ROWS = ("branch", "c", "m", "mb", "act", "grd", "c2", "m2", "mb2", "act2", "grd2")
 
 

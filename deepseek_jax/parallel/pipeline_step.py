@@ -118,19 +118,13 @@ def make_train_step(pipe: Pipeline, mesh: jax.sharding.Mesh,
     return train_step
 
 
-def for_experiment(exp, graphdef, tx: optax.GradientTransformation,
-                   devices: list | None = None) -> Callable:
-    """The jitted pipelined step (state, batch) -> (state, metrics) of an experiment config whose
-    parallel.pipeline is set (already validated by config.check_pipeline). The mesh is the first
-    parallel.stage devices along `stage`; the table is baked in as a constant."""
+def jit_train_step(plan, exp, graphdef, tx: optax.GradientTransformation) -> Callable:
+    """The jitted pipelined step (state, batch) -> (state, metrics) of an experiment whose
+    parallel.pipeline is set, on `plan`'s mesh with its shardings and model hooks (activation
+    constraints, expert parallelism) installed; the table is baked in as a constant."""
     par = exp.parallel
-    devices = list(jax.devices() if devices is None else devices)
-    if len(devices) < par.stage:
-        raise ValueError(f"parallel.stage={par.stage} needs {par.stage} devices, "
-                         f"{len(devices)} present")
     pipe = build(Schedule(par.pipeline.value), par.stage, par.num_microbatches, graphdef,
                  exp.model, exp.train)
-    mesh = jax.sharding.Mesh(np.asarray(devices[:par.stage]), (pipeline.AXIS,))
-    step = make_train_step(pipe, mesh, exp.train, tx)
+    step = make_train_step(pipe, plan.mesh, exp.train, tx)
     tbl = pipe.tables()
-    return jax.jit(lambda state, batch: step(state, batch, tbl), donate_argnums=0)
+    return plan.jit_train_step(lambda state, batch: step(state, batch, tbl), exp.model, tx)

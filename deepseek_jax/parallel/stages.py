@@ -27,11 +27,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.model import block as block_lib
 from deepseek_jax.model import config as config_lib
 from deepseek_jax.model import hooks
 from deepseek_jax.model import stack
+from deepseek_jax.parallel import mesh as mesh_lib
 from deepseek_jax.train import losses
 
 STACK = "moe_layers"  # the canonical params/expert_bias key that is cut into stages
@@ -65,6 +67,19 @@ def split(tree: dict) -> tuple[Any, dict]:
 
 def join(stack: Any, rest: dict) -> dict:
     return {**rest, STACK: stack}
+
+
+def stack_on_stage(specs: dict) -> dict:
+    """PartitionSpecs of canonical params (or biases) with the MoE stack's leading layer axis
+    split over `stage`: rank r stores layers [r*n_moe/PP, (r+1)*n_moe/PP) and their optimizer
+    state, which for DualPipe/1F1B/GPipe is its own (direction-0) stage."""
+
+    def one(spec: P) -> P:
+        first = spec[0] if len(spec) else None
+        rest = () if first is None else (first,) if isinstance(first, str) else tuple(first)
+        return P((mesh_lib.STAGE, *rest) if rest else mesh_lib.STAGE, *spec[1:])
+
+    return {**specs, STACK: jax.tree.map(one, specs[STACK], is_leaf=lambda x: isinstance(x, P))}
 
 
 def to_pipeline(stack: Any, placement: jax.Array, num_stages: int) -> Any:

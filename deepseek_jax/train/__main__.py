@@ -37,8 +37,9 @@ def main(argv):
     import jax
 
     if _COORDINATOR.value or _NUM_PROCESSES.value:
-        if jax.default_backend() == "cpu" or os.environ.get("JAX_PLATFORMS") == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # Unconditionally: asking for the backend (jax.default_backend()) would initialise it,
+        # which jax.distributed.initialize forbids; the setting only affects the CPU client.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     elif _auto_cluster():
         jax.distributed.initialize()

@@ -4,6 +4,8 @@ Resumes from the newest good checkpoint in `<workdir>/checkpoints/` (state, data
 config); otherwise initialises (or loads `checkpoint.init_from`). Step n's metrics are read after
 step n+1 has been dispatched, so the host never stalls the device; a run of non-finite steps longer
 than `train.max_nonfinite_in_a_row` stops with the step, the metric and the batch named.
+Everything runs on the mesh of `exp.parallel` (parallel/plan.py): the state is created or restored
+sharded, each process loads only its rows of every batch, and metrics come back replicated.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from deepseek_jax import data as data_lib
 from deepseek_jax.model import counting
 from deepseek_jax.parallel import config as parallel_config
 from deepseek_jax.parallel import pipeline_step
+from deepseek_jax.parallel import plan as plan_lib
 from deepseek_jax.train import checkpoint as checkpoint_lib
 from deepseek_jax.train import init_from
 from deepseek_jax.train import metrics as metrics_lib
@@ -67,18 +70,21 @@ def peak_flops() -> float:
 
 
 class Evaluator:
-    def __init__(self, exp: config_lib.ExperimentConfig, graphdef):
+    def __init__(self, exp: config_lib.ExperimentConfig, graphdef, plan: plan_lib.Plan, tx):
         t = exp.train
+        self.plan, self.batch_size = plan, t.global_batch_size
+        index, count = plan.data_shard(t.global_batch_size)
         self.batches = data_lib.make_eval_iterator(
             exp.data, seq_len=t.seq_len, batch_size=t.global_batch_size,
             model_vocab_size=exp.model.vocab_size, num_batches=t.eval_batches or None,
-            process_index=jax.process_index(), process_count=jax.process_count())
-        self.fn = jax.jit(step_lib.make_eval_step(graphdef))
+            process_index=index, process_count=count)
+        self.fn = plan.jit_eval_step(step_lib.make_eval_step(graphdef), exp.model, tx)
 
     def __call__(self, state: state_lib.TrainState) -> dict[str, float]:
         sums = {"nll_sum": 0.0, "tokens": 0.0, "bytes": 0.0}
         for batch in self.batches:
-            out = self.fn(state.params, state.expert_bias, batch)
+            out = self.fn(state.params, state.expert_bias,
+                          self.plan.global_batch(batch, self.batch_size))
             for k in sums:
                 sums[k] += float(out[k])
         loss = sums["nll_sum"] / max(sums["tokens"], 1.0)
@@ -111,17 +117,21 @@ def run(exp: config_lib.ExperimentConfig, workdir: str | pathlib.Path) -> dict[s
     t, pid = exp.train, jax.process_index()
     tx = optim.optimizer(t)
     graphdef, _, _ = state_lib.abstract_model(exp.model)
+    # Mesh, shardings and every layout check, before any compile.
+    plan = plan_lib.make_plan(exp.parallel, exp.model, t.global_batch_size)
 
+    # Each process loads only the rows its devices hold (see Plan.data_shard).
+    data_index, data_count = plan.data_shard(t.global_batch_size)
     train_iter = data_lib.make_train_iterator(
         exp.data, seq_len=t.seq_len, global_batch_size=t.global_batch_size,
-        model_vocab_size=exp.model.vocab_size, seed=t.seed, process_index=pid,
-        process_count=jax.process_count())
-    evaluate = Evaluator(exp, graphdef)
+        model_vocab_size=exp.model.vocab_size, seed=t.seed, process_index=data_index,
+        process_count=data_count)
+    evaluate = Evaluator(exp, graphdef, plan, tx)
 
     guard = preemption.PreemptionGuard().install()
     ckpt = checkpoint_lib.Checkpointer(workdir, keep_last=exp.checkpoint.keep_last,
                                        keep_every=exp.checkpoint.keep_every or None)
-    abstract = state_lib.abstract_state(exp.model, tx)
+    abstract = plan.abstract_state(exp.model, tx)  # restores straight into the shardings
     restored = ckpt.restore(None, abstract)
     if restored is not None:
         state, step = restored.state, restored.step
@@ -132,15 +142,15 @@ def run(exp: config_lib.ExperimentConfig, workdir: str | pathlib.Path) -> dict[s
                         "restarts", step, jax.process_count())
         print(f"resumed from step {step} ({workdir / 'checkpoints' / str(step)})", flush=True)
     else:
-        state, step = state_lib.init_state(exp.model, tx, t.seed), 0
+        state, step = plan.init_state(exp.model, tx, t.seed), 0
         if exp.checkpoint.init_from:
             state = init_from.load_into(state, exp.model, exp.checkpoint.init_from)
             print(f"initialised parameters from {exp.checkpoint.init_from}", flush=True)
 
     if exp.parallel.pipeline is parallel_config.Pipeline.NONE:
-        train_step = step_lib.jit_train_step(step_lib.make_train_step(graphdef, t, tx))
+        train_step = plan.jit_train_step(step_lib.make_train_step(graphdef, t, tx), exp.model, tx)
     else:
-        train_step = pipeline_step.for_experiment(exp, graphdef, tx)
+        train_step = pipeline_step.jit_train_step(plan, exp, graphdef, tx)
     counts = counting.count(exp.model, t.seq_len)
     peak = peak_flops()
     writer = metrics_lib.MetricsWriter(workdir, process_index=pid)
@@ -198,7 +208,7 @@ def run(exp: config_lib.ExperimentConfig, workdir: str | pathlib.Path) -> dict[s
     try:
         while step < t.steps:
             data_state = train_iter.get_state()
-            batch = next(train_iter)
+            batch = plan.global_batch(next(train_iter), t.global_batch_size)
             state, m = train_step(state, batch)
             step += 1
             if pending is not None:

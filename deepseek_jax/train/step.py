@@ -109,9 +109,12 @@ def make_eval_step(graphdef) -> Callable:
     return eval_step
 
 
-def jit_train_step(fn: Callable, state_shardings: Any = None, batch_shardings: Any = None):
+def jit_train_step(fn: Callable, state_shardings: Any = None, batch_shardings: Any = None,
+                   metrics_shardings: Any = None):
+    """jax.jit of a train step with the state donated; with shardings, the sharded ("pjit") step:
+    explicit in/out shardings (parallel/plan.py passes them; metrics replicated)."""
     kw = {}
     if state_shardings is not None:
         kw = dict(in_shardings=(state_shardings, batch_shardings),
-                  out_shardings=(state_shardings, None))
+                  out_shardings=(state_shardings, metrics_shardings))
     return jax.jit(fn, donate_argnums=0, **kw)

@@ -11,15 +11,19 @@ the unpipelined float32 computations; the tests check that the expert loads are 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax.model import config as config_lib
+from deepseek_jax.parallel import config as parallel_config
 from deepseek_jax.parallel import pipeline, pipeline_step, schedules, ticks
+from deepseek_jax.parallel import plan as plan_lib
 from deepseek_jax.parallel.schedules import Schedule
 from deepseek_jax.train import config as train_config
 from deepseek_jax.train import optim
@@ -28,13 +32,18 @@ from deepseek_jax.train import step as step_lib
 
 # XLA:CPU compile time dominates these tests; codegen optimisation changes nothing we test.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-BATCH, SEQ, MICROBATCHES = 16, 8, 8
+BATCH, SEQ, MICROBATCHES = 32, 8, 8  # 4 rows per micro-batch: split over up to 4 batch shards
 TOL = {"float32": 1e-5, "float64": 1e-10}
 # (schedule, pp): the executor groups that share one compiled program (same mesh and layout).
 GROUPS = {4: (Schedule.DUALPIPE, Schedule.ONE_F_ONE_B, Schedule.GPIPE)}
 # The float32 runs double as the composition tests: the same equality on a mesh with more axes
-# (float64 runs on the stage-only mesh, where any difference is the pipeline's own).
-MESHES = {("float32", 4): {"stage": 4, "data": 2}}
+# (float64 runs on a stage-only mesh, where any difference is the pipeline's own). Keyed by the
+# (schedule, pp) that compiles the group's program.
+Preset = parallel_config.Preset
+MESHES = {
+    (Schedule.DUALPIPE, 4, "float32"): dict(stage=4, data=2),
+    (Schedule.DUALPIPE, 2, "float32"): dict(stage=2, expert=2, data=2, preset=Preset.DATA_EXPERT),
+}
 
 
 def model_config(dtype: str) -> config_lib.ModelConfig:
@@ -76,32 +85,28 @@ def _numpy_state() -> tuple:
     return params, bias, batch
 
 
+_TX = optim.optimizer(TRAIN)  # one object: plan shardings are cached per (config, tx)
+
+
 def state(dtype: str) -> tuple[state_lib.TrainState, dict]:
     """The train state (fresh AdamW) and batch in `dtype`; call under enable_x64 for float64."""
     params, bias, batch = _numpy_state()
     cast = functools.partial(jax.tree.map, lambda a: jnp.asarray(a, dtype))
     params, bias = cast(params), cast(bias)
-    tx = optim.optimizer(TRAIN)
-    return state_lib.TrainState(jnp.zeros((), jnp.int32), params, bias, tx.init(params)), {
+    return state_lib.TrainState(jnp.zeros((), jnp.int32), params, bias, _TX.init(params)), {
         k: jnp.asarray(v) for k, v in batch.items()}
 
 
-@functools.cache
-def reference(dtype: str):
-    """(grads, new_state, metrics, aux) of the unpipelined step, compiled once per dtype."""
-    with jax.enable_x64(dtype == "float64"):
-        cfg = model_config(dtype)
-        graphdef, _, _ = state_lib.abstract_model(cfg)
-        tx = optim.optimizer(TRAIN)
-        st, batch = state(dtype)
+def _lower_reference(dtype: str):
+    cfg = model_config(dtype)
+    graphdef, _, _ = state_lib.abstract_model(cfg)
 
-        def fn(st, batch):
-            loss, aux, grads = step_lib.loss_and_grads(graphdef, TRAIN, st, batch)
-            new, metrics = step_lib.apply_update(graphdef, TRAIN, tx, st, loss, aux, grads)
-            return grads, new, metrics, aux
+    def fn(st, batch):
+        loss, aux, grads = step_lib.loss_and_grads(graphdef, TRAIN, st, batch)
+        new, metrics = step_lib.apply_update(graphdef, TRAIN, _TX, st, loss, aux, grads)
+        return grads, new, metrics, aux
 
-        exe = jax.jit(fn).lower(st, batch).compile(FAST_COMPILE)
-        return jax.device_get(exe(st, batch))
+    return jax.jit(fn).lower(*state(dtype)), None
 
 
 @dataclasses.dataclass
@@ -109,56 +114,96 @@ class Compiled:
     pipe: pipeline_step.Pipeline
     exe: object
     dtype: str
+    plan: plan_lib.Plan
 
-    mesh: jax.sharding.Mesh
+    @property
+    def mesh(self):
+        return self.plan.mesh
 
     def run(self, table: ticks.TickTable | None = None):
         """(grads, new_state, metrics, aux, log, d_stack) for `table` (default: the schedule's)."""
         with jax.enable_x64(self.dtype == "float64"):
-            st, batch = placed(self.mesh, *state(self.dtype))
+            st, batch = placed(self.plan, self.dtype)
             return jax.device_get(self.exe(st, batch, self.pipe.tables(table)))
 
 
-def mesh_for(pp: int, dtype: str) -> jax.sharding.Mesh:
-    sizes = MESHES.get((dtype, pp), {"stage": pp})
-    return jax.make_mesh(tuple(sizes.values()), tuple(sizes),
-                         axis_types=(jax.sharding.AxisType.Auto,) * len(sizes))
+def plan_for(schedule: Schedule, pp: int, dtype: str) -> plan_lib.Plan:
+    """The parallel plan (mesh, rules, shardings, model hooks) the loop would build."""
+    axes = MESHES.get((schedule, pp, dtype), dict(stage=pp, data=1))
+    cfg = parallel_config.ParallelConfig(pipeline=parallel_config.Pipeline(schedule.value),
+                                         microbatches=MICROBATCHES, **axes)
+    n = cfg.stage * cfg.data * cfg.fsdp * cfg.expert * cfg.tensor
+    return plan_lib.make_plan(cfg, model_config(dtype), BATCH, jax.devices()[:n])
 
 
-def placed(mesh, st, batch):
-    """State replicated, batch rows split over the batch axes of `mesh` (all but stage)."""
-    rows = tuple(a for a in mesh.axis_names if a != pipeline.AXIS) or None
-    put = jax.sharding.NamedSharding
-    return (jax.device_put(st, put(mesh, jax.sharding.PartitionSpec())),
-            jax.device_put(batch, put(mesh, jax.sharding.PartitionSpec(rows))))
+def placed(plan: plan_lib.Plan, dtype: str):
+    """The state with the plan's shardings (MoE layers split over stage) and the batch's rows
+    split over its batch axes."""
+    st, batch = state(dtype)
+    shardings = plan.state_shardings(model_config(dtype), _TX)
+    return jax.device_put(st, shardings), jax.device_put(batch, plan.batch_sharding())
+
+
+def _group(schedule: Schedule, pp: int) -> tuple[Schedule, ...]:
+    return GROUPS[pp] if schedule in GROUPS.get(pp, ()) else (schedule,)
+
+
+def _lower_pipeline(schedule: Schedule, pp: int, dtype: str):
+    """The pipelined step of the group `schedule` heads, lowered from placed inputs."""
+    tables = [ticks.build(schedules.build(s, pp, MICROBATCHES)) for s in _group(schedule, pp)]
+    num_stages = schedules.build(schedule, pp, MICROBATCHES).num_stages
+    layout = pipeline.Layout.of(*tables, num_stages=num_stages)
+    pipe = _pipe(schedule, pp, dtype, layout)
+    plan = plan_for(schedule, pp, dtype)
+    run = pipeline.executor(pipe.stage, layout, plan.mesh)
+    graphdef = pipe.stage.graphdef
+
+    def fn(st, batch, tbl):
+        loss, aux, grads, res = pipeline_step.loss_and_grads(pipe, run, TRAIN, st, batch, tbl)
+        new, metrics = step_lib.apply_update(graphdef, TRAIN, _TX, st, loss, aux, grads)
+        return grads, new, metrics, aux, res.log, res.d_stack
+
+    # plan.wrap: the activation constraints and the expert-parallel MoE, as in the loop.
+    return jax.jit(plan.wrap(fn)).lower(*placed(plan, dtype), pipe.tables()), (pipe, plan)
+
+
+BASES = ((Schedule.DUALPIPE, 2), (Schedule.DUALPIPE, 4), (Schedule.DUALPIPEV, 2))
+
+
+@functools.cache
+def programs() -> dict:
+    """Every program of the pipeline tests, compiled before the first test runs.
+
+    Tracing holds the GIL, so programs are lowered one after the other; XLA:CPU compiles (most of
+    the time, single-threaded each) run in a pool, one per core.
+    """
+    keys = [("reference", d) for d in TOL] + [(s, pp, d) for s, pp in BASES for d in TOL]
+    with concurrent.futures.ThreadPoolExecutor(max(2, min(4, os.cpu_count() or 1))) as pool:
+        jobs = {}
+        for key in keys:
+            with jax.enable_x64(key[-1] == "float64"):
+                lowered, extra = (_lower_reference(key[1]) if key[0] == "reference"
+                                  else _lower_pipeline(*key))
+            jobs[key] = (pool.submit(lowered.compile, FAST_COMPILE), extra)
+        return {key: (job.result(), extra) for key, (job, extra) in jobs.items()}
+
+
+@functools.cache
+def reference(dtype: str):
+    """(grads, new_state, metrics, aux) of the unpipelined step on one device."""
+    exe, _ = programs()[("reference", dtype)]
+    with jax.enable_x64(dtype == "float64"):
+        return jax.device_get(exe(*state(dtype)))
 
 
 @functools.cache
 def compiled(schedule: Schedule, pp: int, dtype: str) -> Compiled:
-    """The pipelined step of `schedule`, compiled once per executor group and dtype."""
-    group = GROUPS.get(pp, ()) if schedule in GROUPS.get(pp, ()) else (schedule,)
-    if schedule is not group[0]:
-        base = compiled(group[0], pp, dtype)
-        return Compiled(_pipe(schedule, pp, dtype, base.pipe.layout), base.exe, dtype, base.mesh)
-    with jax.enable_x64(dtype == "float64"):
-        tables = [ticks.build(schedules.build(s, pp, MICROBATCHES)) for s in group]
-        num_stages = schedules.build(schedule, pp, MICROBATCHES).num_stages
-        layout = pipeline.Layout.of(*tables, num_stages=num_stages)
-        pipe = _pipe(schedule, pp, dtype, layout)
-        mesh = mesh_for(pp, dtype)
-        run = pipeline.executor(pipe.stage, layout, mesh)
-        tx = optim.optimizer(TRAIN)
-        graphdef = pipe.stage.graphdef
-
-        def fn(st, batch, tbl):
-            loss, aux, grads, res = pipeline_step.loss_and_grads(pipe, run, TRAIN, st, batch,
-                                                                 tbl)
-            new, metrics = step_lib.apply_update(graphdef, TRAIN, tx, st, loss, aux, grads)
-            return grads, new, metrics, aux, res.log, res.d_stack
-
-        st, batch = placed(mesh, *state(dtype))
-        exe = jax.jit(fn).lower(st, batch, pipe.tables()).compile(FAST_COMPILE)
-        return Compiled(pipe, exe, dtype, mesh)
+    """The pipelined step of `schedule` (its group's program) for `dtype`."""
+    base = _group(schedule, pp)[0]
+    exe, (pipe, plan) = programs()[(base, pp, dtype)]
+    if schedule is not base:
+        pipe = _pipe(schedule, pp, dtype, pipe.layout)
+    return Compiled(pipe, exe, dtype, plan)
 
 
 def _pipe(schedule, pp, dtype, layout) -> pipeline_step.Pipeline:

@@ -3,9 +3,11 @@ at config conversion (before anything is compiled) with a message that names the
 
 import pathlib
 
+import jax
 import pytest
 
 from deepseek_jax import config as config_lib
+from deepseek_jax.parallel import plan as plan_lib
 from deepseek_jax.parallel.config import ParallelConfig, Pipeline
 
 TINY = str(pathlib.Path(__file__).parents[2] / "configs" / "tiny.py")
@@ -42,7 +44,23 @@ def test_pipeline_override_is_an_enum():
     ({"parallel__pipeline": "none"}, r"parallel\.stage=2 needs a parallel\.pipeline"),
     ({"parallel__pipeline": "zerobubble"}, r"parallel\.pipeline: unknown value"),
     ({"parallel__microbatches": -1}, r"parallel\.microbatches must be >= 0"),
+    ({"parallel__preset": "fsdp"}, r"parallel\.preset=fsdp is not supported with parallel"),
 ])
 def test_bad_pipeline_settings_fail_naming_the_field(overrides, match):
     with pytest.raises(ValueError, match=match):
         load(**overrides)
+
+
+def test_micro_batch_rows_must_split_over_the_batch_shards():
+    exp = load(parallel__data=4)  # 16 / 4 micro-batches = 4 rows over 4 data shards: fine
+    plan_lib.make_plan(exp.parallel, exp.model, 16)
+    exp = load(parallel__data=4, parallel__microbatches=8, model__n_layers=3)
+    with pytest.raises(ValueError, match=r"a micro-batch of 2 sequences .*global_batch_size=16 / "
+                                         r"parallel\.microbatches=8\) is not divisible by the 4"):
+        plan_lib.make_plan(exp.parallel, exp.model, 16)
+    assert len(jax.devices()) == 8
+
+
+def test_stage_without_pipeline_is_refused_by_the_plan_too():
+    with pytest.raises(ValueError, match=r"parallel\.stage=2 needs a parallel\.pipeline"):
+        ParallelConfig(stage=2)
