@@ -126,7 +126,7 @@ def table(costs_by_schedule: dict, pps=(4, 8)) -> list[dict]:
                                  lockstep=s.lockstep.makespan, lockstep_bubble=s.lockstep.bubble,
                                  asynchronous=s.asynchronous.makespan,
                                  async_bubble=s.asynchronous.bubble, formula=s.formula,
-                                 work=max(s.lockstep.busy)))
+                                 busy=max(s.lockstep.busy), act_slots=max(s.act_slots)))
     return rows
 
 
@@ -141,16 +141,23 @@ def main():
     ap.add_argument("--unpipelined-batch", type=int, default=0,
                     help="also time the unpipelined train step of the 2*layers model on this "
                          "many sequences (0: skip)")
+    ap.add_argument("--costs", default="", help="skip measuring: stage costs in seconds, "
+                    "'F=..,B=..,Bi=..,W=..,FB=..'; --half-costs likewise for DualPipeV")
+    ap.add_argument("--half-costs", default="")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     overrides = dict(kv.split("=", 1) for kv in args.set)
     overrides = {k: _value(v) for k, v in overrides.items()}
     exp = config_lib.load(args.config, overrides)
-    compiled = {"stage": compile_ops(exp, args.layers, args.microbatch)}
-    if args.layers > 1:
-        compiled["half"] = compile_ops(exp, args.layers // 2, args.microbatch)
-    times = measure(compiled, args.reps)
-    full, half = times["stage"], times.get("half", times["stage"])
+    if args.costs:
+        full = dataclasses.asdict(costmodel.Costs.parse(args.costs))
+        half = dataclasses.asdict(costmodel.Costs.parse(args.half_costs or args.costs))
+    else:
+        compiled = {"stage": compile_ops(exp, args.layers, args.microbatch)}
+        if args.layers > 1:
+            compiled["half"] = compile_ops(exp, args.layers // 2, args.microbatch)
+        times = measure(compiled, args.reps)
+        full, half = times["stage"], times.get("half", times["stage"])
     costs = {s: costmodel.Costs(**(half if s is Schedule.DUALPIPEV else full)) for s in Schedule}
     rows = table(costs)
     plain = (time_unpipelined(exp, args.layers, args.unpipelined_batch, args.reps)
@@ -166,18 +173,19 @@ def main():
               + f"  (Bi+W)/B={(t['Bi'] + t['W']) / t['B']:.2f}  FB/(F+B)="
               f"{t['FB'] / (t['F'] + t['B']):.2f}")
     if plain is not None:
-        print(f"  unpipelined train step, {2 * args.layers} MoE layers, "
-              f"{args.unpipelined_batch} x {exp.train.seq_len} tokens: {1e3 * plain:.1f}ms "
-              f"(2 stages x (F + B) per sequence: "
+        print(f"  unpipelined train step, {2 * args.layers} MoE layers + embedding, dense layers, "
+              f"head, MTP and AdamW, {args.unpipelined_batch} x {exp.train.seq_len} tokens: "
+              f"{1e3 * plain:.1f}ms; the two middle stages' F + B for as many tokens: "
               f"{1e3 * 2 * args.unpipelined_batch / args.microbatch * (full['F'] + full['B']):.1f}"
-              "ms)")
-    print("| schedule | PP | M | ticks | lock-step step (s) | lock-step bubble | async step (s) "
-          "| async bubble | formula idle (s) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+              "ms")
+    print("| schedule | PP | M | ticks | busy/rank (s) | lock-step step (s) | lock-step bubble "
+          "| async step (s) | async bubble | formula idle (s) | stored inputs/rank |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['schedule']} | {r['pp']} | {r['microbatches']} | {r['ticks']} | "
-              f"{r['lockstep']:.3f} | {100 * r['lockstep_bubble']:.1f}% | {r['asynchronous']:.3f} "
-              f"| {100 * r['async_bubble']:.1f}% | {r['formula']:.3f} |")
+              f"{r['busy']:.2f} | {r['lockstep']:.2f} | {100 * r['lockstep_bubble']:.1f}% | "
+              f"{r['asynchronous']:.2f} | {100 * r['async_bubble']:.1f}% | {r['formula']:.2f} | "
+              f"{r['act_slots']} |")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,11 @@
 #   (jax.profiler trace: per-device busy time vs wall time, gaps around collective-permute).
 #
 # Needs jax with CUDA in $PY (default: python). Sizes are set below; shrink SEQ or LAYERS if the
-# device time left is short (each op compiles once, ~10 jitted functions).
+# device time left is short (each op compiles once: 10 jitted ops and one train step).
+# CPU smoke run of the script itself:
+#   PY=.venv/bin/python SEQ=16 EXTRA="--set model.d_model=64 --set model.n_routed_experts=8 \
+#     --set model.moe_intermediate_size=32 --set model.n_group=2 --set model.topk_group=1 \
+#     --set model.num_experts_per_tok=2 --set model.n_heads=2" bash bench/pipeline_gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
@@ -34,7 +38,8 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt" \
+    || echo "no nvidia-smi" | tee "$OUT/gpu.txt"
 "$PY" -c "import jax; print(jax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
 
 # A stage of a mid-size DeepSeek-V3-shaped model (d=2048, 64 experts top-6, MLA), bf16 compute.
@@ -45,6 +50,9 @@ SIZE=(--set model.d_model=2048 --set model.n_heads=16 --set model.q_lora_rank=76
       --set model.num_experts_per_tok=6 --set model.n_group=8 --set model.topk_group=4
       --set model.intermediate_size=8192 --set model.compute_dtype=bfloat16
       --set train.seq_len="$SEQ")
+# EXTRA: more --set overrides, applied last (e.g. a tiny smoke size on a CPU).
+read -r -a EXTRA_ARGS <<< "${EXTRA:-}"
+SIZE+=("${EXTRA_ARGS[@]}")
 
 "$PY" bench/pipeline_costs.py --config=configs/small.py "${SIZE[@]}" --layers="$LAYERS" \
     --microbatch=1 --reps=10 --unpipelined-batch=2 --json > "$OUT/costs.json"

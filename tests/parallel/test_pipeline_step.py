@@ -96,4 +96,5 @@ def test_broken_table_breaks_equality(broken):
         ticksim.check(bad)
     grads = comp.run(bad)[0]
     err, where = h.worst(grads, h.reference("float64")[0])
+    print(f"{broken}: gradient error {err:.2e} at {where}")
     assert err > 1e-3, (err, where)
