@@ -7,8 +7,9 @@ Times the executor's own op branches (`pipeline_ops.Ops`, exactly what runs insi
 on one device for a middle stage (no prologue or epilogue) of `--layers` MoE layers, one jitted
 op per call; an op's cost is its fastest of `--reps` interleaved rounds. DualPipeV folds twice as
 many stages onto the same ranks, so at a fixed model its stages are half as deep: its costs are
-measured on a stage of layers/2. The costs go into `costmodel` (asynchronous = the official DualPipe's timeline, lock-step = this
-executor's) for PP=4 and 8; the printout is the BENCHMARKS.md table.
+measured on a stage of layers/2. The costs go into `costmodel` (asynchronous = the official
+DualPipe's timeline, lock-step = this executor's) for PP=4 and 8; the printout is the
+BENCHMARKS.md table. `--costs`/`--half-costs` skip the measurement and reuse given costs.
 """
 
 from __future__ import annotations

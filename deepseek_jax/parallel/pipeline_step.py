@@ -1,4 +1,4 @@
-"""The pipelined train step: canonical state in, canonical state out, the same update as unpipelined.
+"""The pipelined train step: canonical state in and out, the same update as the unpipelined step.
 
 The train state keeps the canonical (unpipelined) parameters, so checkpoints, evaluation and the
 optimizer are unchanged. Each step gathers the MoE stack into the pipelined layout [P, K, Ls, ...]

@@ -3,7 +3,8 @@
 Partitioning (every stage has the same parameter shapes, so the stages stack into one array that is
 sharded on the `stage` mesh axis and picked per tick by a traced index):
   - the MoE layers are split evenly: stage s runs MoE layers [s*Ls, (s+1)*Ls), Ls = n_moe / S;
-  - the first stage also runs the *prologue*: embedding and all dense layers (first_k_dense_replace);
+  - the first stage also runs the *prologue*: embedding and all dense layers
+    (first_k_dense_replace);
   - the last stage also runs the *epilogue*: final norm, head, loss and the MTP modules.
 Embedding, dense layers, final norm, head and MTP ("globals") are replicated on every pipeline rank;
 their gradients are summed over `stage` once after the tick loop. In DualPipe ranks 0 and PP-1 hold

@@ -1,11 +1,11 @@
 """The pipelined train step against the unpipelined one, on 8 simulated CPU devices.
 
 For every schedule: loss, metrics, gradients, parameters, expert biases and optimizer state after
-one update equal the unpipelined step's (float64 on a stage-only mesh; float32 also composed with
-the other mesh axes where pipeline_harness.MESHES says so) (float32 within 1e-5, float64 within 1e-10, per leaf
-max|a - b| / max|b|), the expert loads are identical, and the ops each rank executed (logged inside
-the tick loop) are the schedule's. A table with one W removed or two receive slots swapped, run on
-the same compiled program, must break the equality.
+one update equal the unpipelined step's (float32 within 1e-5, float64 within 1e-10, per leaf
+max|a - b| / max|b|; float64 on a stage-only mesh, float32 also composed with the other mesh axes
+where pipeline_harness.MESHES says so), the expert loads are identical, and the ops each rank
+executed (logged inside the tick loop) are the schedule's. A table with one W removed or two
+receive slots swapped, run on the same compiled program, must break the equality.
 """
 
 import numpy as np
