@@ -110,8 +110,23 @@ class _Interval:
             self.load = m["expert_load"] if self.load is None else self.load + m["expert_load"]
 
 
+def guard_compilation_cache() -> None:
+    """Turns JAX's persistent compilation cache off for multi-device CPU runs, with a warning.
+
+    On jax 0.10.2 an XLA:CPU executable of the sharded step loaded back from the persistent cache
+    deadlocks in its collectives (devices disagree on the next collective; the rendezvous aborts
+    the process after 40 s). Freshly compiled executables are fine.
+    """
+    if (jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir
+            and jax.default_backend() == "cpu" and jax.device_count() > 1):
+        log.warning("persistent compilation cache disabled: cached multi-device XLA:CPU "
+                    "executables deadlock in collectives on this jax version")
+        jax.config.update("jax_enable_compilation_cache", False)
+
+
 def run(exp: config_lib.ExperimentConfig, workdir: str | pathlib.Path) -> dict[str, Any]:
     """Trains to exp.train.steps (resuming if possible); returns a summary for callers and tests."""
+    guard_compilation_cache()
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     t, pid = exp.train, jax.process_index()

@@ -76,3 +76,18 @@ def test_fine_tune_from_a_converted_checkpoint(run, tmp_path):
         loop.run(experiment.load("configs/tiny.py", {
             **OVERRIDES, "model.n_layers": 4, "checkpoint.init_from": str(tmp_path / "imported")}),
             tmp_path / "bad")
+
+
+def test_persistent_cache_is_turned_off_for_multi_device_cpu(tmp_path):
+    import jax
+
+    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache)
+    try:
+        jax.config.update("jax_compilation_cache_dir", str(tmp_path))
+        jax.config.update("jax_enable_compilation_cache", True)
+        assert jax.device_count() == 8
+        loop.guard_compilation_cache()
+        assert not jax.config.jax_enable_compilation_cache
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        jax.config.update("jax_enable_compilation_cache", before[1])
