@@ -136,10 +136,11 @@ def test_group_limited_routing_reaches_at_most_topk_group_ranks():
 
 
 def test_ep_moe_inside_a_stage_shard_map():
-    """What the pipeline will do: each `stage` rank runs the EP layer on its own tokens."""
+    """What a pipeline stage does: each `stage` rank runs the EP layer on its own tokens."""
     _, forward, params, x = moe_setup()
-    cfg = parallel_config.ParallelConfig(preset=cases.Preset.DATA_EXPERT, stage=2, expert=4)
-    mesh = mesh_lib.make_mesh(cfg)  # make_plan refuses stage > 1 until the pipeline exists
+    cfg = parallel_config.ParallelConfig(preset=cases.Preset.DATA_EXPERT, stage=2, expert=4,
+                                         pipeline=parallel_config.Pipeline.ONE_F_ONE_B)
+    mesh = mesh_lib.make_mesh(cfg)
     plan = plan_lib.Plan(cfg, mesh, sharding.rules_for(cfg.preset))
     per_stage = jax.shard_map(lambda p, x: plan.wrap(forward)(p, x)[0], mesh=mesh,
                               in_specs=(P(), P("stage")), out_specs=P("stage"),
