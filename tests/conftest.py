@@ -7,8 +7,12 @@ docs/training.md). Tests that launch single-device subprocesses may still share 
 
 import os
 
+# XLA:CPU compile time dominates the suite (tiny models, many programs); LLVM's optimisation level
+# changes how fast the generated code runs, not what it computes. Subprocess tests reuse this.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "") + f" {FAST_COMPILE} --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

@@ -18,12 +18,12 @@ import subprocess
 import sys
 import time
 
+from tests.conftest import FAST_COMPILE  # both runs
 from tests.parallel import cases
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CONFIG = pathlib.Path(__file__).with_name("multihost_config.py")
 TIMEOUT_S = 900
-FAST_COMPILE = "--xla_backend_optimization_level=0"  # both runs; see test_step_equivalence
 STEPS = 8  # multihost_config.py: checkpoints every 2 steps
 
 

@@ -13,6 +13,7 @@ import pytest
 
 from deepseek_jax import config as experiment
 from deepseek_jax.train import checkpoint, optim, state as state_lib
+from tests.conftest import FAST_COMPILE
 from tests.train.conftest import Toy  # reads a child's output without blocking
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -30,7 +31,7 @@ class Trainer(Toy):
         import threading
 
         env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
-                   XLA_FLAGS="--xla_force_host_platform_device_count=1",
+                   XLA_FLAGS=f"{FAST_COMPILE} --xla_force_host_platform_device_count=1",
                    JAX_COMPILATION_CACHE_DIR=str(cache_dir),
                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
