@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from typing import Any, Mapping, Sequence
 
@@ -178,6 +179,13 @@ class _Inflight:
     handles: list
 
 
+def _absolute(workdir: str | epath.PathLike) -> epath.Path:
+    """Orbax refuses relative local paths (at the first save, after the run has trained):
+    anchor them at the current directory here. URIs (gs://...) are absolute already."""
+    text = os.fspath(workdir)
+    return epath.Path(text if "://" in text else os.path.abspath(text))
+
+
 class Checkpointer:
     """Saves and restores `<workdir>/checkpoints/<step>/{state,data,config,meta}`.
 
@@ -192,7 +200,7 @@ class Checkpointer:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         if keep_every is not None and keep_every < 1:
             raise ValueError(f"keep_every must be None or >= 1, got {keep_every}")
-        self.directory = epath.Path(workdir) / "checkpoints"
+        self.directory = _absolute(workdir) / "checkpoints"
         self.primary_host = primary_host
         self.file_checksums = file_checksums
         self._inflight_step: int | None = None

@@ -140,6 +140,20 @@ def small_state(step):
     return {"w": jnp.full((8, 4), float(step)), "step": jnp.int32(step)}
 
 
+def test_relative_workdir(tmp_path, monkeypatch):
+    # `make smoke` passes --workdir=runs/smoke; orbax itself accepts only absolute paths.
+    monkeypatch.chdir(tmp_path)
+    with checkpoint.Checkpointer("runs/rel", keep_last=1) as ckpt:
+        ckpt.save(3, small_state(3))
+        ckpt.wait_until_finished()
+        assert ckpt.all_steps() == [3]
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), small_state(3))
+        restored = ckpt.restore(None, abstract)
+    assert restored.step == 3 and float(restored.state["w"][0, 0]) == 3.0
+    assert (tmp_path / "runs" / "rel" / "checkpoints" / "3").is_dir()
+
+
 def test_retention_keep_last_and_every(tmp_path):
     with checkpoint.Checkpointer(tmp_path, keep_last=2, keep_every=4) as ckpt:
         for step in range(1, 10):
