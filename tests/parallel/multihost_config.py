@@ -1,5 +1,6 @@
-"""The 2-process test's experiment: configs/tiny.py shrunk to compile fast, eight steps with a checkpoint every two, under
-fsdp_expert_tp on 8 devices (tensor=2 inside a process, the expert all-to-all across the two).
+"""The 2-process test's experiment: configs/tiny.py shrunk to compile fast, sixteen steps with a
+checkpoint every two, under fsdp_expert_tp on 8 devices (tensor=2 inside a process, the expert
+all-to-all across the two).
 
     launch/local.sh 2  with CONFIG=tests/parallel/multihost_config.py DEVICES=4
 """
@@ -19,7 +20,7 @@ def get_config():
     c.model.update(d_model=32, n_layers=2, intermediate_size=48, n_heads=2, q_lora_rank=16,
                    kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
                    moe_intermediate_size=16, init_std=0.2)
-    c.train.update(steps=8, global_batch_size=8, seq_len=16, warmup_steps=0, log_every=1,
+    c.train.update(steps=16, global_batch_size=8, seq_len=16, warmup_steps=0, log_every=1,
                    eval_every=1000, eval_batches=1)
     c.checkpoint.update(every_steps=2, keep_last=2)
     c.parallel.update(preset="fsdp_expert_tp", fsdp=1, expert=4, tensor=2)

@@ -24,7 +24,7 @@ from tests.parallel import cases
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CONFIG = pathlib.Path(__file__).with_name("multihost_config.py")
 TIMEOUT_S = 900
-STEPS = 8  # multihost_config.py: checkpoints every 2 steps
+STEPS = 16  # multihost_config.py: checkpoints every 2 steps; the kill comes long before the end
 
 
 def _env(**extra: str) -> dict[str, str]:
