@@ -15,7 +15,6 @@ time with verification onto the same mesh and onto half the devices.
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import shutil
 import statistics
@@ -53,18 +52,11 @@ def make_state(mb: float, mesh: jax.sharding.Mesh) -> dict:
             "key": jax.device_put(jax.random.key(0), replicated)}
 
 
-def _value(text: str):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text  # a bare string, e.g. parallel.preset=fsdp
-
-
 def config_state(path: str, overrides: list[str]):
     """The experiment's initial TrainState on its mesh, AdamW moments filled with noise (a trained
     run's moments do not compress like init's zeros), and a function giving the abstract state
     sharded the same way over the first n devices (the restore targets)."""
-    exp = config_lib.load(path, {k: _value(v) for k, v in (o.split("=", 1) for o in overrides)})
+    exp = config_lib.load(path, config_lib.parse_overrides(overrides))
     tx = optim.optimizer(exp.train)
     plan = plan_lib.make_plan(exp.parallel, exp.model, exp.train.global_batch_size)
     state = plan.init_state(exp.model, tx, exp.train.seed)

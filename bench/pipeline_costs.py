@@ -105,15 +105,6 @@ def time_unpipelined(exp, layers: int, batch: int, reps: int) -> float:
     return best
 
 
-def _value(text: str):
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
 def table(costs_by_schedule: dict, pps=(4, 8)) -> list[dict]:
     rows = []
     for pp in pps:
@@ -147,9 +138,7 @@ def main():
     ap.add_argument("--half-costs", default="")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    overrides = dict(kv.split("=", 1) for kv in args.set)
-    overrides = {k: _value(v) for k, v in overrides.items()}
-    exp = config_lib.load(args.config, overrides)
+    exp = config_lib.load(args.config, config_lib.parse_overrides(args.set))
     if args.costs:
         full = dataclasses.asdict(costmodel.Costs.parse(args.costs))
         half = dataclasses.asdict(costmodel.Costs.parse(args.half_costs or args.costs))

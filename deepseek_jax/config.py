@@ -8,7 +8,7 @@ errors name the field (e.g. "model.n_group: ...").
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from deepseek_jax import dataclass_dict
 from deepseek_jax.data import config as data_config
@@ -81,6 +81,23 @@ def from_config_dict(cd: Any) -> ExperimentConfig:
         checkpoint=dataclass_dict.from_dict(CheckpointConfig, d.get("checkpoint", {}),
                                             "checkpoint"),
     )
+
+
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """["train.steps=10", "parallel.preset=fsdp"] -> {"train.steps": 10, ...} for `load` (bench
+    scripts' --set flags): Python literals where the text is one, else the bare string."""
+    import ast
+
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not FIELD=VALUE")
+        try:
+            out[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            out[key] = text
+    return out
 
 
 def load(path: str, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
