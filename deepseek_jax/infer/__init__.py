@@ -1,0 +1,1 @@
+"""Inference: MLA latent KV cache with absorbed decode, batched generation, MTP speculation."""
