@@ -35,11 +35,10 @@ def load(checkpoint: pathlib.Path, step: int | None = None, *, with_mtp: bool = 
         return src.cfg, from_hf.load_arrays(src), {}
     step_dir = ckpt_io.resolve_step_dir(checkpoint, step)
     experiment = ckpt_io.read_config(step_dir)
-    cfg = ckpt_io.model_config(step_dir)
-    if not with_mtp:
-        cfg = dataclasses.replace(cfg, mtp_depth=0)
+    full = ckpt_io.model_config(step_dir)
     reader = ckpt_io.StateReader(step_dir)
-    reader.check(mapping.model_leaves(cfg))
+    reader.check(mapping.model_leaves(full))
+    cfg = full if with_mtp else dataclasses.replace(full, mtp_depth=0)
     arrays = {c: {p: reader.read(c, p) for p in leaves}
               for c, leaves in mapping.model_leaves(cfg).items()}
     return cfg, arrays, experiment
