@@ -1,4 +1,4 @@
-"""Generate text or tokens from a checkpoint: batched, absorbed MLA decode, optional MTP speculation.
+"""python -m deepseek_jax.generate: batched absorbed-MLA decode with optional MTP speculation.
 
   python -m deepseek_jax.generate --checkpoint=<step dir | workdir | HF dir> [--step=N]
       (--prompt=TEXT | --prompts=FILE.jsonl | --prompt-tokens=FILE.npy) --max-new-tokens=N

@@ -143,12 +143,12 @@ def step_fn(gen: generation.Generator):
         n_new = jnp.where(active_B, n_B + a_B + 1, n_B)  # finished rows stay put
         d_B, q_BY, hn_BD, mtp_cache = _draft(model, mtp_cache.with_length(n_B), new_BW, h_BWD,
                                              a_B, cfg.sampling, keys[K + 1])
-        pos_K = jnp.arange(1, K + 1)
+        took_K = ((a_B[:, None] >= jnp.arange(1, K + 1)[None]) & active_B[:, None]).sum(0)
         return SpecState(
             cache.with_length(n_new), mtp_cache.with_length(n_new), nxt_B, d_B, q_BY, hn_BD,
             out, keys[K + 2], a_B,
             s.proposed_K + active_B.sum().astype(jnp.int32),
-            s.accepted_K + ((a_B[:, None] >= pos_K[None]) & active_B[:, None]).sum(0),
+            s.accepted_K + took_K.astype(jnp.int32),
             s.row_steps + active_B.sum().astype(jnp.int32))
 
     return step

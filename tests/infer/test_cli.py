@@ -1,4 +1,4 @@
-"""python -m deepseek_jax.generate: outputs, streaming, and bad input named before any model load."""
+"""python -m deepseek_jax.generate: outputs, streaming, bad input named before the model loads."""
 
 import dataclasses
 import json

@@ -1,4 +1,4 @@
-"""Prefill + cached decode (absorbed and naive) against the full forward; k+1 verify; cache sizes."""
+"""Prefill + cached decode (absorbed, naive) against the full forward; k+1 verify; cache sizes."""
 
 import dataclasses
 import functools
