@@ -139,3 +139,18 @@ def write(buf_BT: jax.Array, new_BS: jax.Array, start_B: jax.Array) -> jax.Array
         return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), start, axis=0)
 
     return jax.vmap(row)(buf_BT, new_BS, start_B)
+
+
+def shardings(cache: Cache, mesh, rules) -> Cache:
+    """NamedShardings of every cache array under a rules table (parallel/sharding.py)."""
+    from jax.sharding import NamedSharding
+
+    from deepseek_jax.parallel import mesh as mesh_lib
+    from deepseek_jax.parallel import sharding as sharding_lib
+
+    sizes = mesh_lib.sizes_of(mesh)
+
+    def one(a, axes):
+        return NamedSharding(mesh, sharding_lib.spec(rules, axes, a.shape, sizes, f"cache {axes}"))
+
+    return jax.tree.map(one, cache, logical_axes(cache))
