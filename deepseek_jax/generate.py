@@ -202,8 +202,9 @@ def run(args) -> int:
                         f.write(json.dumps({"tokens": ids,
                                             "text": tok.decode(ids) if tok else None}) + "\n")
     line = (f"{result.generated} tokens in {result.prefill_s + result.decode_s:.2f}s: "
-            f"{result.tokens_per_s:.1f} tokens/s ({len(prompts)} rows, prefill "
-            f"{result.prefill_s * 1e3:.0f} ms, {result.steps} decode steps)")
+            f"{result.tokens_per_s:.1f} tokens/s ({len(prompts)} rows; prefill "
+            f"{result.prefill_s * 1e3:.0f} ms, then {result.steps} decode steps at "
+            f"{(result.generated - len(prompts)) / max(result.decode_s, 1e-9):.1f} tokens/s)")
     if result.stats:
         rates = ", ".join(f"{r:.2f}" for r in result.stats["acceptance_per_position"])
         line += (f"; acceptance per draft position [{rates}], mean accepted length "

@@ -21,7 +21,7 @@ Arrays = dict[str, dict[mapping.Path, np.ndarray]]
 def load(checkpoint: pathlib.Path, step: int | None = None, *, with_mtp: bool = True
          ) -> tuple[config_lib.ModelConfig, Arrays, dict]:
     """(config, {collection: {path: array}}, the checkpoint's experiment config or {})."""
-    checkpoint = pathlib.Path(checkpoint)
+    checkpoint = pathlib.Path(checkpoint).absolute()  # orbax refuses relative paths
     if not checkpoint.exists():
         raise ConversionError(f"--checkpoint: {checkpoint} does not exist")
     if (checkpoint / "config.json").is_file():

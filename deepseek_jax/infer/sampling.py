@@ -34,7 +34,10 @@ class SamplingConfig:
 
 
 def log_probs(logits_BY: jax.Array, cfg: SamplingConfig) -> jax.Array:
-    """Log of the distribution sampling draws from (float32 or wider; -inf where filtered)."""
+    """Log of the distribution sampling draws from (float32 or wider; -inf where filtered).
+
+    Any leading dims ([B, Y], or [B, W, Y] for the verify positions of speculative decoding).
+    """
     x = logits_BY.astype(jnp.promote_types(logits_BY.dtype, jnp.float32))
     if cfg.greedy:  # a one-hot distribution on the argmax
         return jnp.where(jax.nn.one_hot(jnp.argmax(x, -1), x.shape[-1], dtype=bool), 0.0, -jnp.inf)
@@ -46,9 +49,7 @@ def log_probs(logits_BY: jax.Array, cfg: SamplingConfig) -> jax.Array:
         order = jnp.argsort(-x, axis=-1)
         p_sorted = jax.nn.softmax(jnp.take_along_axis(x, order, -1), axis=-1)
         before = jnp.cumsum(p_sorted, -1) - p_sorted  # mass strictly above each sorted token
-        drop_sorted = before >= cfg.top_p
-        drop = jnp.zeros_like(drop_sorted).at[
-            jnp.arange(x.shape[0])[:, None], order].set(drop_sorted)
+        drop = jnp.take_along_axis(before >= cfg.top_p, jnp.argsort(order, axis=-1), -1)
         x = jnp.where(drop, -jnp.inf, x)
     return jax.nn.log_softmax(x, axis=-1)
 

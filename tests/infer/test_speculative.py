@@ -170,6 +170,7 @@ def test_rollback_caches_equal_a_fresh_prefill():
 
 def chi2_p(counts, expected):
     """Pearson chi^2 goodness of fit; cells expecting < 5 are pooled."""
+    assert counts[expected == 0].sum() == 0  # nothing drawn outside the top-k / top-p set
     small = expected < 5
     obs = np.append(counts[~small], counts[small].sum())
     exp = np.append(expected[~small], expected[small].sum())
@@ -182,19 +183,20 @@ def chi2_p(counts, expected):
 TOY = dataclasses.replace(CFG, vocab_size=4, init_std=0.3)
 
 
-def test_speculative_sampling_matches_the_sampling_distribution():
-    """20k rows, 3 tokens each, k=2 drafts, temperature 1: the histogram of (t1, t2, t3) fits the
-    exact distribution p(t1) p(t2|t1) p(t3|t1,t2), as plain sampling does."""
+@pytest.mark.parametrize("temp", [sampling.SamplingConfig(temperature=1.0),
+                                  sampling.SamplingConfig(temperature=0.7, top_k=3, top_p=0.9)])
+def test_speculative_sampling_matches_the_sampling_distribution(temp):
+    """20k rows, 3 tokens each, k=2 drafts: the histogram of (t1, t2, t3) fits the exact
+    distribution p(t1) p(t2|t1) p(t3|t1,t2) of the (filtered) sampling, as plain sampling does."""
     graphdef, state = nnx.split(transformer.Transformer(TOY, rngs=nnx.Rngs(2)))
     prompt = np.array([1, 3], np.int32)
     rows, n_new, V = 20_000, 3, TOY.vocab_size
     full = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t, with_mtp=False).logits_BSY)
     cont = np.stack(np.meshgrid(*[np.arange(V)] * n_new, indexing="ij"), -1).reshape(-1, n_new)
     seqs = np.concatenate([np.broadcast_to(prompt, (len(cont), 2)), cont], 1)
-    logp = np.asarray(jax.nn.log_softmax(full(state, jnp.asarray(seqs)), -1))
+    logp = np.asarray(sampling.log_probs(full(state, jnp.asarray(seqs)), temp))
     joint = np.exp(sum(logp[np.arange(len(cont)), 1 + j, cont[:, j]] for j in range(n_new)))
     np.testing.assert_allclose(joint.sum(), 1, rtol=1e-5)
-    temp = sampling.SamplingConfig(temperature=1.0)
     results = {}
     for k in (0, 2):
         cfg = generation.GenerateConfig(max_new_tokens=n_new, sampling=temp, draft_tokens=k,
