@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from deepseek_jax import config as exp_config
-from deepseek_jax.infer import decode, generation, kv_cache, load
+from deepseek_jax.infer import decode, generation, kv_cache, load, sampling
 from deepseek_jax.model import config as config_lib
 from deepseek_jax.model import transformer
 
@@ -162,32 +162,40 @@ def part_spec(exp, args, out):
     texts = ["import os\nimport sys\n\n\ndef main(", "class Queue:\n    def __init__(self",
              "    for i in range(len(", "# Copyright 2001 Python Software Foundation\n"]
     rows = []
-    for text in texts:
-        prompt = tok.encode(text)
-
-        def timed(k):
-            g = generation.Generator(graphdef, state, generation.GenerateConfig(
-                max_new_tokens=args.spec_tokens, draft_tokens=k))
-            g.generate([prompt])  # compile
-            r = g.generate([prompt])
-            return r
-
-        plain = timed(0)
-        for k in (1, 2, 3):
-            r = timed(k)
-            rows.append({"prompt": text, "k": k, "speedup": plain.decode_s / r.decode_s,
-                         "same_as_plain": bool((r.tokens == plain.tokens).all()),
-                         "plain_tokens_per_s": plain.steps / plain.decode_s,
-                         "spec_tokens_per_s": (r.generated - 1) / r.decode_s, **r.stats})
+    for temperature in args.spec_temperatures:
+        scfg = sampling.SamplingConfig(temperature=temperature)
+        gens = {k: generation.Generator(graphdef, state, generation.GenerateConfig(
+            max_new_tokens=args.spec_tokens, draft_tokens=k, sampling=scfg)) for k in range(4)}
+        for text in texts:
+            prompt = tok.encode(text)
+            res = {}
+            for k, g in gens.items():
+                g.generate([prompt])  # compile (once per generator and prompt length)
+                res[k] = [g.generate([prompt]) for _ in range(3)]
+            plain_s = np.median([r.decode_s / r.steps for r in res[0]])  # per emitted token
+            for k in (1, 2, 3):
+                r = res[k][0]
+                spec_s = np.median([x.decode_s / (x.generated - 1) for x in res[k]])
+                rows.append({"prompt": text, "temperature": temperature, "k": k,
+                             "speedup": plain_s / spec_s,
+                             "same_as_plain": bool((r.tokens == res[0][0].tokens).all()),
+                             "plain_tokens_per_s": 1 / plain_s,
+                             "spec_tokens_per_s": 1 / spec_s, **r.stats})
     out["spec"] = rows
-    for k in (1, 2, 3):
-        sel = [r for r in rows if r["k"] == k]
-        acc = np.mean([r["acceptance_per_position"] for r in sel], axis=0)
-        length = np.mean([r["mean_accepted_length"] for r in sel])
-        speed = np.mean([r["speedup"] for r in sel])
-        print(f"MTP k={k}: acceptance per position {np.round(acc, 3).tolist()}, mean accepted "
-              f"length {length:.2f} (bound 1+a = {1 + acc[0]:.2f} at k=1), speedup x{speed:.2f}, "
-              f"same tokens as plain: {all(r['same_as_plain'] for r in sel)}", flush=True)
+    for temperature in args.spec_temperatures:
+        for k in (1, 2, 3):
+            sel = [r for r in rows if r["k"] == k and r["temperature"] == temperature]
+            acc = np.mean([r["acceptance_per_position"] for r in sel], axis=0)
+            length = np.mean([r["mean_accepted_length"] for r in sel])
+            speed = np.mean([r["speedup"] for r in sel])
+            tps = np.mean([r["spec_tokens_per_s"] for r in sel])
+            plain = np.mean([r["plain_tokens_per_s"] for r in sel])
+            same = all(r["same_as_plain"] for r in sel)
+            print(f"MTP T={temperature} k={k}: acceptance per position "
+                  f"{np.round(acc, 3).tolist()}, mean accepted length {length:.2f} "
+                  f"(1+a = {1 + acc[0]:.2f}), {tps:.0f} vs plain {plain:.0f} tokens/s: "
+                  f"speedup x{speed:.2f}" + (f", same tokens as plain: {same}"
+                                            if temperature == 0 else ""), flush=True)
 
 
 def main():
@@ -201,6 +209,7 @@ def main():
     p.add_argument("--hf-tokens", type=int, default=32)
     p.add_argument("--spec-checkpoint", default="runs/smoke")
     p.add_argument("--spec-tokens", type=int, default=128)
+    p.add_argument("--spec-temperatures", default="0,0.8")
     p.add_argument("--parts", default="cache,hf,spec")
     p.add_argument("--json", default=None)
     p.add_argument("--set", action="append", default=[], help="config override a.b=value")
@@ -208,6 +217,7 @@ def main():
     args.contexts = [int(x) for x in args.contexts.split(",")]
     args.batches = [int(x) for x in args.batches.split(",")]
     args.dtypes = args.dtypes.split(",")
+    args.spec_temperatures = [float(x) for x in args.spec_temperatures.split(",")]
     exp = exp_config.load(args.config, exp_config.parse_overrides(args.set))
     print(f"backend {jax.default_backend()}, {jax.devices()[0].device_kind}, jax {jax.__version__}")
     out: dict = {"config": args.config, "backend": jax.default_backend()}
