@@ -17,9 +17,12 @@ S = 1 is a decode step; S = k+1 at length > 0 verifies k speculative drafts in o
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax.infer import experts
 from deepseek_jax.infer import kv_cache
 from deepseek_jax.model import attention
 from deepseek_jax.model import block as block_lib
@@ -112,6 +115,14 @@ def block_step(block: block_lib.Block, h_BSD, cos, sin, start_B, kv, prefill: bo
     return hooks.constrain(h_BSD, block_lib.ACT_BSD), kv
 
 
+def _decode_experts(cfg, tokens: int):
+    """Gathered experts for a few tokens, unless a parallel plan installed its own dispatch."""
+    if hooks.expert_impl() is None and experts.use_gathered(
+            tokens, cfg.num_experts_per_tok, cfg.n_routed_experts):
+        return hooks.expert_implementation(experts.gathered_experts)
+    return contextlib.nullcontext()
+
+
 def _rope(cfg, start_B, S):
     positions_BS = start_B[:, None] + jnp.arange(S, dtype=jnp.int32)[None, :]
     return rope.cos_sin(cfg.rope, cfg.qk_rope_head_dim, positions_BS,
@@ -130,14 +141,15 @@ def forward(model: transformer.Transformer, tokens_BS: jax.Array, cache: kv_cach
     cos, sin = _rope(cfg, start_B, tokens_BS.shape[1])
     h_BSD = hooks.constrain(model.embed(tokens_BS), block_lib.ACT_BSD)
     stacks = {}
-    for name, module in (("dense", model.dense_layers), ("moe", model.moe_layers)):
-        if module is None:
-            continue
+    with _decode_experts(cfg, tokens_BS.size):
+        for name, module in (("dense", model.dense_layers), ("moe", model.moe_layers)):
+            if module is None:
+                continue
 
-        def body(layer, h, kv):
-            return block_step(layer, h, cos, sin, start_B, kv, prefill)
+            def body(layer, h, kv):
+                return block_step(layer, h, cos, sin, start_B, kv, prefill)
 
-        h_BSD, stacks[name] = stack.scan(module, h_BSD, body, cache.stacks[name])
+            h_BSD, stacks[name] = stack.scan(module, h_BSD, body, cache.stacks[name])
     h_BSD = model.norm(h_BSD)
     return model.logits(h_BSD), h_BSD, kv_cache.Cache(stacks, cache.length_B)
 
@@ -153,7 +165,8 @@ def mtp_forward(model: transformer.Transformer, tokens_BS: jax.Array, h_prev_BSD
     e_BSD = layer.enorm(model.embed(tokens_BS))
     x_BSD = layer.eh_proj(jnp.concatenate([e_BSD, layer.hnorm(h_prev_BSD)], axis=-1))
     kv = jax.tree.map(lambda a: a[0], cache.stacks["mtp"])
-    g_BSD, kv = block_step(layer.block, x_BSD, cos, sin, start_B, kv, prefill)
+    with _decode_experts(model.cfg, tokens_BS.size):
+        g_BSD, kv = block_step(layer.block, x_BSD, cos, sin, start_B, kv, prefill)
     hn_BSD = layer.head_norm(g_BSD)
     stacks = {"mtp": jax.tree.map(lambda a: a[None], kv)}
     return model.logits(hn_BSD), hn_BSD, kv_cache.Cache(stacks, cache.length_B)

@@ -10,9 +10,9 @@ import pytest
 from flax import nnx
 
 from deepseek_jax import config as exp_config
-from deepseek_jax.infer import decode, kv_cache
+from deepseek_jax.infer import decode, experts, kv_cache
 from deepseek_jax.model import config as config_lib
-from deepseek_jax.model import rope, stack, transformer
+from deepseek_jax.model import dispatch, rope, stack, transformer
 
 Mode = kv_cache.DecodeMode
 YARN = config_lib.RopeConfig(scaling=config_lib.RopeScaling.YARN, factor=40.0,
@@ -24,8 +24,9 @@ BASE = config_lib.ModelConfig(
     v_head_dim=8, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=16,
     num_experts_per_tok=2, n_group=2, topk_group=1, mtp_depth=0, init_std=0.2)
 CASES = {
-    "qlora_yarn": dataclasses.replace(BASE, rope=YARN),
-    "direct_q_rope": dataclasses.replace(BASE, q_lora_rank=None),
+    "qlora_yarn": dataclasses.replace(BASE, rope=YARN),  # decode: the training dispatch
+    # 16 experts: a 3-row decode step (6 expert rows) reads only the chosen experts' weights
+    "direct_q_rope": dataclasses.replace(BASE, q_lora_rank=None, n_routed_experts=16),
 }
 LENGTHS = np.array([5, 9, 7])  # unequal prompt lengths in one batch
 STEPS = 4  # decode steps after the prefill
@@ -88,6 +89,25 @@ def reference(cfg, graphdef, state):
 
 
 TOL = {"float32": 1e-5, "float64": 1e-10}
+
+
+def test_decode_expert_choice():
+    k = BASE.num_experts_per_tok
+    assert not experts.use_gathered(len(LENGTHS), k, CASES["qlora_yarn"].n_routed_experts)
+    assert experts.use_gathered(len(LENGTHS), k, CASES["direct_q_rope"].n_routed_experts)
+
+
+def test_gathered_experts_equal_dropless():
+    X, k, E, D, F = 3, 2, 8, 16, 24
+    keys = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(keys[0], (X, D))
+    idx = jax.random.randint(keys[1], (X, k), 0, E)
+    w = jax.nn.softmax(jax.random.normal(keys[2], (X, k)))
+    w1, w3 = (jax.random.normal(kk, (E, D, F)) / 4 for kk in jax.random.split(keys[3]))
+    w2 = jax.random.normal(keys[4], (E, F, D)) / 5
+    np.testing.assert_allclose(experts.gathered_experts(x, idx, w, w1, w3, w2),
+                               dispatch.dropless_experts(x, idx, w, w1, w3, w2),
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
