@@ -20,10 +20,12 @@ import jax
 import numpy as np
 
 from deepseek_jax import config as config_lib
-from deepseek_jax.parallel import pipeline_step
+from deepseek_jax.batch import Batch
+from deepseek_jax.train import pipeline_step
+from deepseek_jax.train import sharded
 from deepseek_jax.parallel import plan as plan_lib
-from deepseek_jax.parallel.schedules import Schedule
-from deepseek_jax.parallel.ticks import Code
+from deepseek_jax.parallel.pipeline.schedules import Schedule
+from deepseek_jax.parallel.pipeline.ticks import Code
 from deepseek_jax.train import optim
 from deepseek_jax.train import state as state_lib
 
@@ -77,16 +79,16 @@ def main():
         "model.n_layers": base.model.n_dense_layers + args.stage * args.layers_per_stage})
     graphdef, _, _ = state_lib.abstract_model(exp.model)
     tx = optim.optimizer(exp.train)
-    pipe = pipeline_step.build(Schedule.DUALPIPE, args.stage, args.microbatches, graphdef,
-                               exp.model, exp.train)
     n = args.stage * args.expert
     plan = plan_lib.make_plan(exp.parallel, exp.model, exp.train.global_batch_size,
                               jax.devices()[:n])
+    pipe = pipeline_step.build(Schedule.DUALPIPE, args.stage, args.microbatches, graphdef,
+                               exp.model, experts=plan.experts())
     step = pipeline_step.make_train_step(pipe, plan.mesh, exp.train, tx)
-    state = plan.abstract_state(exp.model, tx)
+    state = sharded.abstract_state(plan, exp.model, tx)
     B, S = exp.train.global_batch_size, exp.train.seq_len
-    batch = {k: jax.ShapeDtypeStruct((B, S), np.int32, sharding=plan.batch_sharding())
-             for k in ("inputs", "targets", "loss_mask")}
+    struct = jax.ShapeDtypeStruct((B, S), np.int32, sharding=plan.batch_sharding())
+    batch = Batch(inputs=struct, targets=struct, loss_mask=struct)
     hlo = jax.jit(plan.wrap(step)).lower(state, batch, pipe.tables()).compile().as_text()
     lines = fb_branch(hlo, pipe.layout.codes.index(Code.FB))
     seq = []

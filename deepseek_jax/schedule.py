@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from deepseek_jax.parallel import costmodel, report, schedules
+from deepseek_jax.parallel.pipeline import costmodel, report, schedules
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,7 +22,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m deepseek_jax.schedule",
         description="Pipeline schedule bubbles, per-rank op orders and timeline pictures.",
     )
-    p.add_argument("--schedule", choices=[s.value for s in schedules.Schedule],
+    p.add_argument("--schedule", choices=[s.value for s in schedules.SCHEDULES],
                    help="one schedule (default: the bubble table of all of them)")
     p.add_argument("--stages", type=int, default=8, help="pipeline ranks (default 8)")
     p.add_argument("--microbatches", type=int, default=20,

@@ -50,8 +50,8 @@ class MLA(nnx.Module):
         kv_BSA = self.wkv_a(x_BSD)
         c_BSC = self.kv_norm(kv_BSA[..., :C])
         k_rope_BSR = rope.apply_rope(kv_BSA[..., C:], cos, sin)
-        kv_BSHX = self.wkv_b(c_BSC)
-        k_nope_BSHN, v_BSHV = kv_BSHX[..., :N], kv_BSHX[..., N:]
+        kv_BSHO = self.wkv_b(c_BSC)
+        k_nope_BSHN, v_BSHV = kv_BSHO[..., :N], kv_BSHO[..., N:]
 
         out_BSHV = attention.mla_attention(
             q_nope_BSHN, q_rope_BSHR, k_nope_BSHN, k_rope_BSR, v_BSHV, rope.softmax_scale(cfg)

@@ -3,9 +3,9 @@ forms for every schedule."""
 
 import pytest
 
-from deepseek_jax.parallel import costmodel, schedules, ticks
-from deepseek_jax.parallel.costmodel import Costs
-from deepseek_jax.parallel.schedules import Schedule
+from deepseek_jax.parallel.pipeline import costmodel, schedules, ticks
+from deepseek_jax.parallel.pipeline.costmodel import Costs
+from deepseek_jax.parallel.pipeline.schedules import Schedule
 
 
 @pytest.mark.parametrize(
@@ -60,7 +60,7 @@ def test_dualpipe_formula_is_exact_only_at_the_reference_proportions():
 
 def test_lockstep_is_never_faster_than_asynchronous():
     costs = Costs(F=1, B=2, Bi=1, W=1, FB=3)
-    for schedule in Schedule:
+    for schedule in schedules.SCHEDULES:
         for pp, m in [(2, 4), (4, 8), (4, 12), (6, 12)]:
             plan = schedules.build(schedule, pp, m)
             table = ticks.build(plan)

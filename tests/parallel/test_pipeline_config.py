@@ -8,7 +8,7 @@ import pytest
 
 from deepseek_jax import config as config_lib
 from deepseek_jax.parallel import plan as plan_lib
-from deepseek_jax.parallel.config import ParallelConfig, Pipeline
+from deepseek_jax.parallel.config import ParallelConfig, Schedule
 
 TINY = str(pathlib.Path(__file__).parents[2] / "configs" / "tiny.py")
 # tiny.py: 3 layers, first_k_dense_replace=1 -> 2 MoE layers; global batch 16.
@@ -22,11 +22,11 @@ def load(**overrides):
 
 def test_pipeline_override_is_an_enum():
     exp = load()
-    assert exp.parallel.pipeline is Pipeline.DUALPIPE
+    assert exp.parallel.pipeline is Schedule.DUALPIPE
     assert exp.parallel.num_microbatches == 4
-    assert load(parallel__pipeline="1f1b").parallel.pipeline is Pipeline.ONE_F_ONE_B
-    assert ParallelConfig().pipeline is Pipeline.NONE
-    assert ParallelConfig(stage=4, pipeline=Pipeline.GPIPE).num_microbatches == 8  # default 2*PP
+    assert load(parallel__pipeline="1f1b").parallel.pipeline is Schedule.ONE_F_ONE_B
+    assert ParallelConfig().pipeline is Schedule.NONE
+    assert ParallelConfig(stage=4, pipeline=Schedule.GPIPE).num_microbatches == 8  # default 2*PP
 
 
 @pytest.mark.parametrize("overrides,match", [

@@ -11,9 +11,9 @@ receive slots swapped, run on the same compiled program, must break the equality
 import numpy as np
 import pytest
 
-from deepseek_jax.parallel import schedules, stages, ticksim
-from deepseek_jax.parallel.schedules import Op, OpKind, Schedule
-from deepseek_jax.parallel.ticks import Channel, Code
+from deepseek_jax.parallel.pipeline import schedules, stages, ticksim
+from deepseek_jax.parallel.pipeline.schedules import Op, OpKind, Schedule
+from deepseek_jax.parallel.pipeline.ticks import Channel, Code
 from tests.parallel import pipeline_harness as h
 
 CASES = [(Schedule.DUALPIPE, 2), (Schedule.DUALPIPE, 4), (Schedule.DUALPIPEV, 2),

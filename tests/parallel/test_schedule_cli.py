@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from deepseek_jax import schedule as cli
-from deepseek_jax.parallel import schedules
+from deepseek_jax.parallel.pipeline import schedules
 
 
 def run(capsys, *argv: str) -> str:

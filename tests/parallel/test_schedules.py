@@ -6,8 +6,8 @@ import pathlib
 
 import pytest
 
-from deepseek_jax.parallel import schedules
-from deepseek_jax.parallel.schedules import Op, OpKind, Plan, Schedule
+from deepseek_jax.parallel.pipeline import schedules
+from deepseek_jax.parallel.pipeline.schedules import Op, OpKind, OpOrders, Schedule
 
 DATA = pathlib.Path(__file__).parent / "data"
 COMPUTE = {k.value for k in OpKind}
@@ -56,7 +56,7 @@ def test_dualpipev_is_half_of_dualpipe_with_twice_the_ranks(pp, m):
     assert v.num_stages == 2 * pp and v.per_chunk == m
 
 
-@pytest.mark.parametrize("schedule", list(Schedule))
+@pytest.mark.parametrize("schedule", schedules.SCHEDULES)
 def test_every_plan_on_the_grid_is_complete(schedule):
     built = list(plans(schedule))
     assert len(built) >= 10
@@ -86,8 +86,8 @@ def test_peak_live_activations(pp):
     assert max(schedules.peak_live(schedules.dualpipev(pp, 2 * pp))) == 2 * pp + 1
 
 
-def _with_rank0(plan: Plan, ops: list[Op]) -> Plan:
-    return Plan(plan.schedule, plan.pp, plan.microbatches, (tuple(ops),) + plan.ranks[1:])
+def _with_rank0(plan: OpOrders, ops: list[Op]) -> OpOrders:
+    return OpOrders(plan.schedule, plan.pp, plan.microbatches, (tuple(ops),) + plan.ranks[1:])
 
 
 def test_check_order_rejects_broken_orders():
@@ -130,4 +130,4 @@ def test_op_json_round_trip_and_schedule_values():
     assert op.to_json() == {"op": "F&B", "c": 0, "m": 3, "c2": 1, "m2": 1}
     assert Op.from_json(op.to_json()) == op
     assert Op.from_json({"op": "Bi", "c": 1, "m": 2}).to_json() == {"op": "Bi", "c": 1, "m": 2}
-    assert [s.value for s in Schedule] == ["dualpipe", "dualpipev", "1f1b", "gpipe"]
+    assert [s.value for s in schedules.SCHEDULES] == ["dualpipe", "dualpipev", "1f1b", "gpipe"]

@@ -17,6 +17,7 @@ from deepseek_jax.parallel import mesh as mesh_lib
 from deepseek_jax.parallel import plan as plan_lib
 from deepseek_jax.parallel import sharding
 from deepseek_jax.train import optim
+from deepseek_jax.train import sharded
 from deepseek_jax.train import state as state_lib
 from tests.parallel import cases
 
@@ -28,7 +29,7 @@ def specs(preset: Preset, model=cases.CFG, n=8, batch=cases.B, **mesh):
     """The plan's specs for the whole train state, on an abstract mesh of n devices."""
     cfg = parallel_config.ParallelConfig(preset=preset, **(mesh or cases.MESHES[preset]))
     plan = plan_lib.make_abstract_plan(cfg, model, batch, n)
-    return plan.state_specs(model, state_lib.abstract_state(model, TX))
+    return sharded.state_specs(plan, model, state_lib.abstract_state(model, TX))
 
 
 def test_parameter_specs_by_name():
@@ -170,13 +171,14 @@ def test_activation_constraints_are_installed_at_block_boundaries():
     p = plan(Preset.FSDP_TP)
     graphdef, _, _ = state_lib.abstract_model(cases.CFG)
     fn = step_lib.make_train_step(graphdef, cases.TRAIN, TX)
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=p.batch_sharding())
-             for k, v in cases.batch().items()}
-    state = p.abstract_state(cases.CFG, TX)
+    batch = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                                        sharding=p.batch_sharding()),
+                         cases.batch())
+    state = sharded.abstract_state(p, cases.CFG, TX)
     def constraints(lowered) -> int:  # Shardy or GSPMD spelling
         text = lowered.as_text()
         return text.count("sdy.sharding_constraint") + text.count("@Sharding")
 
     # embed, 3 blocks x (in, out), main logits, MTP logits.
-    assert constraints(p.jit_train_step(fn, cases.CFG, TX).lower(state, batch)) >= 1 + 3 * 2 + 2
+    assert constraints(sharded.jit_train_step(p, fn, cases.CFG, TX).lower(state, batch)) >= 1 + 3 * 2 + 2
     assert constraints(jax.jit(fn).lower(state, batch)) == 0

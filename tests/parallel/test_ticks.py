@@ -8,16 +8,16 @@ import pathlib
 import numpy as np
 import pytest
 
-from deepseek_jax.parallel import schedules, ticks, ticksim
-from deepseek_jax.parallel.schedules import Op, OpKind, Plan, Schedule
-from deepseek_jax.parallel.ticks import Channel, Code
+from deepseek_jax.parallel.pipeline import schedules, ticks, ticksim
+from deepseek_jax.parallel.pipeline.schedules import Op, OpKind, OpOrders, Schedule
+from deepseek_jax.parallel.pipeline.ticks import Channel, Code
 
 DATA = pathlib.Path(__file__).parent / "data"
 GRID = [(pp, m) for pp in (1, 2, 3, 4, 6, 8) for m in (1, 2, 4, 7, 8, 12, 16, 17, 20)]
 
 
 def all_tables():
-    for schedule in Schedule:
+    for schedule in schedules.SCHEDULES:
         for pp, m in GRID:
             try:
                 plan = schedules.build(schedule, pp, m)
@@ -108,7 +108,7 @@ def test_one_chunk_schedules_use_two_channels():
     assert table.send[:, :, [Channel.ACT1, Channel.GRD1]].sum() == 0
 
 
-def _live_intervals(plan: Plan, table: ticks.TickTable, r: int) -> list[tuple[int, int]]:
+def _live_intervals(plan: OpOrders, table: ticks.TickTable, r: int) -> list[tuple[int, int]]:
     """Stage-input live intervals of rank r, rebuilt from the table's op arrays alone."""
     ticks_of: dict[tuple, list[int]] = {}
     for t in range(table.num_ticks):
@@ -204,7 +204,7 @@ def test_broken_tables_are_rejected():
 def test_deadlocked_orders_are_reported():
     f0, f1, b0, b1 = (Op(OpKind.F, 0, 0), Op(OpKind.F, 0, 1), Op(OpKind.B, 0, 0),
                       Op(OpKind.B, 0, 1))
-    plan = Plan(Schedule.ONE_F_ONE_B, 2, 2, ((f0, b0, f1, b1), (f0, f1, b0, b1)))
+    plan = OpOrders(Schedule.ONE_F_ONE_B, 2, 2, ((f0, b0, f1, b1), (f0, f1, b0, b1)))
     schedules.check_order(plan)
     with pytest.raises(ValueError, match="deadlock"):
         ticks.build(plan)

@@ -14,8 +14,8 @@ import enum
 
 import numpy as np
 
-from deepseek_jax.parallel import schedules
-from deepseek_jax.parallel.schedules import Op, OpKind, Plan
+from deepseek_jax.parallel.pipeline import schedules
+from deepseek_jax.parallel.pipeline.schedules import Op, OpKind, OpOrders
 
 
 class Code(enum.IntEnum):
@@ -145,7 +145,7 @@ class TickTable:
         return [op for t in range(self.num_ticks) if (op := self.op(t, r)) is not None]
 
 
-def assign_ticks(plan: Plan) -> list[list[Op | None]]:
+def assign_ticks(plan: OpOrders) -> list[list[Op | None]]:
     """grid[r][t]: the op rank r runs at tick t (None = idle), greedy in each rank's own order."""
     done: dict[schedules.Event, int] = {}  # event -> tick it happened
 
@@ -193,7 +193,7 @@ def _colour(intervals: dict) -> tuple[dict, int]:
     return slots, len(free_from)
 
 
-def _slots(plan: Plan, grid: list[list[Op | None]]) -> tuple[list[dict], list[dict]]:
+def _slots(plan: OpOrders, grid: list[list[Op | None]]) -> tuple[list[dict], list[dict]]:
     """Per rank, {(chunk, mb): slot} for stage inputs (`act`) and output gradients (`grd`).
 
     A stage input is live from the tick it is written (its own F at a first stage, else the end
@@ -224,7 +224,7 @@ def _slots(plan: Plan, grid: list[list[Op | None]]) -> tuple[list[dict], list[di
     return [_colour(iv)[0] for iv in act_iv], [_colour(iv)[0] for iv in grd_iv]
 
 
-def build(plan: Plan) -> TickTable:
+def build(plan: OpOrders) -> TickTable:
     """The tick table of `plan` with buffer slots; `schedules.check_order` is run first."""
     schedules.check_order(plan)
     grid = assign_ticks(plan)

@@ -8,9 +8,9 @@ micro-batch number in each box, and F&B boxes split into a forward and a backwar
 
 from __future__ import annotations
 
-from deepseek_jax.parallel import costmodel, schedules
-from deepseek_jax.parallel.costmodel import Costs, Summary, Timing
-from deepseek_jax.parallel.schedules import OpKind, Plan
+from deepseek_jax.parallel.pipeline import costmodel, schedules
+from deepseek_jax.parallel.pipeline.costmodel import Costs, Summary, Timing
+from deepseek_jax.parallel.pipeline.schedules import OpKind, OpOrders
 
 # (chunk 0, chunk 1) colours per elementary kind.
 _COLOURS = {
@@ -55,7 +55,7 @@ def text(summaries: list[Summary | tuple[str, str]], costs: Costs) -> str:
     return "\n".join(lines)
 
 
-def document(plan: Plan, summary: Summary, costs: Costs) -> dict:
+def document(plan: OpOrders, summary: Summary, costs: Costs) -> dict:
     """The JSON document: per-rank compute order in the reference traces' format, plus figures."""
     return {
         "schedule": plan.schedule.value,
@@ -90,7 +90,7 @@ def _draw_timeline(ax, timing: Timing, pp: int, title: str) -> None:
     ax.set_title(title, fontsize=9)
 
 
-def png(plan: Plan, path: str, costs: Costs = Costs()) -> None:
+def png(plan: OpOrders, path: str, costs: Costs = Costs()) -> None:
     """Draw the asynchronous timeline (as the reference runs) above the lock-step one."""
     import matplotlib
 
@@ -98,7 +98,7 @@ def png(plan: Plan, path: str, costs: Costs = Costs()) -> None:
     from matplotlib import pyplot as plt
     from matplotlib.patches import Patch
 
-    from deepseek_jax.parallel import ticks
+    from deepseek_jax.parallel.pipeline import ticks
 
     timings = [costmodel.asynchronous(plan, costs), costmodel.lockstep(ticks.build(plan), costs)]
     width = max(8.0, min(40.0, timings[1].makespan * 0.22))
@@ -122,7 +122,7 @@ def summaries(pp: int, microbatches: int, costs: Costs,
               only: schedules.Schedule | None = None) -> list[Summary | tuple[str, str]]:
     """Summaries of every schedule (or `only`); inapplicable ones as (name, reason)."""
     out: list[Summary | tuple[str, str]] = []
-    for s in [only] if only else list(schedules.Schedule):
+    for s in [only] if only else list(schedules.SCHEDULES):
         try:
             out.append(costmodel.summarize(schedules.build(s, pp, microbatches), costs))
         except ValueError as e:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from deepseek_jax.parallel import schedules, ticks
-from deepseek_jax.parallel.schedules import Op, OpKind, Plan, Schedule
+from deepseek_jax.parallel.pipeline import schedules, ticks
+from deepseek_jax.parallel.pipeline.schedules import Op, OpKind, OpOrders, Schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +72,7 @@ class Timing:
         return sum(self.idle) / (self.makespan * len(self.busy))
 
 
-def asynchronous(plan: Plan, costs: Costs = Costs()) -> Timing:
+def asynchronous(plan: OpOrders, costs: Costs = Costs()) -> Timing:
     """Event timeline of `plan` run asynchronously (official DualPipe semantics, zero latency)."""
     end: dict[schedules.Event, float] = {}  # event -> time it happened
 
@@ -162,7 +162,7 @@ class Summary:
         }
 
 
-def summarize(plan: Plan, costs: Costs = Costs()) -> Summary:
+def summarize(plan: OpOrders, costs: Costs = Costs()) -> Summary:
     table = ticks.build(plan)
     idle_cells = int((table.code == ticks.Code.IDLE).sum())
     return Summary(
