@@ -1,7 +1,7 @@
 """What the compiled F&B branch can overlap: the scheduled HLO of the pipelined step.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
-        python bench/pipeline_overlap.py [--config=configs/tiny.py] [--stage=2] [--expert=2]
+        python bench/pipeline_overlap.py [--config=configs/tiny.py] [--pipe=2] [--expert=2]
 
 Compiles the DualPipe step, finds the lax.switch in the tick loop and, in its F&B branch, lists the
 scheduled top-level instructions (the order XLA runs them) labelled by the half they come from
@@ -66,23 +66,23 @@ def label(line: str) -> str:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="configs/tiny.py")
-    ap.add_argument("--stage", type=int, default=2)
+    ap.add_argument("--pipe", type=int, default=2, help="pipeline ranks")
     ap.add_argument("--microbatches", type=int, default=4)
     ap.add_argument("--layers-per-stage", type=int, default=1)
     ap.add_argument("--expert", type=int, default=1, help="expert-parallel ranks in a stage")
     args = ap.parse_args()
     base = config_lib.load(args.config)
     exp = config_lib.load(args.config, {
-        "parallel.stage": args.stage, "parallel.pipeline": "dualpipe",
+        "parallel.pipe": args.pipe, "parallel.pipeline": "dualpipe",
         "parallel.microbatches": args.microbatches, "parallel.expert": args.expert,
         "parallel.data": 1, "parallel.preset": "data_expert" if args.expert > 1 else "data",
-        "model.n_layers": base.model.n_dense_layers + args.stage * args.layers_per_stage})
+        "model.n_layers": base.model.n_dense_layers + args.pipe * args.layers_per_stage})
     graphdef, _, _ = state_lib.abstract_model(exp.model)
     tx = optim.optimizer(exp.train)
-    n = args.stage * args.expert
+    n = args.pipe * args.expert
     plan = plan_lib.make_plan(exp.parallel, exp.model, exp.train.global_batch_size,
                               jax.devices()[:n])
-    pipe = pipeline_step.build(Schedule.DUALPIPE, args.stage, args.microbatches, graphdef,
+    pipe = pipeline_step.build(Schedule.DUALPIPE, args.pipe, args.microbatches, graphdef,
                                exp.model, experts=plan.experts())
     step = pipeline_step.make_train_step(pipe, plan.mesh, exp.train, tx)
     state = sharded.abstract_state(plan, exp.model, tx)

@@ -72,7 +72,7 @@ def forward(cfg: config_lib.ModelConfig, arrays: Arrays, tokens: np.ndarray
     import jax.numpy as jnp
     from flax import nnx
 
-    from deepseek_jax.model import layers, transformer, tree
+    from deepseek_jax.model import layers, losses, transformer, tree
 
     model = nnx.eval_shape(lambda: transformer.Transformer(cfg, rngs=nnx.Rngs(0)))
     graphdef, params, biases = nnx.split(model, nnx.Param, layers.ExpertBias)
@@ -83,9 +83,7 @@ def forward(cfg: config_lib.ModelConfig, arrays: Arrays, tokens: np.ndarray
     def run(params, biases, tokens_BS):
         logits_BSY = nnx.merge(graphdef, params, biases)(tokens_BS, with_mtp=False).logits_BSY
         logits_BSY = logits_BSY.astype(jnp.float32)
-        logz_BS = jax.nn.logsumexp(logits_BSY[:, :-1], axis=-1)
-        picked_BS = jnp.take_along_axis(logits_BSY[:, :-1], tokens_BS[:, 1:, None], axis=-1)
-        return logits_BSY, jnp.mean(logz_BS - picked_BS[..., 0])
+        return logits_BSY, jnp.mean(losses.token_nll(logits_BSY[:, :-1], tokens_BS[:, 1:]))
 
     logits, nll = run(params, biases, jnp.asarray(tokens))
     return np.asarray(logits), float(nll)

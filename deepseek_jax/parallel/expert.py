@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -54,7 +53,7 @@ def _entry(axes: tuple[str, ...]):
     return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
-def make_expert_fn(mesh, rules: sharding_lib.Rules, exchange: Exchange) -> Callable:
+def make_expert_fn(mesh, rules: sharding_lib.Rules, exchange: Exchange) -> dispatch.ExpertFn:
     """dropless_experts(x_XD, idx_Xk, weights_Xk, w1_EDF, w3_EDF, w2_EFD) over the mesh."""
     sizes = mesh_lib.sizes_of(mesh)
     batch = _entry(_axes(rules.act_batch, sizes))
@@ -66,8 +65,8 @@ def make_expert_fn(mesh, rules: sharding_lib.Rules, exchange: Exchange) -> Calla
     local = functools.partial(_local, ep=ep, expert_axes=expert_axes, tensor_axes=tensor_axes,
                               exchange=exchange)
     in_specs = (tokens, tokens, tokens, P(e, None, t), P(e, None, t), P(e, t, None))
-    # Manual over every axis but `stage`, which a pipeline's enclosing shard_map owns.
-    manual = frozenset(a for a in mesh.axis_names if a != mesh_lib.STAGE)
+    # Manual over every axis but `pipe`, which a pipeline's enclosing shard_map owns.
+    manual = frozenset(a for a in mesh.axis_names if a != mesh_lib.PIPE)
 
     def experts(*args):
         return jax.shard_map(local, mesh=mesh_lib.current(mesh), in_specs=in_specs,

@@ -26,7 +26,7 @@ def check(cfg: config_lib.ParallelConfig, rules: sharding_lib.Rules, sizes: Mapp
     # just a second data axis under another name: refuse it rather than mislabel the layout.
     used = rules.param_mesh_axes() | {mesh_lib.DATA}
     for axis in mesh_lib.AXES:
-        if axis != mesh_lib.STAGE and axis not in used and sizes[axis] > 1:
+        if axis != mesh_lib.PIPE and axis not in used and sizes[axis] > 1:
             _fail(f"preset {cfg.preset.value} shards nothing over `{axis}`, so {axis}="
                   f"{sizes[axis]} would only replicate; set {axis}=1 or pick a preset that uses "
                   f"it (docs/parallelism.md)")

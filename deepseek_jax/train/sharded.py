@@ -42,7 +42,7 @@ def state_specs(plan: plan_lib.Plan, model_cfg: model_config.ModelConfig,
     bias = sharding_lib.tree_specs(plan.rules, logical_bias, abstract.expert_bias, sizes,
                                    "expert_bias")
     if plan.cfg.pipeline is not parallel_config.Schedule.NONE:
-        params, bias = stages.stack_on_stage(params), stages.stack_on_stage(bias)
+        params, bias = stages.stack_over_pipe(params), stages.stack_over_pipe(bias)
     opt = sharding_lib.mirror_specs(params, abstract.params, abstract.opt_state)
     return state_lib.TrainState(step=P(), params=params, expert_bias=bias, opt_state=opt)
 
@@ -93,7 +93,7 @@ def train_step(plan: plan_lib.Plan, model_cfg: model_config.ModelConfig,
         fn = step_lib.make_train_step(graphdef, train_cfg, tx, experts=experts,
                                       objective=objective)
         return jit_train_step(plan, fn, model_cfg, tx)
-    pipe = pipeline_step.build(par.pipeline, par.stage, par.num_microbatches, graphdef,
+    pipe = pipeline_step.build(par.pipeline, par.pipe, par.num_microbatches, graphdef,
                                model_cfg, experts=experts, objective=objective)
     step = pipeline_step.make_train_step(pipe, plan.mesh, train_cfg, tx)
     tbl = pipe.tables()

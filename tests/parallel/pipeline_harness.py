@@ -44,8 +44,8 @@ GROUPS = {4: (Schedule.DUALPIPE, Schedule.ONE_F_ONE_B, Schedule.GPIPE)}
 # (schedule, pp) that compiles the group's program.
 Preset = parallel_config.Preset
 MESHES = {
-    (Schedule.DUALPIPE, 4, "float32"): dict(stage=4, data=2),
-    (Schedule.DUALPIPE, 2, "float32"): dict(stage=2, expert=2, data=2, preset=Preset.DATA_EXPERT),
+    (Schedule.DUALPIPE, 4, "float32"): dict(pipe=4, data=2),
+    (Schedule.DUALPIPE, 2, "float32"): dict(pipe=2, expert=2, data=2, preset=Preset.DATA_EXPERT),
 }
 
 
@@ -132,10 +132,10 @@ class Compiled:
 
 def plan_for(schedule: Schedule, pp: int, dtype: str) -> plan_lib.Plan:
     """The parallel plan (mesh, rules, expert function) the loop would build."""
-    axes = MESHES.get((schedule, pp, dtype), dict(stage=pp, data=1))
+    axes = MESHES.get((schedule, pp, dtype), dict(pipe=pp, data=1))
     cfg = parallel_config.ParallelConfig(pipeline=parallel_config.Schedule(schedule.value),
                                          microbatches=MICROBATCHES, **axes)
-    n = cfg.stage * cfg.data * cfg.fsdp * cfg.expert * cfg.tensor
+    n = cfg.pipe * cfg.data * cfg.fsdp * cfg.expert * cfg.tensor
     return plan_lib.make_plan(cfg, model_config(dtype), BATCH, jax.devices()[:n])
 
 

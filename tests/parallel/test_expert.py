@@ -143,16 +143,16 @@ def test_group_limited_routing_reaches_at_most_topk_group_ranks():
 
 
 def test_ep_moe_inside_a_stage_shard_map():
-    """What a pipeline stage does: each `stage` rank runs the EP layer on its own tokens."""
+    """What a pipeline stage does: each `pipe` rank runs the EP layer on its own tokens."""
     _, forward, params, x = moe_setup()
-    cfg = parallel_config.ParallelConfig(preset=cases.Preset.DATA_EXPERT, stage=2, expert=4,
+    cfg = parallel_config.ParallelConfig(preset=cases.Preset.DATA_EXPERT, pipe=2, expert=4,
                                          pipeline=parallel_config.Schedule.ONE_F_ONE_B)
     mesh = mesh_lib.make_mesh(cfg)
     plan = plan_lib.Plan(cfg, mesh, sharding.rules_for(cfg.preset))
     experts = plan.experts()
     per_stage = jax.shard_map(lambda p, x: plan.wrap(forward)(p, x, experts)[0], mesh=mesh,
-                              in_specs=(P(), P("stage")), out_specs=P("stage"),
-                              axis_names={"stage"})
+                              in_specs=(P(), P("pipe")), out_specs=P("pipe"),
+                              axis_names={"pipe"})
     compiled = jax.jit(per_stage).lower(params, x).compile()
     assert "all-to-all" in compiled.as_text()
     y = compiled(params, x)

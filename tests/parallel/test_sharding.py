@@ -97,7 +97,7 @@ def test_nothing_large_is_replicated_under_fsdp(preset, mesh):
 
 def test_spec_rules():
     rules = sharding.RULES[Preset.FSDP_TP]
-    sizes = {"stage": 1, "data": 1, "fsdp": 4, "expert": 1, "tensor": 2}
+    sizes = {"pipe": 1, "data": 1, "fsdp": 4, "expert": 1, "tensor": 2}
     # A mesh axis splits an array once (first dimension wins); size-1 axes are dropped.
     assert sharding.spec(rules, ("embed", "q_lora"), (32, 16), sizes) == P("fsdp", None)
     assert sharding.spec(rules, ("expert", "embed", "expert_mlp"), (8, 32, 16), sizes) == P(
@@ -118,7 +118,7 @@ def plan(preset=Preset.FSDP_EXPERT_TP, model=cases.CFG, batch=cases.B, **mesh):
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(data=1, fsdp=4),
-     r"the mesh stage=1 x data=1 x fsdp=4 x expert=2 x tensor=2 has 16 devices, but 8 devices "
+     r"the mesh pipe=1 x data=1 x fsdp=4 x expert=2 x tensor=2 has 16 devices, but 8 devices "
      r"are present"),
     (dict(preset=Preset.DATA_EXPERT, data=1, expert=8, model=dataclasses.replace(
         cases.CFG, n_routed_experts=12, n_group=4)),
@@ -133,8 +133,8 @@ def plan(preset=Preset.FSDP_EXPERT_TP, model=cases.CFG, batch=cases.B, **mesh):
                     r"\(fsdp=2 x expert=2\)"),
     (dict(preset=Preset.DATA, data=2, fsdp=4),
      r"preset data shards nothing over `fsdp`, so fsdp=4 would only replicate"),
-    (dict(stage=2, fsdp=1), r"stage=2"),
-], ids=["mesh-product", "experts", "heads", "ffn", "expert-ffn", "batch", "unused-axis", "stage"])
+    (dict(pipe=2, fsdp=1), r"pipe=2"),
+], ids=["mesh-product", "experts", "heads", "ffn", "expert-ffn", "batch", "unused-axis", "pipe"])
 def test_bad_layouts_fail_before_compile(kwargs, message):
     with pytest.raises(ValueError, match=message):
         plan(**kwargs)

@@ -1,4 +1,4 @@
-"""The SPMD pipeline executor: a tick table run inside shard_map over the `stage` mesh axis.
+"""The SPMD pipeline executor: a tick table run inside shard_map over the `pipe` mesh axis.
 
 Each tick every rank picks its branch from the table with lax.switch (one branch per op kind:
 IDLE, F, B, Bi, W, F&B; see pipeline_ops), then all ranks run the same four ppermutes (ACT0, ACT1,
@@ -29,7 +29,7 @@ from deepseek_jax.parallel.pipeline import stages, ticks
 
 Channel, Code, TickTable = ticks.Channel, ticks.Code, ticks.TickTable
 
-AXIS = mesh_lib.STAGE
+AXIS = mesh_lib.PIPE
 ROWS = ("branch", "c", "m", "mb", "act", "grd", "c2", "m2", "mb2", "act2", "grd2")
 
 

@@ -39,7 +39,7 @@ class Carry:
     act: jax.Array  # [A, b, s, D] stage inputs (body inputs), by act slot
     grd: jax.Array  # [G, b, s, D] received output gradients, by grd slot
     d_stack: Any  # [K, Ls, ...] weight gradients of this rank's chunks
-    d_glob: dict  # gradients of the replicated globals (summed over `stage` after the loop)
+    d_glob: dict  # gradients of the replicated globals (summed over `pipe` after the loop)
     load: jax.Array  # [K, Ls, E] tokens per expert, per chunk
     balance: jax.Array  # [K, Ls] sequence-balance statistic / M, per chunk
     epi: stages.EpilogueAux  # loss terms and MTP statistics, summed

@@ -236,7 +236,7 @@ def dualpipe(pp: int, num_chunks: int) -> OpOrders:
     """DualPipe with `pp` ranks and `num_chunks` micro-batches in total (half enter at each end)."""
     _check_positive(pp=pp, num_chunks=num_chunks)
     if pp % 2:
-        raise ValueError(f"dualpipe needs an even number of pipeline stages, got pp={pp}")
+        raise ValueError(f"dualpipe needs an even number of pipeline ranks, got pp={pp}")
     if num_chunks % 2 or num_chunks < 2 * pp:
         raise ValueError(
             f"dualpipe needs an even number of micro-batches >= 2*pp={2 * pp}, got {num_chunks}"
@@ -295,21 +295,21 @@ def build(schedule: Schedule | str, pp: int, microbatches: int) -> OpOrders:
     return generator(pp, microbatches)
 
 
-def check_order(plan: OpOrders) -> None:
+def check_order(orders: OpOrders) -> None:
     """Completeness of every rank's order; raises ValueError naming the first problem.
 
     Per rank, chunk and micro-batch: exactly one F, then exactly one B or one Bi followed later by
     its W; nothing for chunks or micro-batches that do not exist.
     """
-    if len(plan.ranks) != plan.pp:
-        raise ValueError(f"plan has {len(plan.ranks)} ranks, expected {plan.pp}")
-    valid = {(c, m) for c in range(plan.chunks) for m in range(plan.per_chunk)}
-    for r, ops in enumerate(plan.ranks):
+    if len(orders.ranks) != orders.pp:
+        raise ValueError(f"orders has {len(orders.ranks)} ranks, expected {orders.pp}")
+    valid = {(c, m) for c in range(orders.chunks) for m in range(orders.per_chunk)}
+    for r, ops in enumerate(orders.ranks):
         seen: dict[tuple[int, int], list[OpKind]] = {key: [] for key in valid}
         for op in ops:
             for kind, c, m in op.parts():
                 if (c, m) not in valid:
-                    raise ValueError(f"rank {r}: {op} names a chunk/micro-batch outside the plan")
+                    raise ValueError(f"rank {r}: {op} names a chunk/micro-batch outside the schedule")
                 history = seen[(c, m)]
                 expected = {
                     OpKind.F: [],
@@ -329,11 +329,11 @@ def check_order(plan: OpOrders) -> None:
                 )
 
 
-def peak_live(plan: OpOrders) -> list[int]:
+def peak_live(orders: OpOrders) -> list[int]:
     """Per rank, the most stage inputs alive at once in program order, counting each (chunk,
     micro-batch) from its F to its B or Bi (the report's and README's activation-memory measure)."""
     peaks = []
-    for ops in plan.ranks:
+    for ops in orders.ranks:
         live = peak = 0
         for op in ops:
             for kind, _, _ in op.parts():  # FB: the forward's input exists while the backward runs

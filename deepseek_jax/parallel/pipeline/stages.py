@@ -1,13 +1,13 @@
 """The model cut into pipeline stages, and the three pieces of a stage the executor differentiates.
 
 Partitioning (every stage has the same parameter shapes, so the stages stack into one array that is
-sharded on the `stage` mesh axis and picked per tick by a traced index):
+sharded on the `pipe` mesh axis and picked per tick by a traced index):
   - the MoE layers are split evenly: stage s runs MoE layers [s*Ls, (s+1)*Ls), Ls = n_moe / S;
   - the first stage also runs the *prologue*: embedding and all dense layers
     (first_k_dense_replace);
   - the last stage also runs the *epilogue*: final norm, head, loss and the MTP modules.
 Embedding, dense layers, final norm, head and MTP ("globals") are replicated on every pipeline rank;
-their gradients are summed over `stage` once after the tick loop. In DualPipe ranks 0 and PP-1 hold
+their gradients are summed over `pipe` once after the tick loop. In DualPipe ranks 0 and PP-1 hold
 both ends, which is where MTP really shares embedding and head; the SPMD program cannot give the
 other ranks smaller arrays, so they hold an unused copy (docs/pipeline_execution.md).
 
@@ -60,15 +60,15 @@ def join(stack: Any, rest: dict) -> dict:
     return {**rest, STACK: stack}
 
 
-def stack_on_stage(specs: dict) -> dict:
+def stack_over_pipe(specs: dict) -> dict:
     """PartitionSpecs of canonical params (or biases) with the MoE stack's leading layer axis
-    split over `stage`: rank r stores layers [r*n_moe/PP, (r+1)*n_moe/PP) and their optimizer
+    split over `pipe`: rank r stores layers [r*n_moe/PP, (r+1)*n_moe/PP) and their optimizer
     state, which for DualPipe/1F1B/GPipe is its own (direction-0) stage."""
 
     def one(spec: P) -> P:
         first = spec[0] if len(spec) else None
         rest = () if first is None else (first,) if isinstance(first, str) else tuple(first)
-        return P((mesh_lib.STAGE, *rest) if rest else mesh_lib.STAGE, *spec[1:])
+        return P((mesh_lib.PIPE, *rest) if rest else mesh_lib.PIPE, *spec[1:])
 
     return {**specs, STACK: jax.tree.map(one, specs[STACK], is_leaf=lambda x: isinstance(x, P))}
 
