@@ -29,6 +29,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from deepseek_jax import config as config_lib
 from deepseek_jax.parallel import plan as plan_lib
+from deepseek_jax.train import sharded
 from deepseek_jax.train import checkpoint, checkpoint_integrity, optim
 
 
@@ -59,7 +60,7 @@ def config_state(path: str, overrides: list[str]):
     exp = config_lib.load(path, config_lib.parse_overrides(overrides))
     tx = optim.optimizer(exp.train)
     plan = plan_lib.make_plan(exp.parallel, exp.model, exp.train.global_batch_size)
-    state = plan.init_state(exp.model, tx, exp.train.seed)
+    state = sharded.init_state(plan, exp.model, tx, exp.train.seed)
     keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(state.opt_state))))
     noisy = jax.jit(lambda k, x: jax.random.normal(k, x.shape, x.dtype) * 1e-3)
     opt = jax.tree.map(lambda x: noisy(next(keys), x) if x.ndim else x, state.opt_state)
@@ -72,7 +73,7 @@ def config_state(path: str, overrides: list[str]):
         par = dataclasses.replace(exp.parallel, **{axis: sizes[axis] * n // jax.device_count()})
         small = plan_lib.make_plan(par, exp.model, exp.train.global_batch_size,
                                    jax.devices()[:n])
-        return small.abstract_state(exp.model, tx)
+        return sharded.abstract_state(small, exp.model, tx)
 
     return state, target
 

@@ -47,8 +47,9 @@ def filled_cache(cfg, B, T, mode, dtype, key):
     cache = kv_cache.init(cfg, B, T + 1, mode, dtype)
     leaves, treedef = jax.tree.flatten(cache.stacks)
     keys = jax.random.split(key, len(leaves))
-    leaves = [jax.random.normal(k, a.shape, jnp.float32).astype(a.dtype)
-              for k, a in zip(keys, leaves)]
+    leaves = [
+        jax.random.normal(k, a.shape, jnp.float32).astype(a.dtype) for k, a in zip(keys, leaves)
+    ]
     return kv_cache.Cache(jax.tree.unflatten(treedef, leaves), jnp.full((B,), T, jnp.int32))
 
 
@@ -80,19 +81,22 @@ def part_cache(exp, args, out):
             for B in args.batches:
                 row = {"dtype": dtype_name, "context": T, "batch": B}
                 for mode in Mode:
-                    tps, per_tok = time_decode(graphdef, state, cfg, B, T, mode, d.jnp,
-                                               args.steps)
+                    tps, per_tok = time_decode(graphdef, state, cfg, B, T, mode, d.jnp, args.steps)
                     row[f"{mode.value}_tokens_per_s"] = tps
                     row[f"{mode.value}_cache_bytes_per_token"] = per_tok
                     row[f"{mode.value}_formula"] = kv_cache.bytes_per_token(cfg, mode, d.jnp)
-                row["absorbed_over_naive"] = row["absorbed_tokens_per_s"] / row[
-                    "naive_tokens_per_s"]
+                row["absorbed_over_naive"] = (
+                    row["absorbed_tokens_per_s"] / row["naive_tokens_per_s"]
+                )
                 out.setdefault("cache", []).append(row)
-                print(f"{dtype_name:8s} T={T:5d} B={B}: naive {row['naive_tokens_per_s']:8.1f} "
-                      f"tok/s ({row['naive_cache_bytes_per_token']} B/token), absorbed "
-                      f"{row['absorbed_tokens_per_s']:8.1f} tok/s "
-                      f"({row['absorbed_cache_bytes_per_token']} B/token): "
-                      f"x{row['absorbed_over_naive']:.2f}", flush=True)
+                print(
+                    f"{dtype_name:8s} T={T:5d} B={B}: naive {row['naive_tokens_per_s']:8.1f} "
+                    f"tok/s ({row['naive_cache_bytes_per_token']} B/token), absorbed "
+                    f"{row['absorbed_tokens_per_s']:8.1f} tok/s "
+                    f"({row['absorbed_cache_bytes_per_token']} B/token): "
+                    f"x{row['absorbed_over_naive']:.2f}",
+                    flush=True,
+                )
 
 
 def save_checkpoint(cfg, graphdef, state, step_dir):
@@ -101,10 +105,16 @@ def save_checkpoint(cfg, graphdef, state, step_dir):
 
     model = nnx.merge(graphdef, state)
     _, params, bias = nnx.split(model, nnx.Param, layers.ExpertBias)
-    arrays = {k: {p: np.asarray(a) for p, a in tree.arrays(s).items()}
-              for k, s in (("params", params), ("expert_bias", bias))}
-    ckpt_io.write_step(step_dir, {"model": cfg.to_dict()}, ckpt_io.nest(arrays["params"]),
-                       ckpt_io.nest(arrays["expert_bias"]))
+    arrays = {
+        k: {p: np.asarray(a) for p, a in tree.arrays(s).items()}
+        for k, s in (("params", params), ("expert_bias", bias))
+    }
+    ckpt_io.write_step(
+        step_dir,
+        {"model": cfg.to_dict()},
+        ckpt_io.nest(arrays["params"]),
+        ckpt_io.nest(arrays["expert_bias"]),
+    )
 
 
 def part_hf(exp, args, out):
@@ -130,9 +140,15 @@ def part_hf(exp, args, out):
         def hf_gen(m):
             t0 = time.perf_counter()
             with torch.no_grad():
-                o = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                max_new_tokens=m, min_new_tokens=m, pad_token_id=0)
-            return time.perf_counter() - t0, o[0, len(prompt):].numpy()
+                o = hf.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    do_sample=False,
+                    max_new_tokens=m,
+                    min_new_tokens=m,
+                    pad_token_id=0,
+                )
+            return time.perf_counter() - t0, o[0, len(prompt) :].numpy()
 
         hf_gen(2)  # warm-up
         t1, _ = hf_gen(1)
@@ -142,14 +158,22 @@ def part_hf(exp, args, out):
     gen.generate([prompt])  # compile
     res = gen.generate([prompt])
     ours_tps = res.steps / res.decode_s
-    row = {"context": args.hf_context, "new_tokens": n, "ours_tokens_per_s": ours_tps,
-           "hf_tokens_per_s": hf_tps, "ours_over_hf": ours_tps / hf_tps,
-           "same_tokens": bool((res.tokens[0] == hf_tokens).all()),
-           "ours_prefill_s": res.prefill_s}
+    row = {
+        "context": args.hf_context,
+        "new_tokens": n,
+        "ours_tokens_per_s": ours_tps,
+        "hf_tokens_per_s": hf_tps,
+        "ours_over_hf": ours_tps / hf_tps,
+        "same_tokens": bool((res.tokens[0] == hf_tokens).all()),
+        "ours_prefill_s": res.prefill_s,
+    }
     out["hf"] = row
-    print(f"greedy batch 1 at context {args.hf_context}: ours {ours_tps:.1f} tok/s, "
-          f"transformers {hf_tps:.1f} tok/s: x{row['ours_over_hf']:.2f}; same tokens: "
-          f"{row['same_tokens']}", flush=True)
+    print(
+        f"greedy batch 1 at context {args.hf_context}: ours {ours_tps:.1f} tok/s, "
+        f"transformers {hf_tps:.1f} tok/s: x{row['ours_over_hf']:.2f}; same tokens: "
+        f"{row['same_tokens']}",
+        flush=True,
+    )
 
 
 def part_spec(exp, args, out):
@@ -159,13 +183,25 @@ def part_spec(exp, args, out):
     from deepseek_jax.data import tokenizers
 
     tok = tokenizers.build_tokenizer(data_config.DataConfig.from_dict(experiment.get("data", {})))
-    texts = ["import os\nimport sys\n\n\ndef main(", "class Queue:\n    def __init__(self",
-             "    for i in range(len(", "# Copyright 2001 Python Software Foundation\n"]
+    texts = [
+        "import os\nimport sys\n\n\ndef main(",
+        "class Queue:\n    def __init__(self",
+        "    for i in range(len(",
+        "# Copyright 2001 Python Software Foundation\n",
+    ]
     rows = []
     for temperature in args.spec_temperatures:
         scfg = sampling.SamplingConfig(temperature=temperature)
-        gens = {k: generation.Generator(graphdef, state, generation.GenerateConfig(
-            max_new_tokens=args.spec_tokens, draft_tokens=k, sampling=scfg)) for k in range(4)}
+        gens = {
+            k: generation.Generator(
+                graphdef,
+                state,
+                generation.GenerateConfig(
+                    max_new_tokens=args.spec_tokens, draft_tokens=k, sampling=scfg
+                ),
+            )
+            for k in range(4)
+        }
         for text in texts:
             prompt = tok.encode(text)
             res = {}
@@ -176,11 +212,18 @@ def part_spec(exp, args, out):
             for k in (1, 2, 3):
                 r = res[k][0]
                 spec_s = np.median([x.decode_s / (x.generated - 1) for x in res[k]])
-                rows.append({"prompt": text, "temperature": temperature, "k": k,
-                             "speedup": plain_s / spec_s,
-                             "same_as_plain": bool((r.tokens == res[0][0].tokens).all()),
-                             "plain_tokens_per_s": 1 / plain_s,
-                             "spec_tokens_per_s": 1 / spec_s, **r.stats})
+                rows.append(
+                    {
+                        "prompt": text,
+                        "temperature": temperature,
+                        "k": k,
+                        "speedup": plain_s / spec_s,
+                        "same_as_plain": bool((r.tokens == res[0][0].tokens).all()),
+                        "plain_tokens_per_s": 1 / plain_s,
+                        "spec_tokens_per_s": 1 / spec_s,
+                        **r.stats,
+                    }
+                )
     out["spec"] = rows
     for temperature in args.spec_temperatures:
         for k in (1, 2, 3):
@@ -191,11 +234,14 @@ def part_spec(exp, args, out):
             tps = np.mean([r["spec_tokens_per_s"] for r in sel])
             plain = np.mean([r["plain_tokens_per_s"] for r in sel])
             same = all(r["same_as_plain"] for r in sel)
-            print(f"MTP T={temperature} k={k}: acceptance per position "
-                  f"{np.round(acc, 3).tolist()}, mean accepted length {length:.2f} "
-                  f"(1+a = {1 + acc[0]:.2f}), {tps:.0f} vs plain {plain:.0f} tokens/s: "
-                  f"speedup x{speed:.2f}" + (f", same tokens as plain: {same}"
-                                            if temperature == 0 else ""), flush=True)
+            print(
+                f"MTP T={temperature} k={k}: acceptance per position "
+                f"{np.round(acc, 3).tolist()}, mean accepted length {length:.2f} "
+                f"(1+a = {1 + acc[0]:.2f}), {tps:.0f} vs plain {plain:.0f} tokens/s: "
+                f"speedup x{speed:.2f}"
+                + (f", same tokens as plain: {same}" if temperature == 0 else ""),
+                flush=True,
+            )
 
 
 def main():

@@ -24,13 +24,14 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax.model import config as model_config
+from deepseek_jax.batch import Batch
 from deepseek_jax.parallel import config as parallel_config
 from deepseek_jax.parallel import hlo_stats
 from deepseek_jax.parallel import plan as plan_lib
 from deepseek_jax.train import config as train_config
 from deepseek_jax.train import optim
 from deepseek_jax.train import state as state_lib
-from deepseek_jax.train import step as step_lib
+from deepseek_jax.train import sharded
 
 Preset = parallel_config.Preset
 LAYOUTS = [
@@ -46,14 +47,14 @@ def measure(model: model_config.ModelConfig, train: train_config.TrainConfig,
     tx = optim.optimizer(train)
     graphdef, _, _ = state_lib.abstract_model(model)
     plan = plan_lib.make_plan(cfg, model, train.global_batch_size)
-    step = plan.jit_train_step(step_lib.make_train_step(graphdef, train, tx), model, tx)
+    step = sharded.train_step(plan, model, train, graphdef, tx)
     batch_struct = jax.ShapeDtypeStruct((train.global_batch_size, train.seq_len), jnp.int32,
                                         sharding=plan.batch_sharding())
-    batch = {"inputs": batch_struct, "targets": batch_struct, "target_bytes": batch_struct,
-             "loss_mask": jax.ShapeDtypeStruct(batch_struct.shape, jnp.float32,
-                                               sharding=plan.batch_sharding())}
+    batch = Batch(inputs=batch_struct, targets=batch_struct, target_bytes=batch_struct,
+                  loss_mask=jax.ShapeDtypeStruct(batch_struct.shape, jnp.float32,
+                                                 sharding=plan.batch_sharding()))
     t0 = time.perf_counter()
-    hlo = step.lower(plan.abstract_state(model, tx), batch).compile().as_text()
+    hlo = step.lower(sharded.abstract_state(plan, model, tx), batch).compile().as_text()
     compile_s = time.perf_counter() - t0
     ops = [c for c in hlo_stats.collectives(hlo)
            if c.kind == "all-to-all" and "shard_map" in c.op_name]

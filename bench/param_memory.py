@@ -19,6 +19,7 @@ import jax
 from deepseek_jax import config as experiment_config
 from deepseek_jax.parallel import config as parallel_config
 from deepseek_jax.parallel import plan as plan_lib
+from deepseek_jax.train import sharded
 from deepseek_jax.train import optim
 from deepseek_jax.train import state as state_lib
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -42,7 +43,7 @@ def report(exp, cfg: parallel_config.ParallelConfig, n_devices: int) -> dict[str
     tx = optim.optimizer(exp.train)
     abstract = state_lib.abstract_state(exp.model, tx)
     plan = plan_lib.make_abstract_plan(cfg, exp.model, exp.train.global_batch_size, n_devices)
-    specs = plan.state_specs(exp.model, abstract)
+    specs = sharded.state_specs(plan, exp.model, abstract)
     return {part: per_device_bytes(getattr(abstract, part), getattr(specs, part), plan.mesh)
             for part in ("params", "opt_state", "expert_bias")}
 

@@ -25,9 +25,11 @@ import numpy as np
 import optax
 
 from deepseek_jax import config as config_lib
-from deepseek_jax.parallel import costmodel, pipeline_ops, schedules, stages
-from deepseek_jax.parallel.schedules import Schedule
-from deepseek_jax.parallel.ticks import Code
+from deepseek_jax.batch import Batch
+from deepseek_jax.model import losses
+from deepseek_jax.parallel.pipeline import costmodel, ops as pipeline_ops, schedules, stages
+from deepseek_jax.parallel.pipeline.schedules import Schedule
+from deepseek_jax.parallel.pipeline.ticks import Code
 from deepseek_jax.train import optim
 from deepseek_jax.train import state as state_lib
 from deepseek_jax.train import step as step_lib
@@ -47,18 +49,20 @@ def compile_ops(exp, layers: int, microbatch: int) -> dict:
     seq, M = exp.train.seq_len, 2
     rng = np.random.default_rng(0)
     ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (M, microbatch, seq)), jnp.int32)
-    mbs = {"inputs": ids, "targets": ids, "loss_mask": jnp.ones_like(ids)}
+    mbs = Batch(inputs=ids, targets=ids, loss_mask=jnp.ones_like(ids))
     acc = jnp.promote_types(cfg.compute_dtype.jnp, jnp.float32)
-    norms = stages.Norms(jnp.asarray(M * microbatch * seq, acc),
-                         jnp.full((cfg.mtp_depth,), M * microbatch * seq, acc), jnp.asarray(0.3))
+    norms = losses.Norms(jnp.asarray(M * microbatch * seq, acc),
+                         jnp.full((cfg.mtp_depth,), M * microbatch * seq, acc), M)
+    weights = losses.Weights(jnp.asarray(0.3, acc), exp.train.balance_alpha)
     zero = jnp.zeros((2,), jnp.int32)  # both chunks are middle stages
-    stage = stages.Stage(graphdef, cfg, exp.train.balance_alpha, M)
+    stage = stages.Stage(graphdef, cfg, M)
     row = {k: jnp.int32(v) for k, v in dict(c=0, m=0, mb=0, act=0, grd=0, c2=1, m2=1, mb2=1,
                                              act2=1, grd2=1).items()}
     out = {}
     for name, code in OPS.items():
         def op(stack, stack_bias, row, code=code):
-            env = pipeline_ops.make_env(stack, stack_bias, glob, glob_bias, mbs, norms, zero, zero)
+            env = pipeline_ops.make_env(stack, stack_bias, glob, glob_bias, mbs, norms, weights,
+                                        zero, zero)
             carry = pipeline_ops.init_carry(stage, env, 2, 2)
             x = jax.random.normal(jax.random.key(1), carry.act.shape, carry.act.dtype)
             carry = dataclasses.replace(carry, act=x, grd=1e-3 * x)
@@ -93,7 +97,7 @@ def time_unpipelined(exp, layers: int, batch: int, reps: int) -> float:
     state = state_lib.init_state(cfg, tx, 0)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size,
                                                           (batch, exp.train.seq_len)), jnp.int32)
-    data = {"inputs": ids, "targets": ids, "loss_mask": jnp.ones_like(ids)}
+    data = Batch(inputs=ids, targets=ids, loss_mask=jnp.ones_like(ids))
     state, m = fn(state, data)
     jax.block_until_ready(m)
     best = float("inf")
@@ -110,7 +114,7 @@ def table(costs_by_schedule: dict, pps=(4, 8)) -> list[dict]:
     for pp in pps:
         for mult in (2, 4):
             M = mult * pp
-            for schedule in Schedule:
+            for schedule in schedules.SCHEDULES:
                 costs = costs_by_schedule[schedule]
                 plan = schedules.build(schedule, pp, M)
                 s = costmodel.summarize(plan, costs)
@@ -148,7 +152,7 @@ def main():
             compiled["half"] = compile_ops(exp, args.layers // 2, args.microbatch)
         times = measure(compiled, args.reps)
         full, half = times["stage"], times.get("half", times["stage"])
-    costs = {s: costmodel.Costs(**(half if s is Schedule.DUALPIPEV else full)) for s in Schedule}
+    costs = {s: costmodel.Costs(**(half if s is Schedule.DUALPIPEV else full)) for s in schedules.SCHEDULES}
     rows = table(costs)
     plain = (time_unpipelined(exp, args.layers, args.unpipelined_batch, args.reps)
              if args.unpipelined_batch else None)

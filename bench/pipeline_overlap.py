@@ -1,7 +1,7 @@
 """What the compiled F&B branch can overlap: the scheduled HLO of the pipelined step.
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \
-        python bench/pipeline_overlap.py [--config=configs/tiny.py] [--stage=2] [--expert=2]
+        python bench/pipeline_overlap.py [--config=configs/tiny.py] [--pipe=2] [--expert=2]
 
 Compiles the DualPipe step, finds the lax.switch in the tick loop and, in its F&B branch, lists the
 scheduled top-level instructions (the order XLA runs them) labelled by the half they come from
@@ -20,10 +20,12 @@ import jax
 import numpy as np
 
 from deepseek_jax import config as config_lib
-from deepseek_jax.parallel import pipeline_step
+from deepseek_jax.batch import Batch
+from deepseek_jax.train import pipeline_step
+from deepseek_jax.train import sharded
 from deepseek_jax.parallel import plan as plan_lib
-from deepseek_jax.parallel.schedules import Schedule
-from deepseek_jax.parallel.ticks import Code
+from deepseek_jax.parallel.pipeline.schedules import Schedule
+from deepseek_jax.parallel.pipeline.ticks import Code
 from deepseek_jax.train import optim
 from deepseek_jax.train import state as state_lib
 
@@ -64,29 +66,29 @@ def label(line: str) -> str:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="configs/tiny.py")
-    ap.add_argument("--stage", type=int, default=2)
+    ap.add_argument("--pipe", type=int, default=2, help="pipeline ranks")
     ap.add_argument("--microbatches", type=int, default=4)
     ap.add_argument("--layers-per-stage", type=int, default=1)
     ap.add_argument("--expert", type=int, default=1, help="expert-parallel ranks in a stage")
     args = ap.parse_args()
     base = config_lib.load(args.config)
     exp = config_lib.load(args.config, {
-        "parallel.stage": args.stage, "parallel.pipeline": "dualpipe",
+        "parallel.pipe": args.pipe, "parallel.pipeline": "dualpipe",
         "parallel.microbatches": args.microbatches, "parallel.expert": args.expert,
         "parallel.data": 1, "parallel.preset": "data_expert" if args.expert > 1 else "data",
-        "model.n_layers": base.model.n_dense_layers + args.stage * args.layers_per_stage})
+        "model.n_layers": base.model.n_dense_layers + args.pipe * args.layers_per_stage})
     graphdef, _, _ = state_lib.abstract_model(exp.model)
     tx = optim.optimizer(exp.train)
-    pipe = pipeline_step.build(Schedule.DUALPIPE, args.stage, args.microbatches, graphdef,
-                               exp.model, exp.train)
-    n = args.stage * args.expert
+    n = args.pipe * args.expert
     plan = plan_lib.make_plan(exp.parallel, exp.model, exp.train.global_batch_size,
                               jax.devices()[:n])
+    pipe = pipeline_step.build(Schedule.DUALPIPE, args.pipe, args.microbatches, graphdef,
+                               exp.model, experts=plan.experts())
     step = pipeline_step.make_train_step(pipe, plan.mesh, exp.train, tx)
-    state = plan.abstract_state(exp.model, tx)
+    state = sharded.abstract_state(plan, exp.model, tx)
     B, S = exp.train.global_batch_size, exp.train.seq_len
-    batch = {k: jax.ShapeDtypeStruct((B, S), np.int32, sharding=plan.batch_sharding())
-             for k in ("inputs", "targets", "loss_mask")}
+    struct = jax.ShapeDtypeStruct((B, S), np.int32, sharding=plan.batch_sharding())
+    batch = Batch(inputs=struct, targets=struct, loss_mask=struct)
     hlo = jax.jit(plan.wrap(step)).lower(state, batch, pipe.tables()).compile().as_text()
     lines = fb_branch(hlo, pipe.layout.codes.index(Code.FB))
     seq = []

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from deepseek_jax import config as config_lib
+from deepseek_jax.batch import Batch
 from deepseek_jax.model import counting
 from deepseek_jax.train import optim, state as state_lib, step as step_lib
 
@@ -40,10 +41,10 @@ def synthetic_batch(exp, seed=0):
     t = exp.train
     rng = np.random.default_rng(seed)
     seq = rng.integers(0, exp.model.vocab_size, (t.global_batch_size, t.seq_len + 1))
-    return {"inputs": jnp.asarray(seq[:, :-1], jnp.int32),
-            "targets": jnp.asarray(seq[:, 1:], jnp.int32),
-            "loss_mask": jnp.ones((t.global_batch_size, t.seq_len), jnp.float32),
-            "target_bytes": jnp.ones((t.global_batch_size, t.seq_len), jnp.int32)}
+    return Batch(inputs=jnp.asarray(seq[:, :-1], jnp.int32),
+                 targets=jnp.asarray(seq[:, 1:], jnp.int32),
+                 loss_mask=jnp.ones((t.global_batch_size, t.seq_len), jnp.float32),
+                 target_bytes=jnp.ones((t.global_batch_size, t.seq_len), jnp.int32))
 
 
 def build(exp):

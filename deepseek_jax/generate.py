@@ -31,8 +31,11 @@ from deepseek_jax.model import config as config_lib
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m deepseek_jax.generate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m deepseek_jax.generate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--checkpoint", required=True, type=pathlib.Path)
     p.add_argument("--step", type=int, default=None)
     src = p.add_mutually_exclusive_group(required=True)
@@ -48,10 +51,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative", choices=["none", "mtp"], default="none")
     p.add_argument("--draft-tokens", type=int, default=1)
     p.add_argument("--decode", choices=["absorbed", "naive"], default="absorbed")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="compute dtype (parameters stay float32)")
-    p.add_argument("--cache-dtype", choices=["float32", "bfloat16"], default=None,
-                   help="KV cache dtype; default bfloat16 on an accelerator, float32 on CPU")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="compute dtype (parameters stay float32)",
+    )
+    p.add_argument(
+        "--cache-dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="KV cache dtype; default bfloat16 on an accelerator, float32 on CPU",
+    )
     p.add_argument("--out", type=pathlib.Path, default=None)
     p.add_argument("--overwrite", action="store_true")
     return p
@@ -68,12 +79,20 @@ def model_header(checkpoint: pathlib.Path, step: int | None):
     if (checkpoint / "config.json").is_file():
         src = from_hf.open_source(checkpoint)
         max_pos = src.hf.get("max_position_embeddings")
-        return src.cfg, int(max_pos or hf_config.to_hf_config(src.cfg)[
-            "max_position_embeddings"]), {}, checkpoint
+        return (
+            src.cfg,
+            int(max_pos or hf_config.to_hf_config(src.cfg)["max_position_embeddings"]),
+            {},
+            checkpoint,
+        )
     step_dir = ckpt_io.resolve_step_dir(checkpoint, step)
     cfg = ckpt_io.model_config(step_dir)
-    return (cfg, hf_config.to_hf_config(cfg)["max_position_embeddings"],
-            ckpt_io.read_config(step_dir), None)
+    return (
+        cfg,
+        hf_config.to_hf_config(cfg)["max_position_embeddings"],
+        ckpt_io.read_config(step_dir),
+        None,
+    )
 
 
 def tokenizer_for(experiment: dict, hf_dir: pathlib.Path | None):
@@ -97,8 +116,10 @@ def read_prompts(args, tokenizer_fn):
         except (OSError, ValueError) as e:
             fail(f"--prompt-tokens: {args.prompt_tokens}: cannot read as .npy ({e})")
         if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer) or arr.shape[1] < 1:
-            fail(f"--prompt-tokens: {args.prompt_tokens}: need an integer array [batch, time], "
-                 f"got {arr.dtype}{list(arr.shape)}")
+            fail(
+                f"--prompt-tokens: {args.prompt_tokens}: need an integer array [batch, time], "
+                f"got {arr.dtype}{list(arr.shape)}"
+            )
         try:  # only to decode the output text (and default the EOS id), if there is one
             tok = tokenizer_fn()
         except (ConversionError, ValueError):
@@ -119,8 +140,10 @@ def read_prompts(args, tokenizer_fn):
             try:
                 texts.append(json.loads(line)["prompt"])
             except (ValueError, KeyError, TypeError):
-                fail(f"--prompts: {args.prompts} line {i + 1}: need a JSON object with a "
-                     "\"prompt\" string")
+                fail(
+                    f"--prompts: {args.prompts} line {i + 1}: need a JSON object with a "
+                    '"prompt" string'
+                )
         if not texts:
             fail(f"--prompts: {args.prompts} has no prompts")
     encoded = [np.asarray(t, np.int64) for t in tok.encode_batch(texts)]
@@ -157,9 +180,14 @@ def run(args) -> int:
     eos = args.eos_id if args.eos_id is not None else (tok.eos_id if tok else None)
     eos = None if eos is not None and eos < 0 else eos
     gcfg = generation.GenerateConfig(
-        max_new_tokens=args.max_new_tokens, sampling=scfg, eos_id=eos,
-        mode=kv_cache.DecodeMode(args.decode), cache_dtype=cache_dtype, seed=args.seed,
-        draft_tokens=args.draft_tokens if args.speculative == "mtp" else 0)
+        max_new_tokens=args.max_new_tokens,
+        sampling=scfg,
+        eos_id=eos,
+        mode=kv_cache.DecodeMode(args.decode),
+        cache_dtype=cache_dtype,
+        seed=args.seed,
+        draft_tokens=args.draft_tokens if args.speculative == "mtp" else 0,
+    )
     longest = max(len(p) for p in prompts)
     if longest > max_pos:
         fail(f"prompt of {longest} tokens is longer than the model's {max_pos} positions")
@@ -177,7 +205,7 @@ def run(args) -> int:
     def on_step(tokens, count):
         if stream:
             n = int(count[0])
-            sys.stdout.write(tok.decode(tokens[0, shown[0]:n]))
+            sys.stdout.write(tok.decode(tokens[0, shown[0] : n]))
             sys.stdout.flush()
             shown[0] = n
 
@@ -199,16 +227,22 @@ def run(args) -> int:
                 with open(tmp, "w") as f:
                     for row in result.tokens:
                         ids = [int(i) for i in row if i >= 0]
-                        f.write(json.dumps({"tokens": ids,
-                                            "text": tok.decode(ids) if tok else None}) + "\n")
-    line = (f"{result.generated} tokens in {result.prefill_s + result.decode_s:.2f}s: "
-            f"{result.tokens_per_s:.1f} tokens/s ({len(prompts)} rows; prefill "
-            f"{result.prefill_s * 1e3:.0f} ms, then {result.steps} decode steps at "
-            f"{(result.generated - len(prompts)) / max(result.decode_s, 1e-9):.1f} tokens/s)")
+                        f.write(
+                            json.dumps({"tokens": ids, "text": tok.decode(ids) if tok else None})
+                            + "\n"
+                        )
+    line = (
+        f"{result.generated} tokens in {result.prefill_s + result.decode_s:.2f}s: "
+        f"{result.tokens_per_s:.1f} tokens/s ({len(prompts)} rows; prefill "
+        f"{result.prefill_s * 1e3:.0f} ms, then {result.steps} decode steps at "
+        f"{(result.generated - len(prompts)) / max(result.decode_s, 1e-9):.1f} tokens/s)"
+    )
     if result.stats:
         rates = ", ".join(f"{r:.2f}" for r in result.stats["acceptance_per_position"])
-        line += (f"; acceptance per draft position [{rates}], mean accepted length "
-                 f"{result.stats['mean_accepted_length']:.2f}")
+        line += (
+            f"; acceptance per draft position [{rates}], mean accepted length "
+            f"{result.stats['mean_accepted_length']:.2f}"
+        )
     print(line)
     return 0
 

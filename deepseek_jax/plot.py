@@ -111,9 +111,9 @@ def expert_load_history(records: Records) -> tuple[np.ndarray, np.ndarray, list[
     if len(shape) != 2:
         raise ValueError(f"expert_load must be [moe_layers, experts], got shape {shape}")
     steps = np.asarray([r["step"] for r in rows], dtype=np.int64)
-    load_TLE = np.stack([np.asarray(r["expert_load"], dtype=np.float64) for r in rows])
+    load_ILE = np.stack([np.asarray(r["expert_load"], dtype=np.float64) for r in rows])
     ids = [int(i) for i in rows[-1].get("moe_layer_ids", range(shape[0]))][: shape[0]]
-    return steps, load_TLE * shape[1], ids
+    return steps, load_ILE * shape[1], ids
 
 
 def _log_norm(relative: np.ndarray) -> colors.LogNorm:
@@ -135,13 +135,13 @@ def _edges(centres: np.ndarray) -> np.ndarray:
 
 
 def plot_expert_load(records: Records, out_dir: str, dpi: int) -> list[str]:
-    steps, rel_TLE, ids = expert_load_history(records)
+    steps, rel_ILE, ids = expert_load_history(records)
     if not steps.size:
         return []
-    norm = _log_norm(rel_TLE)
-    clipped_TLE = np.clip(rel_TLE, norm.vmin, norm.vmax)  # Zero load must still get a colour.
+    norm = _log_norm(rel_ILE)
+    clipped_ILE = np.clip(rel_ILE, norm.vmin, norm.vmax)  # Zero load must still get a colour.
     keep = np.unique(np.linspace(0, steps.size - 1, min(steps.size, _MAX_COLUMNS)).astype(int))
-    num_layers, num_experts = rel_TLE.shape[1:]
+    num_layers, num_experts = rel_ILE.shape[1:]
     cols = math.ceil(math.sqrt(num_layers))
     rows = math.ceil(num_layers / cols)
     fig = Figure(figsize=(3.2 * cols + 1, 2.6 * rows + 0.6), layout="constrained")
@@ -152,7 +152,7 @@ def plot_expert_load(records: Records, out_dir: str, dpi: int) -> list[str]:
             ax.set_visible(False)
             continue
         mesh = ax.pcolormesh(_edges(steps[keep]), np.arange(num_experts + 1),
-                             clipped_TLE[keep, layer].T, norm=norm, cmap="RdBu_r")
+                             clipped_ILE[keep, layer].T, norm=norm, cmap="RdBu_r")
         ax.set_title(f"layer {ids[layer]}", fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.set_ylabel("expert", fontsize=8)
@@ -164,12 +164,12 @@ def plot_expert_load(records: Records, out_dir: str, dpi: int) -> list[str]:
     fig = Figure(figsize=(11, 4.5), layout="constrained")
     final_ax, ratio_ax = fig.subplots(1, 2)
     image = final_ax.pcolormesh(np.arange(num_experts + 1), np.arange(num_layers + 1),
-                                clipped_TLE[-1], norm=norm, cmap="RdBu_r")
+                                clipped_ILE[-1], norm=norm, cmap="RdBu_r")
     final_ax.set_yticks(np.arange(num_layers) + 0.5, [str(i) for i in ids], fontsize=7)
     final_ax.set(xlabel="expert", ylabel="layer", title=f"load / uniform at step {steps[-1]}")
     fig.colorbar(image, ax=final_ax)
     with np.errstate(divide="ignore", invalid="ignore"):
-        ratio_TL = rel_TLE.max(axis=2) / rel_TLE.mean(axis=2)
+        ratio_TL = rel_ILE.max(axis=2) / rel_ILE.mean(axis=2)
     image = ratio_ax.pcolormesh(_edges(steps[keep]), np.arange(num_layers + 1), ratio_TL[keep].T,
                                 cmap="magma")
     ratio_ax.set_yticks(np.arange(num_layers) + 0.5, [str(i) for i in ids], fontsize=7)

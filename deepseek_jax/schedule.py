@@ -1,10 +1,10 @@
 """Pipeline schedules on the command line: bubble figures, the per-rank order as JSON, a picture.
 
-  python -m deepseek_jax.schedule --schedule=dualpipe --stages=8 --microbatches=20 \
+  python -m deepseek_jax.schedule --schedule=dualpipe --ranks=8 --microbatches=20 \
       [--png=out.png] [--json] [--costs=F=1,B=2,Bi=1,W=1,FB=3]
 
-Without --schedule, prints the bubble table of every schedule. --stages is the number of pipeline
-ranks (the `stage` mesh axis; DualPipeV runs 2x as many model stages on them). --microbatches is
+Without --schedule, prints the bubble table of every schedule. --ranks is the number of pipeline
+ranks (the `pipe` mesh axis; DualPipeV runs 2x as many model stages on them). --microbatches is
 the total per step (DualPipe's num_chunks: half enter at each end). Bad arguments exit with code 2.
 """
 
@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from deepseek_jax.parallel import costmodel, report, schedules
+from deepseek_jax.parallel.pipeline import costmodel, report, schedules
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,9 +22,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m deepseek_jax.schedule",
         description="Pipeline schedule bubbles, per-rank op orders and timeline pictures.",
     )
-    p.add_argument("--schedule", choices=[s.value for s in schedules.Schedule],
+    p.add_argument("--schedule", choices=[s.value for s in schedules.SCHEDULES],
                    help="one schedule (default: the bubble table of all of them)")
-    p.add_argument("--stages", type=int, default=8, help="pipeline ranks (default 8)")
+    p.add_argument("--ranks", type=int, default=8, help="pipeline ranks (default 8)")
     p.add_argument("--microbatches", type=int, default=20,
                    help="micro-batches per step, in total (default 20)")
     p.add_argument("--costs", default="",
@@ -42,13 +42,13 @@ def main(argv: list[str] | None = None) -> int:
         costs = costmodel.Costs.parse(args.costs)
     except ValueError as e:
         parser.error(f"--costs: {e}")
-    if args.stages <= 0 or args.microbatches <= 0:
-        parser.error("--stages and --microbatches must be positive")
+    if args.ranks <= 0 or args.microbatches <= 0:
+        parser.error("--ranks and --microbatches must be positive")
     if (args.png or args.json) and not args.schedule:
         parser.error("--png and --json need --schedule")
 
     only = schedules.Schedule(args.schedule) if args.schedule else None
-    rows = report.summaries(args.stages, args.microbatches, costs, only)
+    rows = report.summaries(args.ranks, args.microbatches, costs, only)
     failed = [row for row in rows if isinstance(row, tuple)]
     if only and failed:
         parser.error(failed[0][1])
@@ -57,12 +57,12 @@ def main(argv: list[str] | None = None) -> int:
                      + "; ".join(f"{n}: {why}" for n, why in failed))
 
     if args.json:
-        plan = schedules.build(only, args.stages, args.microbatches)
-        print(json.dumps(report.document(plan, rows[0], costs)))
+        orders = schedules.build(only, args.ranks, args.microbatches)
+        print(json.dumps(report.document(orders, rows[0], costs)))
     else:
         print(report.text(rows, costs))
     if args.png:
-        report.png(schedules.build(only, args.stages, args.microbatches), args.png, costs)
+        report.png(schedules.build(only, args.ranks, args.microbatches), args.png, costs)
         if not args.json:
             print(f"wrote {args.png}")
     return 0

@@ -10,7 +10,9 @@ The trainer needs four calls (details in docs/data.md):
     evals = make_eval_iterator(cfg, seq_len=S, batch_size=G, model_vocab_size=V,
                                num_batches=None, process_index=..., process_count=...)
 
-Each batch is a dict of numpy arrays, local to this host (B = G / process_count rows):
+Each batch is a dict of numpy arrays, local to this host (B = G / process_count rows), keyed by the
+fields of `deepseek_jax.batch.Batch` (the trainer turns it into one with `Batch.from_dict`, which
+refuses unknown keys, when it shards the rows):
     inputs int32 [B, S], targets int32 [B, S], loss_mask float32 [B, S] (0 on padding),
     target_bytes int32 [B, S] (UTF-8 bytes of each target token; 0 for EOS and padding),
 so bits/byte = sum(nll * loss_mask) / ln 2 / sum(target_bytes * loss_mask).

@@ -1,5 +1,8 @@
 """The model run over a KV cache: prefill (training math), absorbed or naive decode, k+1 verify.
 
+Like `Transformer.__call__`, every entry point takes the routed-expert function explicitly
+(`experts`, default the single-device dispatch; a plan passes `plan.experts()`).
+
 Every call processes S new tokens per row at positions length_b .. length_b + S - 1 (per-row
 positions, so prompts of unequal length share a batch) and writes their cache entries there.
 
@@ -17,21 +20,14 @@ S = 1 is a decode step; S = k+1 at length > 0 verifies k speculative drafts in o
 
 from __future__ import annotations
 
-import contextlib
-
 import jax
 import jax.numpy as jnp
 
-from deepseek_jax.infer import experts
+from deepseek_jax.infer import experts as experts_lib
 from deepseek_jax.infer import kv_cache
-from deepseek_jax.model import attention
+from deepseek_jax.model import attention, constraints, dispatch, layers, rope, stack, transformer
 from deepseek_jax.model import block as block_lib
-from deepseek_jax.model import hooks
-from deepseek_jax.model import layers
 from deepseek_jax.model import mla as mla_lib
-from deepseek_jax.model import rope
-from deepseek_jax.model import stack
-from deepseek_jax.model import transformer
 
 
 def masked_softmax(scores_BHST: jax.Array, start_B: jax.Array, scale: float) -> jax.Array:
@@ -53,23 +49,27 @@ def absorbed_weights(attn: mla_lib.MLA):
 
 
 def _expand(attn: mla_lib.MLA, c_BSC: jax.Array):
-    kv_BSHX = attn.wkv_b(c_BSC)
+    kv_BSHO = attn.wkv_b(c_BSC)
     N = attn.cfg.qk_nope_head_dim
-    return kv_BSHX[..., :N], kv_BSHX[..., N:]
+    return kv_BSHO[..., :N], kv_BSHO[..., N:]
 
 
 def _write_new(attn, kv, c_BSC, k_rope_BSR, start_B):
     """The cache entries of the new tokens: latent as is, or expanded per head (naive)."""
     if isinstance(kv, kv_cache.LatentKV):
-        return kv_cache.LatentKV(kv_cache.write(kv.c_kv_LBTC, c_BSC, start_B),
-                                 kv_cache.write(kv.k_rope_LBTR, k_rope_BSR, start_B))
+        return kv_cache.LatentKV(
+            kv_cache.write(kv.c_kv_LBTC, c_BSC, start_B),
+            kv_cache.write(kv.k_rope_LBTR, k_rope_BSR, start_B),
+        )
     k_nope_BSHN, v_BSHV = _expand(attn, c_BSC)
     H = k_nope_BSHN.shape[2]
-    k_rope_BSHR = jnp.broadcast_to(k_rope_BSR[:, :, None, :], k_rope_BSR.shape[:2] + (H,)
-                                   + k_rope_BSR.shape[-1:]).astype(k_nope_BSHN.dtype)
+    k_rope_BSHR = jnp.broadcast_to(
+        k_rope_BSR[:, :, None, :], k_rope_BSR.shape[:2] + (H,) + k_rope_BSR.shape[-1:]
+    ).astype(k_nope_BSHN.dtype)
     k_BSHK = jnp.concatenate([k_nope_BSHN, k_rope_BSHR], axis=-1)
-    return kv_cache.FullKV(kv_cache.write(kv.k_LBTHK, k_BSHK, start_B),
-                           kv_cache.write(kv.v_LBTHV, v_BSHV, start_B))
+    return kv_cache.FullKV(
+        kv_cache.write(kv.k_LBTHK, k_BSHK, start_B), kv_cache.write(kv.v_LBTHV, v_BSHV, start_B)
+    )
 
 
 def attend(attn: mla_lib.MLA, x_BSD, cos, sin, start_B, kv: kv_cache.LayerKV, prefill: bool):
@@ -82,16 +82,18 @@ def attend(attn: mla_lib.MLA, x_BSD, cos, sin, start_B, kv: kv_cache.LayerKV, pr
     kv = _write_new(attn, kv, c_BSC, k_rope_BSR, start_B)
     if prefill:  # the training math over the prompt itself (start is 0)
         k_nope_BSHN, v_BSHV = _expand(attn, c_BSC)
-        out_BSHV = attention.mla_attention(q_nope_BSHN, q_rope_BSHR, k_nope_BSHN, k_rope_BSR,
-                                           v_BSHV, scale)
+        out_BSHV = attention.mla_attention(
+            q_nope_BSHN, q_rope_BSHR, k_nope_BSHN, k_rope_BSR, v_BSHV, scale
+        )
     elif isinstance(kv, kv_cache.LatentKV):
         w_uk_CHN, w_uv_CHV = absorbed_weights(attn)
-        c_BTC = hooks.constrain(kv.c_kv_LBTC.astype(cdt), ("act_batch", "act_seq", None))
+        c_BTC = constraints.constrain(kv.c_kv_LBTC.astype(cdt), ("act_batch", "act_seq", None))
         k_rope_BTR = kv.k_rope_LBTR.astype(cdt)
         q_lat_BSHC = jnp.einsum("bshn,chn->bshc", q_nope_BSHN, w_uk_CHN)
         scores_BHST = jnp.einsum("bshc,btc->bhst", q_lat_BSHC, c_BTC)
-        scores_BHST = scores_BHST + jnp.einsum("bshr,btr->bhst", q_rope_BSHR.astype(cdt),
-                                               k_rope_BTR)
+        scores_BHST = scores_BHST + jnp.einsum(
+            "bshr,btr->bhst", q_rope_BSHR.astype(cdt), k_rope_BTR
+        )
         probs_BHST = masked_softmax(scores_BHST, start_B, scale).astype(cdt)
         ctx_BSHC = jnp.einsum("bhst,btc->bshc", probs_BHST, c_BTC)
         out_BSHV = jnp.einsum("bshc,chv->bshv", ctx_BSHC, w_uv_CHV)
@@ -104,33 +106,46 @@ def attend(attn: mla_lib.MLA, x_BSD, cos, sin, start_B, kv: kv_cache.LayerKV, pr
     return attn.wo(out_BSHV), kv
 
 
-def block_step(block: block_lib.Block, h_BSD, cos, sin, start_B, kv, prefill: bool):
+def block_step(
+    block: block_lib.Block, h_BSD, cos, sin, start_B, kv, prefill: bool, experts: dispatch.ExpertFn
+):
     """Block.__call__ with the cached attention: h += MLA(norm h); h += FFN(norm h)."""
-    h_BSD = hooks.constrain(h_BSD, block_lib.ACT_BSD)
+    h_BSD = constraints.constrain(h_BSD, block_lib.ACT_BSD)
     a_BSD, kv = attend(block.attn, block.attn_norm(h_BSD), cos, sin, start_B, kv, prefill)
     h_BSD = h_BSD + a_BSD.astype(h_BSD.dtype)
-    y = block.ffn(block.ffn_norm(h_BSD))
-    y_BSD = y[0] if block.is_moe else y
+    if block.is_moe:
+        y_BSD, _ = block.ffn(block.ffn_norm(h_BSD), experts)
+    else:
+        y_BSD = block.ffn(block.ffn_norm(h_BSD))
     h_BSD = h_BSD + y_BSD.astype(h_BSD.dtype)
-    return hooks.constrain(h_BSD, block_lib.ACT_BSD), kv
+    return constraints.constrain(h_BSD, block_lib.ACT_BSD), kv
 
 
-def _decode_experts(cfg, tokens: int):
-    """Gathered experts for a few tokens, unless a parallel plan installed its own dispatch."""
-    if hooks.expert_impl() is None and experts.use_gathered(
-            tokens, cfg.num_experts_per_tok, cfg.n_routed_experts):
-        return hooks.expert_implementation(experts.gathered_experts)
-    return contextlib.nullcontext()
+def _decode_experts(cfg, tokens: int, experts: dispatch.ExpertFn) -> dispatch.ExpertFn:
+    """The single-device dispatch becomes the gathered one for a few tokens; an expert-parallel
+    function (a plan's) is kept as it is."""
+    if experts is dispatch.dropless_experts and experts_lib.use_gathered(
+        tokens, cfg.num_experts_per_tok, cfg.n_routed_experts
+    ):
+        return experts_lib.gathered_experts
+    return experts
 
 
 def _rope(cfg, start_B, S):
     positions_BS = start_B[:, None] + jnp.arange(S, dtype=jnp.int32)[None, :]
-    return rope.cos_sin(cfg.rope, cfg.qk_rope_head_dim, positions_BS,
-                        layers.accum_dtype(cfg.compute_dtype.jnp))
+    return rope.cos_sin(
+        cfg.rope, cfg.qk_rope_head_dim, positions_BS, layers.accum_dtype(cfg.compute_dtype.jnp)
+    )
 
 
-def forward(model: transformer.Transformer, tokens_BS: jax.Array, cache: kv_cache.Cache, *,
-            prefill: bool = False):
+def forward(
+    model: transformer.Transformer,
+    tokens_BS: jax.Array,
+    cache: kv_cache.Cache,
+    *,
+    prefill: bool = False,
+    experts: dispatch.ExpertFn = dispatch.dropless_experts,
+):
     """-> (logits [B, S, Y], post-norm hidden [B, S, D], cache with the new entries written).
 
     The cache length is not advanced: the caller knows how many of the S tokens stand (prompt
@@ -139,23 +154,30 @@ def forward(model: transformer.Transformer, tokens_BS: jax.Array, cache: kv_cach
     cfg = model.cfg
     start_B = cache.length_B
     cos, sin = _rope(cfg, start_B, tokens_BS.shape[1])
-    h_BSD = hooks.constrain(model.embed(tokens_BS), block_lib.ACT_BSD)
+    h_BSD = constraints.constrain(model.embed(tokens_BS), block_lib.ACT_BSD)
     stacks = {}
-    with _decode_experts(cfg, tokens_BS.size):
-        for name, module in (("dense", model.dense_layers), ("moe", model.moe_layers)):
-            if module is None:
-                continue
+    experts = _decode_experts(cfg, tokens_BS.size, experts)
+    for name, module in (("dense", model.dense_layers), ("moe", model.moe_layers)):
+        if module is None:
+            continue
 
-            def body(layer, h, kv):
-                return block_step(layer, h, cos, sin, start_B, kv, prefill)
+        def body(layer, h, kv):
+            return block_step(layer, h, cos, sin, start_B, kv, prefill, experts)
 
-            h_BSD, stacks[name] = stack.scan(module, h_BSD, body, cache.stacks[name])
+        h_BSD, stacks[name] = stack.scan(module, h_BSD, body, cache.stacks[name])
     h_BSD = model.norm(h_BSD)
     return model.logits(h_BSD), h_BSD, kv_cache.Cache(stacks, cache.length_B)
 
 
-def mtp_forward(model: transformer.Transformer, tokens_BS: jax.Array, h_prev_BSD: jax.Array,
-                cache: kv_cache.Cache, *, prefill: bool = False):
+def mtp_forward(
+    model: transformer.Transformer,
+    tokens_BS: jax.Array,
+    h_prev_BSD: jax.Array,
+    cache: kv_cache.Cache,
+    *,
+    prefill: bool = False,
+    experts: dispatch.ExpertFn = dispatch.dropless_experts,
+):
     """The first MTP module over its own cache: position p takes emb(t_{p+1}) and the main model's
     post-norm hidden h_p (or, drafting further, its own previous normalised output) and predicts
     t_{p+2}. -> (logits [B, S, Y], normalised hidden [B, S, D], cache)."""
@@ -165,8 +187,8 @@ def mtp_forward(model: transformer.Transformer, tokens_BS: jax.Array, h_prev_BSD
     e_BSD = layer.enorm(model.embed(tokens_BS))
     x_BSD = layer.eh_proj(jnp.concatenate([e_BSD, layer.hnorm(h_prev_BSD)], axis=-1))
     kv = jax.tree.map(lambda a: a[0], cache.stacks["mtp"])
-    with _decode_experts(model.cfg, tokens_BS.size):
-        g_BSD, kv = block_step(layer.block, x_BSD, cos, sin, start_B, kv, prefill)
+    experts = _decode_experts(model.cfg, tokens_BS.size, experts)
+    g_BSD, kv = block_step(layer.block, x_BSD, cos, sin, start_B, kv, prefill, experts)
     hn_BSD = layer.head_norm(g_BSD)
     stacks = {"mtp": jax.tree.map(lambda a: a[None], kv)}
     return model.logits(hn_BSD), hn_BSD, kv_cache.Cache(stacks, cache.length_B)
@@ -178,8 +200,13 @@ def last(x_BS: jax.Array, index_B: jax.Array) -> jax.Array:
     return jnp.take_along_axis(x_BS, idx, axis=1)[:, 0]
 
 
-def prefill(model: transformer.Transformer, tokens_BP: jax.Array, lengths_B: jax.Array,
-            cache: kv_cache.Cache):
+def prefill(
+    model: transformer.Transformer,
+    tokens_BP: jax.Array,
+    lengths_B: jax.Array,
+    cache: kv_cache.Cache,
+    experts: dispatch.ExpertFn = dispatch.dropless_experts,
+):
     """Right-padded prompts (row b real up to lengths_b) into an empty cache.
 
     -> (logits of each row's last prompt token [B, Y], hidden [B, P, D], cache of length lengths).
@@ -187,5 +214,5 @@ def prefill(model: transformer.Transformer, tokens_BP: jax.Array, lengths_B: jax
     and the first decode steps overwrite them.
     """
     empty = cache.with_length(jnp.zeros_like(lengths_B))
-    logits_BPY, h_BPD, cache = forward(model, tokens_BP, empty, prefill=True)
+    logits_BPY, h_BPD, cache = forward(model, tokens_BP, empty, prefill=True, experts=experts)
     return last(logits_BPY, lengths_B - 1), h_BPD, cache.with_length(lengths_B)

@@ -4,7 +4,7 @@ The training dispatch (`dispatch.dropless_experts`) runs `ragged_dot` over all E
 reads every expert's weights; at decode a step has a handful of tokens, so it is cheaper to read
 only the X*k expert matrices the tokens chose (what transformers' loop over experts with tokens
 does). Same signature and numerics (combine in float32) as the dropless dispatch; selected by
-`experts_for` when X*k < E, i.e. small-batch decode and speculative verify.
+`decode` when X*k < E, i.e. small-batch decode and speculative verify.
 """
 
 from __future__ import annotations

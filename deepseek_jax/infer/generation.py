@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deepseek_jax.infer import decode
-from deepseek_jax.infer import kv_cache
-from deepseek_jax.infer import sampling
+from deepseek_jax.infer import decode, kv_cache, sampling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,11 +37,13 @@ class GenerateConfig:
 
     def __post_init__(self):
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
-            raise ValueError(f"--max-new-tokens: must be a positive integer, got "
-                             f"{self.max_new_tokens}")
+            raise ValueError(
+                f"--max-new-tokens: must be a positive integer, got {self.max_new_tokens}"
+            )
         if self.draft_tokens < 0:
-            raise ValueError(f"--draft-tokens: must be >= 1 with --speculative=mtp, got "
-                             f"{self.draft_tokens}")
+            raise ValueError(
+                f"--draft-tokens: must be >= 1 with --speculative=mtp, got {self.draft_tokens}"
+            )
 
 
 @jax.tree_util.register_dataclass
@@ -54,8 +55,11 @@ class Output:
 
 
 def empty_output(batch: int, n: int) -> Output:
-    return Output(jnp.full((batch, n), -1, jnp.int32), jnp.zeros((batch,), jnp.int32),
-                  jnp.zeros((batch,), bool))
+    return Output(
+        jnp.full((batch, n), -1, jnp.int32),
+        jnp.zeros((batch,), jnp.int32),
+        jnp.zeros((batch,), bool),
+    )
 
 
 def emit(out: Output, new_BW: jax.Array, n_B: jax.Array, eos_id: int | None) -> Output:
@@ -95,7 +99,7 @@ def pad_prompts(prompts: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError("every prompt needs at least one token")
     tokens = np.zeros((len(prompts), int(lengths.max())), np.int32)
     for i, p in enumerate(prompts):
-        tokens[i, :len(p)] = p
+        tokens[i, : len(p)] = p
     return tokens, lengths
 
 
@@ -136,8 +140,12 @@ class Generator:
             logits_BY, _, cache = decode.prefill(model, tokens_BP, lengths_B, cache)
             key, sub = jax.random.split(key)
             first_B = sampling.sample(logits_BY, sub, cfg.sampling)
-            out = emit(empty_output(B, cfg.max_new_tokens), first_B[:, None],
-                       jnp.ones((B,), jnp.int32), cfg.eos_id)
+            out = emit(
+                empty_output(B, cfg.max_new_tokens),
+                first_B[:, None],
+                jnp.ones((B,), jnp.int32),
+                cfg.eos_id,
+            )
             return State(cache, first_B, out, key)
 
         return start
@@ -167,6 +175,7 @@ class Generator:
         if key not in self._compiled:
             if self.cfg.draft_tokens:
                 from deepseek_jax.infer import speculative
+
                 start, step = speculative.functions(self, self.cache_len(prompt_len))
             else:
                 start, step = self._start_fn(self.cache_len(prompt_len)), self._step_fn()
@@ -179,14 +188,18 @@ class Generator:
             self._compiled[key] = (start_c, step_c)
         return self._compiled[key]
 
-    def generate(self, prompts: Sequence[np.ndarray],
-                 on_step: Callable[[np.ndarray, np.ndarray], None] | None = None) -> Result:
+    def generate(
+        self,
+        prompts: Sequence[np.ndarray],
+        on_step: Callable[[np.ndarray, np.ndarray], None] | None = None,
+    ) -> Result:
         """on_step(tokens [B, N], count [B]) is called after the prefill and every step."""
         tokens, lengths = pad_prompts(prompts)
         start, step = self.compiled(*tokens.shape)
         t0 = time.perf_counter()
-        state = start(self.params, jnp.asarray(tokens), jnp.asarray(lengths),
-                      jax.random.key(self.cfg.seed))
+        state = start(
+            self.params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(self.cfg.seed)
+        )
         done = np.asarray(state.out.done_B)
         t1 = time.perf_counter()
         if on_step is not None:
@@ -203,6 +216,7 @@ class Generator:
         stats = {}
         if self.cfg.draft_tokens:
             from deepseek_jax.infer import speculative
+
             stats = speculative.summary(state)
         self.last_state = state
         return Result(out, steps, t1 - t0, t2 - t1, stats)

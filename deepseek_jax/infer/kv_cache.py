@@ -59,7 +59,7 @@ class Cache:
     def max_len(self) -> int:
         return jax.tree.leaves(self.stacks)[0].shape[2]
 
-    def with_length(self, length_B: jax.Array) -> "Cache":
+    def with_length(self, length_B: jax.Array) -> Cache:
         return Cache(self.stacks, length_B.astype(jnp.int32))
 
 
@@ -70,27 +70,42 @@ def stack_sizes(cfg: config_lib.ModelConfig) -> dict[str, int]:
 
 def _stack(cfg: config_lib.ModelConfig, L: int, B: int, T: int, mode: DecodeMode, dtype) -> LayerKV:
     if mode is DecodeMode.ABSORBED:
-        return LatentKV(jnp.zeros((L, B, T, cfg.kv_lora_rank), dtype),
-                        jnp.zeros((L, B, T, cfg.qk_rope_head_dim), dtype))
+        return LatentKV(
+            jnp.zeros((L, B, T, cfg.kv_lora_rank), dtype),
+            jnp.zeros((L, B, T, cfg.qk_rope_head_dim), dtype),
+        )
     K = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-    return FullKV(jnp.zeros((L, B, T, cfg.n_heads, K), dtype),
-                  jnp.zeros((L, B, T, cfg.n_heads, cfg.v_head_dim), dtype))
+    return FullKV(
+        jnp.zeros((L, B, T, cfg.n_heads, K), dtype),
+        jnp.zeros((L, B, T, cfg.n_heads, cfg.v_head_dim), dtype),
+    )
 
 
-def init(cfg: config_lib.ModelConfig, batch: int, max_len: int, mode: DecodeMode,
-         dtype: Any = jnp.float32) -> Cache:
+def init(
+    cfg: config_lib.ModelConfig,
+    batch: int,
+    max_len: int,
+    mode: DecodeMode,
+    dtype: Any = jnp.float32,
+) -> Cache:
     """The main model's cache, zero, length 0 (use under jax.eval_shape for sizes)."""
     stacks = {k: _stack(cfg, L, batch, max_len, mode, dtype) for k, L in stack_sizes(cfg).items()}
     return Cache(stacks, jnp.zeros((batch,), jnp.int32))
 
 
-def init_mtp(cfg: config_lib.ModelConfig, batch: int, max_len: int, mode: DecodeMode,
-             dtype: Any = jnp.float32) -> Cache:
+def init_mtp(
+    cfg: config_lib.ModelConfig,
+    batch: int,
+    max_len: int,
+    mode: DecodeMode,
+    dtype: Any = jnp.float32,
+) -> Cache:
     """The MTP module's own cache (one layer: drafting runs the first MTP module)."""
     if not cfg.mtp_depth:
         raise ValueError("model.mtp_depth is 0: this model has no MTP module to cache")
-    return Cache({"mtp": _stack(cfg, 1, batch, max_len, mode, dtype)},
-                 jnp.zeros((batch,), jnp.int32))
+    return Cache(
+        {"mtp": _stack(cfg, 1, batch, max_len, mode, dtype)}, jnp.zeros((batch,), jnp.int32)
+    )
 
 
 _AXES = {
@@ -105,6 +120,7 @@ _AXES = {
 
 def logical_axes(cache: Cache) -> Cache:
     """The same pytree with a tuple of logical axis names in place of each array."""
+
     def stack_axes(name: str, kv: LayerKV) -> LayerKV:
         lead = "mtp_layers" if name == "mtp" else "layers"
         fields = {f.name: (lead,) + _AXES[f.name] for f in dataclasses.fields(kv)}
@@ -115,8 +131,9 @@ def logical_axes(cache: Cache) -> Cache:
 
 def nbytes(cache: Cache) -> int:
     """Bytes of the cache arrays (lengths excluded); works on ShapeDtypeStructs too."""
-    return sum(math.prod(a.shape) * jnp.dtype(a.dtype).itemsize
-               for a in jax.tree.leaves(cache.stacks))
+    return sum(
+        math.prod(a.shape) * jnp.dtype(a.dtype).itemsize for a in jax.tree.leaves(cache.stacks)
+    )
 
 
 def bytes_per_token(cfg: config_lib.ModelConfig, mode: DecodeMode, dtype: Any) -> int:
@@ -135,6 +152,7 @@ def write(buf_BT: jax.Array, new_BS: jax.Array, start_B: jax.Array) -> jax.Array
     The caller guarantees start_b + S <= T (dynamic_update_slice would clamp, i.e. shift, the
     write otherwise): generation sizes the cache for prompt + new tokens + drafts.
     """
+
     def row(buf, new, start):
         return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), start, axis=0)
 

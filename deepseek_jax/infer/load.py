@@ -18,16 +18,18 @@ from deepseek_jax.model import config as config_lib
 Arrays = dict[str, dict[mapping.Path, np.ndarray]]
 
 
-def load(checkpoint: pathlib.Path, step: int | None = None, *, with_mtp: bool = True
-         ) -> tuple[config_lib.ModelConfig, Arrays, dict]:
+def load(
+    checkpoint: pathlib.Path, step: int | None = None, *, with_mtp: bool = True
+) -> tuple[config_lib.ModelConfig, Arrays, dict]:
     """(config, {collection: {path: array}}, the checkpoint's experiment config or {})."""
     checkpoint = pathlib.Path(checkpoint).absolute()  # orbax refuses relative paths
     if not checkpoint.exists():
         raise ConversionError(f"--checkpoint: {checkpoint} does not exist")
     if (checkpoint / "config.json").is_file():
         if step is not None:
-            raise ConversionError(f"{checkpoint}: --step does not apply to a Hugging Face "
-                                  "directory")
+            raise ConversionError(
+                f"{checkpoint}: --step does not apply to a Hugging Face directory"
+            )
         src = from_hf.open_source(checkpoint)  # validates every header, MTP included
         if not with_mtp and src.cfg.mtp_depth:
             cfg = dataclasses.replace(src.cfg, mtp_depth=0)
@@ -39,8 +41,9 @@ def load(checkpoint: pathlib.Path, step: int | None = None, *, with_mtp: bool = 
     reader = ckpt_io.StateReader(step_dir)
     reader.check(mapping.model_leaves(full))
     cfg = full if with_mtp else dataclasses.replace(full, mtp_depth=0)
-    arrays = {c: {p: reader.read(c, p) for p in leaves}
-              for c, leaves in mapping.model_leaves(cfg).items()}
+    arrays = {
+        c: {p: reader.read(c, p) for p in leaves} for c, leaves in mapping.model_leaves(cfg).items()
+    }
     return cfg, arrays, experiment
 
 

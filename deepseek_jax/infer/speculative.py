@@ -31,10 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from deepseek_jax.infer import decode
-from deepseek_jax.infer import generation
-from deepseek_jax.infer import kv_cache
-from deepseek_jax.infer import sampling
+from deepseek_jax.infer import decode, generation, kv_cache, sampling
 
 
 @jax.tree_util.register_dataclass
@@ -58,8 +55,12 @@ def _draft(model, mtp_cache, tokens_BS, h_BSD, index_B, scfg, key):
     """MTP call; -> (draft at index_b, its distribution, normalised hidden there, cache)."""
     logits_BSY, hn_BSD, mtp_cache = decode.mtp_forward(model, tokens_BS, h_BSD, mtp_cache)
     logits_BY = decode.last(logits_BSY, index_B)
-    return (sampling.sample(logits_BY, key, scfg), sampling.probs(logits_BY, scfg),
-            decode.last(hn_BSD, index_B), mtp_cache)
+    return (
+        sampling.sample(logits_BY, key, scfg),
+        sampling.probs(logits_BY, scfg),
+        decode.last(hn_BSD, index_B),
+        mtp_cache,
+    )
 
 
 def start_fn(gen: generation.Generator, max_len: int):
@@ -76,16 +77,30 @@ def start_fn(gen: generation.Generator, max_len: int):
         # MTP prefill: position p takes t_{p+1} (the first generated token at the last position)
         nxt_BP = jnp.concatenate([tokens_BP[:, 1:], tokens_BP[:, :1]], axis=1)
         nxt_BP = nxt_BP.at[jnp.arange(B), lengths_B - 1].set(first_B)
-        logits_BPY, hn_BPD, mtp_cache = decode.mtp_forward(model, nxt_BP, h_BPD, mtp_cache,
-                                                           prefill=True)
+        logits_BPY, hn_BPD, mtp_cache = decode.mtp_forward(
+            model, nxt_BP, h_BPD, mtp_cache, prefill=True
+        )
         d_logits = decode.last(logits_BPY, lengths_B - 1)
-        out = generation.emit(generation.empty_output(B, cfg.max_new_tokens), first_B[:, None],
-                              jnp.ones((B,), jnp.int32), cfg.eos_id)
+        out = generation.emit(
+            generation.empty_output(B, cfg.max_new_tokens),
+            first_B[:, None],
+            jnp.ones((B,), jnp.int32),
+            cfg.eos_id,
+        )
         return SpecState(
-            cache, mtp_cache.with_length(lengths_B), first_B,
-            sampling.sample(d_logits, k2, cfg.sampling), sampling.probs(d_logits, cfg.sampling),
-            decode.last(hn_BPD, lengths_B - 1), out, key, jnp.full((B,), -1, jnp.int32),
-            jnp.zeros((k,), jnp.int32), jnp.zeros((k,), jnp.int32), jnp.zeros((), jnp.int32))
+            cache,
+            mtp_cache.with_length(lengths_B),
+            first_B,
+            sampling.sample(d_logits, k2, cfg.sampling),
+            sampling.probs(d_logits, cfg.sampling),
+            decode.last(hn_BPD, lengths_B - 1),
+            out,
+            key,
+            jnp.full((B,), -1, jnp.int32),
+            jnp.zeros((k,), jnp.int32),
+            jnp.zeros((k,), jnp.int32),
+            jnp.zeros((), jnp.int32),
+        )
 
     return start
 
@@ -127,8 +142,14 @@ def step_fn(gen: generation.Generator):
         zero_B = jnp.zeros((B,), jnp.int32)
         for j in range(1, K):  # draft d_{j+1} at position n+j-1
             d_B, q_BY, hn_BD, mtp_cache = _draft(
-                model, mtp_cache.with_length(n_B + j - 1), drafts[-1][:, None], hn_BD[:, None],
-                zero_B, cfg.sampling, keys[j])
+                model,
+                mtp_cache.with_length(n_B + j - 1),
+                drafts[-1][:, None],
+                hn_BD[:, None],
+                zero_B,
+                cfg.sampling,
+                keys[j],
+            )
             drafts.append(d_B)
             qs.append(q_BY)
         drafts_BK, q_BKY = jnp.stack(drafts, 1), jnp.stack(qs, 1)
@@ -141,15 +162,24 @@ def step_fn(gen: generation.Generator):
         active_B = ~s.out.done_B
         out = generation.emit(s.out, new_BW, a_B + 1, cfg.eos_id)
         n_new = jnp.where(active_B, n_B + a_B + 1, n_B)  # finished rows stay put
-        d_B, q_BY, hn_BD, mtp_cache = _draft(model, mtp_cache.with_length(n_B), new_BW, h_BWD,
-                                             a_B, cfg.sampling, keys[K + 1])
+        d_B, q_BY, hn_BD, mtp_cache = _draft(
+            model, mtp_cache.with_length(n_B), new_BW, h_BWD, a_B, cfg.sampling, keys[K + 1]
+        )
         took_K = ((a_B[:, None] >= jnp.arange(1, K + 1)[None]) & active_B[:, None]).sum(0)
         return SpecState(
-            cache.with_length(n_new), mtp_cache.with_length(n_new), nxt_B, d_B, q_BY, hn_BD,
-            out, keys[K + 2], a_B,
+            cache.with_length(n_new),
+            mtp_cache.with_length(n_new),
+            nxt_B,
+            d_B,
+            q_BY,
+            hn_BD,
+            out,
+            keys[K + 2],
+            a_B,
             s.proposed_K + active_B.sum().astype(jnp.int32),
             s.accepted_K + took_K.astype(jnp.int32),
-            s.row_steps + active_B.sum().astype(jnp.int32))
+            s.row_steps + active_B.sum().astype(jnp.int32),
+        )
 
     return step
 
@@ -165,6 +195,8 @@ def summary(s: SpecState) -> dict:
     accepted = np.asarray(s.accepted_K)
     rows = int(s.row_steps)
     rate = (accepted / np.maximum(proposed, 1)).tolist()
-    return {"acceptance_per_position": rate,
-            "mean_accepted_length": 1 + accepted.sum() / max(rows, 1),  # tokens per verify
-            "verify_steps": rows}
+    return {
+        "acceptance_per_position": rate,
+        "mean_accepted_length": 1 + accepted.sum() / max(rows, 1),  # tokens per verify
+        "verify_steps": rows,
+    }

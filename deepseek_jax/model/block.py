@@ -6,7 +6,8 @@ import jax
 from flax import nnx
 
 from deepseek_jax.model import config as config_lib
-from deepseek_jax.model import hooks
+from deepseek_jax.model import constraints
+from deepseek_jax.model import dispatch
 from deepseek_jax.model import layers
 from deepseek_jax.model import mla
 from deepseek_jax.model import moe as moe_lib
@@ -27,14 +28,15 @@ class Block(nnx.Module):
             self.ffn = layers.MLP(cfg.mlp, rngs=rngs)
         self.is_moe = cfg.moe is not None
 
-    def __call__(self, h_BSD: jax.Array, cos: jax.Array, sin: jax.Array):
-        """Returns (h, MoEStats | None)."""
-        h_BSD = hooks.constrain(h_BSD, ACT_BSD)
+    def __call__(self, h_BSD: jax.Array, cos: jax.Array, sin: jax.Array,
+                 experts: dispatch.ExpertFn = dispatch.dropless_experts):
+        """Returns (h, MoEStats | None); `experts` computes the routed experts of a MoE block."""
+        h_BSD = constraints.constrain(h_BSD, ACT_BSD)
         h_BSD = h_BSD + self.attn(self.attn_norm(h_BSD), cos, sin).astype(h_BSD.dtype)
         stats = None
         if self.is_moe:
-            y_BSD, stats = self.ffn(self.ffn_norm(h_BSD))
+            y_BSD, stats = self.ffn(self.ffn_norm(h_BSD), experts)
         else:
             y_BSD = self.ffn(self.ffn_norm(h_BSD))
         h_BSD = h_BSD + y_BSD.astype(h_BSD.dtype)
-        return hooks.constrain(h_BSD, ACT_BSD), stats
+        return constraints.constrain(h_BSD, ACT_BSD), stats

@@ -7,12 +7,30 @@ are combined with the routing weights (in float32). No capacity, no token droppe
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax.model import precision
+
+
+class ExpertFn(Protocol):
+    """The routed-expert computation of a MoE layer: y_XD = sum_k w_Xk * SwiGLU_{idx_Xk}(x_XD).
+
+    `dropless_experts` below is the single-device implementation; `parallel.expert` builds the
+    expert-parallel one (shard_map + all-to-all) for a mesh. Both are exact and dropless. The MoE
+    layer receives it as an explicit argument (Transformer.__call__(..., experts=)), so the code
+    that runs is the code the caller passed, never an ambient default.
+    """
+
+    def __call__(self, x_XD: jax.Array, idx_Xk: jax.Array, weights_Xk: jax.Array,
+                 w1_EDF: jax.Array, w3_EDF: jax.Array, w2_EFD: jax.Array) -> jax.Array: ...
+
 
 def sort_by_expert(idx_Xk: jax.Array, n_experts: int):
-    """Returns (order, group_sizes): order[j] = flat (token*k + choice) slot at sorted position j."""
+    """Returns (order_M, group_sizes_E): order_M[j] = the flat (token*k + choice) slot at sorted
+    position j. Z = X*k indexes the (token, choice) rows in expert-sorted order."""
     flat = idx_Xk.reshape(-1)
     order = jnp.argsort(flat, stable=True)
     group_sizes = jnp.zeros((n_experts,), jnp.int32).at[flat].add(1)
@@ -20,13 +38,13 @@ def sort_by_expert(idx_Xk: jax.Array, n_experts: int):
 
 
 def grouped_swiglu(
-    x_MD: jax.Array, group_sizes: jax.Array, w1_EDF: jax.Array, w3_EDF: jax.Array,
+    x_ZD: jax.Array, group_sizes: jax.Array, w1_EDF: jax.Array, w3_EDF: jax.Array,
     w2_EFD: jax.Array,
 ) -> jax.Array:
     """SwiGLU of rows already sorted into contiguous expert groups."""
-    gate_MF = jax.lax.ragged_dot(x_MD, w1_EDF, group_sizes)
-    up_MF = jax.lax.ragged_dot(x_MD, w3_EDF, group_sizes)
-    return jax.lax.ragged_dot(jax.nn.silu(gate_MF) * up_MF, w2_EFD, group_sizes)
+    gate_ZF = precision.ragged_dot(x_ZD, w1_EDF, group_sizes)
+    up_ZF = precision.ragged_dot(x_ZD, w3_EDF, group_sizes)
+    return precision.ragged_dot(jax.nn.silu(gate_ZF) * up_ZF, w2_EFD, group_sizes)
 
 
 def combine(y_XkD: jax.Array, weights_Xk: jax.Array, dtype) -> jax.Array:
@@ -36,7 +54,7 @@ def combine(y_XkD: jax.Array, weights_Xk: jax.Array, dtype) -> jax.Array:
     return y.astype(dtype)
 
 
-def dropless_experts(
+def dropless_experts(  # an ExpertFn
     x_XD: jax.Array,
     idx_Xk: jax.Array,
     weights_Xk: jax.Array,
@@ -47,8 +65,8 @@ def dropless_experts(
     X, k = idx_Xk.shape
     E = w1_EDF.shape[0]
     order, group_sizes = sort_by_expert(idx_Xk, E)
-    x_MD = jnp.take(x_XD, order // k, axis=0)
-    y_MD = grouped_swiglu(x_MD, group_sizes, w1_EDF, w3_EDF, w2_EFD)
+    x_ZD = jnp.take(x_XD, order // k, axis=0)
+    y_ZD = grouped_swiglu(x_ZD, group_sizes, w1_EDF, w3_EDF, w2_EFD)
     inverse = jnp.argsort(order)  # position of each (token, choice) slot in the sorted buffer
-    y_XkD = jnp.take(y_MD, inverse, axis=0).reshape(X, k, -1)
+    y_XkD = jnp.take(y_ZD, inverse, axis=0).reshape(X, k, -1)
     return combine(y_XkD, weights_Xk, x_XD.dtype)

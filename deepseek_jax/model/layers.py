@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepseek_jax.model import config as config_lib
+from deepseek_jax.model import precision
 
 
 class ExpertBias(nnx.Variable):
@@ -85,7 +86,7 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         w = self.kernel[...].astype(self.compute_dtype)
         contract = (tuple(range(x.ndim - self.in_rank, x.ndim)), tuple(range(self.in_rank)))
-        return jax.lax.dot_general(x.astype(self.compute_dtype), w, (contract, ((), ())))
+        return precision.dot_general(x.astype(self.compute_dtype), w, (contract, ((), ())))
 
 
 class Embed(nnx.Module):
@@ -101,11 +102,6 @@ class Embed(nnx.Module):
         """Tied output head: logits against the embedding table."""
         w = self.embedding[...].astype(self.compute_dtype)
         return jnp.einsum("...d,yd->...y", x.astype(self.compute_dtype), w)
-
-
-def swiglu(x: jax.Array, w1: jax.Array, w3: jax.Array, w2: jax.Array) -> jax.Array:
-    """down(silu(gate x) * up x), the FFN of every DeepSeek MLP (dense, shared and routed)."""
-    return (jax.nn.silu(x @ w1) * (x @ w3)) @ w2
 
 
 class MLP(nnx.Module):

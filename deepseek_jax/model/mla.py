@@ -9,13 +9,10 @@ Parameter names follow the official inference code (wq_a, q_norm, wq_b, wkv_a, k
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from deepseek_jax.model import attention
+from deepseek_jax.model import attention, layers, rope
 from deepseek_jax.model import config as config_lib
-from deepseek_jax.model import layers
-from deepseek_jax.model import rope
 
 
 class MLA(nnx.Module):
@@ -57,8 +54,8 @@ class MLA(nnx.Module):
         N = self.cfg.qk_nope_head_dim
         q_nope_BSHN, q_rope_BSHR = self.query(x_BSD, cos, sin)
         c_BSC, k_rope_BSR = self.latent(x_BSD, cos, sin)
-        kv_BSHX = self.wkv_b(c_BSC)
-        k_nope_BSHN, v_BSHV = kv_BSHX[..., :N], kv_BSHX[..., N:]
+        kv_BSHO = self.wkv_b(c_BSC)
+        k_nope_BSHN, v_BSHV = kv_BSHO[..., :N], kv_BSHO[..., N:]
 
         out_BSHV = attention.mla_attention(
             q_nope_BSHN, q_rope_BSHR, k_nope_BSHN, k_rope_BSR, v_BSHV, rope.softmax_scale(self.cfg)

@@ -1,7 +1,7 @@
 """DeepSeekMoE layer: router + bias (selection only) + routed experts + always-on shared experts.
 
-The routed-expert computation is `dispatch.dropless_experts` unless the parallel layer installed an
-expert-parallel implementation with `hooks.expert_implementation` (same signature).
+The routed-expert computation is an explicit `dispatch.ExpertFn` argument: the single-device
+`dispatch.dropless_experts` by default, the expert-parallel one from `parallel.expert` on a mesh.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from flax import nnx
 
 from deepseek_jax.model import config as config_lib
 from deepseek_jax.model import dispatch
-from deepseek_jax.model import hooks
 from deepseek_jax.model import layers
 from deepseek_jax.model import routing
 
@@ -56,15 +55,15 @@ class MoE(nnx.Module):
                                           cfg.param_dtype, cfg.compute_dtype)
         self.shared = layers.MLP(shared_cfg, rngs=rngs) if cfg.n_shared_experts else None
 
-    def __call__(self, x_BSD: jax.Array) -> tuple[jax.Array, MoEStats]:
+    def __call__(self, x_BSD: jax.Array, experts: dispatch.ExpertFn = dispatch.dropless_experts
+                 ) -> tuple[jax.Array, MoEStats]:
         cfg = self.cfg
         B, S, D = x_BSD.shape
         x_XD = x_BSD.reshape(B * S, D).astype(cfg.compute_dtype)
         bias = None if self.gate.bias is None else self.gate.bias[...]
         r = routing.route(self.gate(x_XD), bias, cfg)
-        impl = hooks.expert_impl() or dispatch.dropless_experts
         dt = cfg.compute_dtype
-        y_XD = impl(x_XD, r.idx_Xk, r.weights_Xk, self.w1[...].astype(dt),
+        y_XD = experts(x_XD, r.idx_Xk, r.weights_Xk, self.w1[...].astype(dt),
                     self.w3[...].astype(dt), self.w2[...].astype(dt))
         y_BSD = y_XD.reshape(B, S, D)
         if self.shared is not None:

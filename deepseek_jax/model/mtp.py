@@ -1,6 +1,6 @@
-"""Multi-token prediction: D sequential modules sharing the embedding and output head.
+"""Multi-token prediction: J sequential modules sharing the embedding and output head.
 
-Depth k (1..D) at position i combines the previous depth's hidden state at i with the embedding of
+Depth k (1..J) at position i combines the previous depth's hidden state at i with the embedding of
 token i+k and predicts token i+k+1:
     x = eh_proj([enorm(Emb(t_{i+k})) ; hnorm(h^{k-1}_i)])     # embedding FIRST (official weights)
     h^k = Block_k(x);  logits^k = Head(head_norm(h^k))
@@ -19,6 +19,7 @@ from flax import nnx
 
 from deepseek_jax.model import block as block_lib
 from deepseek_jax.model import config as config_lib
+from deepseek_jax.model import dispatch
 from deepseek_jax.model import layers
 from deepseek_jax.model import stack
 
@@ -35,14 +36,17 @@ class MTPLayer(nnx.Module):
         self.head_norm = layers.RMSNorm(D, cfg.norm_eps, param_dtype=pdt)
 
 
-def shifted_inputs(inputs_BS: jax.Array, depth: int) -> jax.Array:
-    """[D, B, S]: row k-1 holds inputs shifted left by k (t_{i+k}), zero-padded at the end."""
-    B, S = inputs_BS.shape
-    rows = []
-    for k in range(1, depth + 1):
-        pad = jnp.zeros((B, min(k, S)), inputs_BS.dtype)
-        rows.append(jnp.concatenate([inputs_BS[:, k:], pad], axis=1))
-    return jnp.stack(rows)
+def shift_left(x_BS: jax.Array, k: int) -> jax.Array:
+    """x[:, k:] followed by k zeros: what position i sees k tokens ahead (never wrapped)."""
+    pad = jnp.zeros((x_BS.shape[0], min(k, x_BS.shape[1])), x_BS.dtype)
+    return jnp.concatenate([x_BS[:, k:], pad], axis=1)
+
+
+def shifted(x_BS: jax.Array, depth: int) -> jax.Array:
+    """[J, B, S]: row k-1 holds x shifted left by k (t_{i+k} for inputs), zero-padded at the end."""
+    if depth == 0:
+        return jnp.zeros((0, *x_BS.shape), x_BS.dtype)
+    return jnp.stack([shift_left(x_BS, k) for k in range(1, depth + 1)])
 
 
 class MTP(nnx.Module):
@@ -60,16 +64,17 @@ class MTP(nnx.Module):
         head: Callable[[jax.Array], jax.Array],
         cos: jax.Array,
         sin: jax.Array,
+        experts: dispatch.ExpertFn = dispatch.dropless_experts,
     ):
-        """Returns (logits [D, B, S, Y], stacked MoEStats | None)."""
+        """Returns (logits [J, B, S, Y], MoEStats stacked over depths [J, ...] | None)."""
 
         def body(layer: MTPLayer, h_prev_BSD, ids_BS):
             e_BSD = layer.enorm(embed(ids_BS))
             x_BSD = layer.eh_proj(jnp.concatenate([e_BSD, layer.hnorm(h_prev_BSD)], axis=-1))
-            h_BSD, stats = layer.block(x_BSD, cos, sin)
+            h_BSD, stats = layer.block(x_BSD, cos, sin, experts)
             return h_BSD, (head(layer.head_norm(h_BSD)), stats)
 
-        _, (logits_DBSY, stats) = stack.scan(
-            self.layers, h0_BSD, body, shifted_inputs(inputs_BS, self.depth), self.remat
+        _, (logits_JBSY, stats) = stack.scan(
+            self.layers, h0_BSD, body, shifted(inputs_BS, self.depth), self.remat
         )
-        return logits_DBSY, stats
+        return logits_JBSY, stats

@@ -38,19 +38,21 @@ def remat(fn: Callable, policy: config_lib.RematPolicy) -> Callable:
 
 
 def scan(module: nnx.Module, carry: Any, body: Callable[[nnx.Module, Any, Any], tuple[Any, Any]],
-         xs: Any = None, policy: config_lib.RematPolicy = config_lib.RematPolicy.NONE):
-    """Runs body(layer, carry, x) -> (carry, y) over the stacked layers of `module`."""
+         xs: Any = None, policy: config_lib.RematPolicy = config_lib.RematPolicy.NONE,
+         unroll: bool = False):
+    """Runs body(layer, carry, x) -> (carry, y) over the stacked layers of `module`; `unroll`
+    traces every layer inline (no while loop), so XLA can schedule across layer boundaries."""
     graphdef, state = nnx.split(module)
 
     def step(c, inputs):
         layer_state, x = inputs
         return body(nnx.merge(graphdef, layer_state), c, x)
 
-    return jax.lax.scan(remat(step, policy), carry, (state, xs))
+    return jax.lax.scan(remat(step, policy), carry, (state, xs), unroll=unroll)
 
 
 def layer(module: nnx.Module, i: int) -> nnx.Module:
-    """Layer i of a stacked module as an ordinary module (tests, stage splitting)."""
+    """Layer i of a stacked module as an ordinary module (for tests and inspection)."""
     graphdef, state = nnx.split(module)
     return nnx.merge(graphdef, jax.tree.map(lambda v: v[i], state))
 

@@ -10,7 +10,8 @@ from flax import nnx
 
 from deepseek_jax.model import block as block_lib
 from deepseek_jax.model import config as config_lib
-from deepseek_jax.model import hooks
+from deepseek_jax.model import constraints
+from deepseek_jax.model import dispatch
 from deepseek_jax.model import layers
 from deepseek_jax.model import moe as moe_lib
 from deepseek_jax.model import mtp as mtp_lib
@@ -22,9 +23,9 @@ from deepseek_jax.model import stack
 @dataclasses.dataclass
 class Outputs:
     logits_BSY: jax.Array
-    mtp_logits_DBSY: jax.Array | None  # depth k-1 row predicts token i+k+1 at position i
+    mtp_logits_JBSY: jax.Array | None  # depth k-1 row predicts token i+k+1 at position i
     moe_stats: moe_lib.MoEStats | None  # stacked over main MoE layers [Lm, ...]
-    mtp_stats: moe_lib.MoEStats | None  # stacked over MTP depths [D, ...]
+    mtp_stats: moe_lib.MoEStats | None  # stacked over MTP depths [J, ...]
 
 
 class Transformer(nnx.Module):
@@ -47,7 +48,10 @@ class Transformer(nnx.Module):
             param_dtype=pdt, compute_dtype=cdt, rngs=rngs)
         self.mtp = mtp_lib.MTP(cfg, rngs=rngs) if cfg.mtp_depth else None
 
-    # -- pieces (the pipeline places these on different stages) -----------------------------------
+    # -- the forward, written once as three pieces --------------------------------------------
+    # A pipeline runs them on different stages: `prologue` on the first, slices of the MoE stack
+    # (`run_stack`) on every stage, `epilogue` on the last; `__call__` is their composition.
+
     def rope_tables(self, batch: int, seq: int):
         positions = jnp.broadcast_to(jnp.arange(seq)[None, :], (batch, seq))
         return rope.cos_sin(self.cfg.rope, self.cfg.qk_rope_head_dim, positions,
@@ -56,30 +60,50 @@ class Transformer(nnx.Module):
     def logits(self, h_BSD: jax.Array) -> jax.Array:
         """Output head on an already-normalised hidden state; float32 (or wider) logits."""
         out = self.embed.attend(h_BSD) if self.head is None else self.head(h_BSD)
-        out = hooks.constrain(out, ("act_batch", "act_seq", "act_vocab"))
+        out = constraints.constrain(out, ("act_batch", "act_seq", "act_vocab"))
         return out.astype(layers.accum_dtype(out.dtype))
 
-    def run_stack(self, stack_module, h_BSD, cos, sin):
+    def run_stack(self, stack_module, h_BSD, cos, sin,
+                  experts: dispatch.ExpertFn = dispatch.dropless_experts, unroll: bool = False):
+        """(h, MoEStats stacked over the layers | None). `unroll` traces every layer into one
+        computation instead of a while loop (pipeline stages: see parallel/pipeline/stages.py)."""
+
         def body(layer, h, _):
-            return layer(h, cos, sin)
+            return layer(h, cos, sin, experts)
 
-        return stack.scan(stack_module, h_BSD, body, None, self.cfg.remat)
+        return stack.scan(stack_module, h_BSD, body, None, self.cfg.remat, unroll=unroll)
 
-    def __call__(self, inputs_BS: jax.Array, *, with_mtp: bool = True) -> Outputs:
-        B, S = inputs_BS.shape
-        cos, sin = self.rope_tables(B, S)
-        h_BSD = hooks.constrain(self.embed(inputs_BS), block_lib.ACT_BSD)
+    def prologue(self, inputs_BS: jax.Array, cos, sin,
+                 experts: dispatch.ExpertFn = dispatch.dropless_experts,
+                 unroll: bool = False) -> jax.Array:
+        """Embedding and the dense layers: the input of the MoE stack."""
+        h_BSD = constraints.constrain(self.embed(inputs_BS), block_lib.ACT_BSD)
         if self.dense_layers is not None:
-            h_BSD, _ = self.run_stack(self.dense_layers, h_BSD, cos, sin)
-        moe_stats = None
-        if self.moe_layers is not None:
-            h_BSD, moe_stats = self.run_stack(self.moe_layers, h_BSD, cos, sin)
+            h_BSD, _ = self.run_stack(self.dense_layers, h_BSD, cos, sin, experts, unroll)
+        return h_BSD
+
+    def epilogue(self, h_BSD: jax.Array, inputs_BS: jax.Array, cos, sin,
+                 experts: dispatch.ExpertFn = dispatch.dropless_experts, *,
+                 with_mtp: bool = True) -> Outputs:
+        """Final norm, head and the MTP modules on the MoE stack's output (moe_stats left None)."""
         h_BSD = self.norm(h_BSD)
         logits_BSY = self.logits(h_BSD)
         mtp_logits, mtp_stats = None, None
         if with_mtp and self.mtp is not None:
-            mtp_logits, mtp_stats = self.mtp(h_BSD, inputs_BS, self.embed, self.logits, cos, sin)
-        return Outputs(logits_BSY, mtp_logits, moe_stats, mtp_stats)
+            mtp_logits, mtp_stats = self.mtp(h_BSD, inputs_BS, self.embed, self.logits, cos, sin,
+                                             experts)
+        return Outputs(logits_BSY, mtp_logits, None, mtp_stats)
+
+    def __call__(self, inputs_BS: jax.Array, *, with_mtp: bool = True,
+                 experts: dispatch.ExpertFn = dispatch.dropless_experts) -> Outputs:
+        B, S = inputs_BS.shape
+        cos, sin = self.rope_tables(B, S)
+        h_BSD = self.prologue(inputs_BS, cos, sin, experts)
+        moe_stats = None
+        if self.moe_layers is not None:
+            h_BSD, moe_stats = self.run_stack(self.moe_layers, h_BSD, cos, sin, experts)
+        out = self.epilogue(h_BSD, inputs_BS, cos, sin, experts, with_mtp=with_mtp)
+        return dataclasses.replace(out, moe_stats=moe_stats)
 
     # -- aux-loss-free balancing -----------------------------------------------------------------
     def update_expert_bias(self, moe_stats: moe_lib.MoEStats | None,

@@ -2,9 +2,9 @@
 
 Mesh axis sizes, the logical-axis rules preset and the expert-parallel exchange. The sharding layer
 (parallel/mesh.py, sharding.py, plan.py) interprets them; -1 for `data` means "whatever the device
-count leaves". Which axes a preset may use, and every check that needs the model or the device
-count, live in plan.py; what is checked here needs nothing else.
-`pipeline` selects a pipeline schedule over the `stage` axis (`--config.parallel.pipeline=dualpipe`,
+count leaves". What is checked here needs nothing else; which axes a preset may use and every check
+that needs the device count live in validate.py (run by plan.make_plan).
+`pipeline` selects a pipeline schedule over the `pipe` axis (`--config.parallel.pipeline=dualpipe`,
 docs/pipeline_execution.md); `microbatches` is the total per step (DualPipe's num_chunks: half
 enter at each end). `check_pipeline` checks a pipeline against the model and train sections.
 """
@@ -47,8 +47,9 @@ class ExpertExchange(enum.Enum):
     RAGGED_ALL_TO_ALL = "ragged_all_to_all"
 
 
-class Pipeline(enum.Enum):
-    """Pipeline schedule over `stage`, or none. Values are `schedules.Schedule`'s plus "none"."""
+class Schedule(enum.Enum):
+    """The pipeline schedule over the `pipe` axis, or NONE (no pipeline); the one schedule enum
+    (parallel/pipeline/schedules.py builds each schedule's per-rank op orders)."""
 
     NONE = "none"
     DUALPIPE = "dualpipe"
@@ -57,7 +58,7 @@ class Pipeline(enum.Enum):
     GPIPE = "gpipe"
 
 
-AXIS_FIELDS = ("stage", "data", "fsdp", "expert", "tensor")
+AXIS_FIELDS = ("pipe", "data", "fsdp", "expert", "tensor")
 # Presets verified with a pipeline (tests/parallel/test_pipeline_step.py): parameters replicated
 # or experts over `expert`. Sharding weights over fsdp/tensor inside a stage is not composed yet.
 PIPELINE_PRESETS = (Preset.DATA, Preset.DATA_EXPERT)
@@ -69,11 +70,11 @@ class ParallelConfig:
     fsdp: int = 1
     expert: int = 1
     tensor: int = 1
-    stage: int = 1  # pipeline ranks; > 1 needs `pipeline`
+    pipe: int = 1  # pipeline ranks (the `pipe` mesh axis); > 1 needs `pipeline`
     preset: Preset = Preset.DATA
     expert_exchange: ExpertExchange = ExpertExchange.ALL_TO_ALL
-    pipeline: Pipeline = Pipeline.NONE
-    microbatches: int = 0  # per step; 0: 2 * stage, the least DualPipe accepts
+    pipeline: Schedule = Schedule.NONE
+    microbatches: int = 0  # per step; 0: 2 * pipe, the least DualPipe accepts
 
     def __post_init__(self):
         for name in AXIS_FIELDS:
@@ -91,16 +92,16 @@ class ParallelConfig:
                              f"(allowed: {[e.value for e in ExpertExchange]})")
         if self.microbatches < 0:
             raise ValueError(f"parallel.microbatches must be >= 0, got {self.microbatches}")
-        if self.pipeline is not Pipeline.NONE and self.stage < 2:
-            raise ValueError(f"parallel.pipeline={self.pipeline.value} needs parallel.stage >= 2, "
-                             f"got {self.stage}")
-        if self.pipeline is Pipeline.NONE and self.stage > 1:
-            raise ValueError(f"parallel.stage={self.stage} needs a parallel.pipeline schedule "
+        if self.pipeline is not Schedule.NONE and self.pipe < 2:
+            raise ValueError(f"parallel.pipeline={self.pipeline.value} needs parallel.pipe >= 2, "
+                             f"got {self.pipe}")
+        if self.pipeline is Schedule.NONE and self.pipe > 1:
+            raise ValueError(f"parallel.pipe={self.pipe} needs a parallel.pipeline schedule "
                              "(dualpipe, dualpipev, 1f1b or gpipe)")
 
     @property
     def num_microbatches(self) -> int:
-        return self.microbatches or 2 * self.stage
+        return self.microbatches or 2 * self.pipe
 
     def sizes(self) -> dict[str, int]:
         """Axis sizes as configured ({'data': -1, ...} before the device count is known)."""
@@ -111,17 +112,17 @@ def check_pipeline(parallel: ParallelConfig, model: Any, train: Any) -> None:
     """Cross-section checks of a pipelined run, before anything is compiled (ValueError naming
     the fields). `model` is a ModelConfig, `train` a TrainConfig. Checks that need the device
     count (micro-batch rows per data shard) are in validate.py."""
-    if parallel.pipeline is Pipeline.NONE:
+    if parallel.pipeline is Schedule.NONE:
         return
-    from deepseek_jax.parallel import schedules  # pure Python; no JAX import at config time
+    from deepseek_jax.parallel.pipeline import schedules  # pure Python, no JAX at config time
 
-    name, pp, M = parallel.pipeline.value, parallel.stage, parallel.num_microbatches
+    name, pp, M = parallel.pipeline.value, parallel.pipe, parallel.num_microbatches
     try:
-        plan = schedules.build(name, pp, M)
+        orders = schedules.build(parallel.pipeline, pp, M)
     except ValueError as e:
-        raise ValueError(f"parallel.pipeline={name} with parallel.stage={pp} and "
+        raise ValueError(f"parallel.pipeline={name} with parallel.pipe={pp} and "
                          f"parallel.microbatches={M}: {e}") from None
-    stages = plan.num_stages
+    stages = orders.num_stages
     if model.n_moe_layers < stages or model.n_moe_layers % stages:
         raise ValueError(
             f"model.n_layers: the {model.n_moe_layers} MoE layers (n_layers={model.n_layers} - "

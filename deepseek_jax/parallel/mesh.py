@@ -1,6 +1,6 @@
 """The device mesh: a small fixed set of named axes, sized from ParallelConfig.
 
-Axes, outermost first: stage (pipeline, issue 5), data, fsdp, expert, tensor. The order is the
+Axes, outermost first: pipe (pipeline ranks), data, fsdp, expert, tensor. The order is the
 device order: `tensor` is innermost, so a tensor-parallel group (the most talkative collective)
 sits on neighbouring devices, which on a multi-host job means the same host; the outer axes are
 the ones that span hosts. `jax.make_mesh` orders devices by physical topology on TPU and by
@@ -21,8 +21,8 @@ from jax.sharding import AbstractMesh, AxisType, Mesh
 
 from deepseek_jax.parallel import config as config_lib
 
-STAGE, DATA, FSDP, EXPERT, TENSOR = "stage", "data", "fsdp", "expert", "tensor"
-AXES = (STAGE, DATA, FSDP, EXPERT, TENSOR)
+PIPE, DATA, FSDP, EXPERT, TENSOR = "pipe", "data", "fsdp", "expert", "tensor"
+AXES = (PIPE, DATA, FSDP, EXPERT, TENSOR)
 # Axes over which the global batch is split: each carries different tokens. `expert` is one of
 # them: an expert-parallel rank holds its own tokens and exchanges them with the all-to-all.
 BATCH_AXES = (DATA, FSDP, EXPERT)
@@ -70,7 +70,7 @@ def abstract_mesh(cfg: config_lib.ParallelConfig, n_devices: int) -> AbstractMes
 def current(mesh: Mesh | AbstractMesh) -> Mesh | AbstractMesh:
     """The mesh to name in a constraint or shard_map being traced now.
 
-    Inside a shard_map (the pipeline's, manual over `stage`) JAX requires the context's abstract
+    Inside a shard_map (the pipeline's, manual over `pipe`) JAX requires the context's abstract
     mesh, which marks the manual axes; elsewhere there is no context mesh and `mesh` is used.
     """
     ctx = jax.sharding.get_abstract_mesh()

@@ -1,14 +1,14 @@
-"""The parallel plan: one object that holds the mesh and the rules and hands out everything the loop
-and the steps need -- state and batch shardings, the state created already sharded, the jitted
-sharded train/eval steps with the model hooks installed, and global batches from per-host data.
+"""The parallel plan: the mesh and the rules, and what follows from them alone.
 
     plan = plan_lib.make_plan(exp.parallel, exp.model, exp.train.global_batch_size)
-    state = plan.init_state(exp.model, tx, seed)  # or ckpt.restore(None, plan.abstract_state(..))
-    step = plan.jit_train_step(step_lib.make_train_step(graphdef, exp.train, tx), exp.model, tx)
-    state, metrics = step(state, plan.global_batch(local_numpy_batch))
+    plan.batch_sharding()             # [B, S] batch arrays: rows over the batch axes
+    plan.experts()                    # the model's routed-expert function on this mesh
+    jax.jit(plan.wrap(fn))            # fn traced with activation constraints on this mesh
+    plan.global_batch(local_batch, G) # this process's numpy rows -> a global sharded Batch
 
 `make_plan` checks everything that can be checked before a compile (validate.py) and fails with
-the numbers involved.
+the numbers involved. The train state's shardings and the jitted steps are built from a plan by
+train/sharded.py; this package never imports train/.
 """
 
 from __future__ import annotations
@@ -20,19 +20,17 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
-import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from deepseek_jax import batch as batch_lib
 from deepseek_jax.model import config as model_config
-from deepseek_jax.model import hooks
+from deepseek_jax.model import constraints
+from deepseek_jax.model import dispatch
 from deepseek_jax.parallel import config as config_lib
 from deepseek_jax.parallel import expert as expert_lib
 from deepseek_jax.parallel import mesh as mesh_lib
 from deepseek_jax.parallel import sharding as sharding_lib
-from deepseek_jax.parallel import stages
 from deepseek_jax.parallel import validate
-from deepseek_jax.train import state as state_lib
-from deepseek_jax.train import step as step_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,67 +55,27 @@ class Plan:
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh, P())
 
-    def state_specs(self, model_cfg: model_config.ModelConfig,
-                    abstract: state_lib.TrainState) -> state_lib.TrainState:
-        logical_params, logical_bias = state_lib.logical_axes(model_cfg)
-        sizes = self.sizes
-        params = sharding_lib.tree_specs(self.rules, logical_params, abstract.params, sizes,
-                                         "params")
-        bias = sharding_lib.tree_specs(self.rules, logical_bias, abstract.expert_bias, sizes,
-                                       "expert_bias")
-        if self.cfg.pipeline is not config_lib.Pipeline.NONE:  # each rank keeps its stages' layers
-            params, bias = stages.stack_on_stage(params), stages.stack_on_stage(bias)
-        opt = sharding_lib.mirror_specs(params, abstract.params, abstract.opt_state)
-        return state_lib.TrainState(step=P(), params=params, expert_bias=bias, opt_state=opt)
-
-    def state_shardings(self, model_cfg: model_config.ModelConfig,
-                        tx: optax.GradientTransformation) -> state_lib.TrainState:
-        return _state_shardings(self, model_cfg, tx)
-
-    def abstract_state(self, model_cfg: model_config.ModelConfig,
-                       tx: optax.GradientTransformation) -> state_lib.TrainState:
-        """ShapeDtypeStructs carrying this plan's shardings (checkpoint restore targets)."""
-        return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                            _abstract_state(model_cfg, tx), self.state_shardings(model_cfg, tx))
-
-    # -- state and steps --------------------------------------------------------------------------
-    def init_state(self, model_cfg: model_config.ModelConfig, tx: optax.GradientTransformation,
-                   seed: int) -> state_lib.TrainState:
-        """A jitted init whose outputs are born sharded: no device ever holds the whole model."""
-        return state_lib.init_state(model_cfg, tx, seed,
-                                    out_shardings=self.state_shardings(model_cfg, tx))
+    # -- what the model is given on this mesh -----------------------------------------------------
+    def experts(self) -> dispatch.ExpertFn:
+        """The routed-expert function: shard_map + all-to-all over the expert axes."""
+        return expert_lib.make_expert_fn(self.mesh, self.rules, self.cfg.expert_exchange)
 
     @contextlib.contextmanager
-    def hooks(self) -> Iterator[None]:
-        """Activation constraints and the expert-parallel MoE, for whatever is traced inside."""
-        constrain = sharding_lib.constraint_fn(self.mesh, self.rules)
-        experts = expert_lib.make_expert_fn(self.mesh, self.rules, self.cfg.expert_exchange)
-        with hooks.activation_constraint(constrain), hooks.expert_implementation(experts):
+    def constraints(self) -> Iterator[None]:
+        """Activation constraints on this mesh, for whatever is traced inside."""
+        with constraints.activation_constraint(sharding_lib.constraint_fn(self.mesh, self.rules)):
             yield
 
     def wrap(self, fn: Callable) -> Callable:
-        """fn with the hooks installed while it is traced (contextvars are read at trace time)."""
+        """fn with the activation constraints installed while it is traced: the context is entered
+        inside the traced function, so every trace jit makes of it sees the constraints."""
 
         @functools.wraps(fn)
         def wrapped(*args):
-            with self.hooks():
+            with self.constraints():
                 return fn(*args)
 
         return wrapped
-
-    def jit_train_step(self, train_step: Callable, model_cfg: model_config.ModelConfig,
-                       tx: optax.GradientTransformation) -> Callable:
-        """(state, batch) -> (state, metrics): one jit, explicit in/out shardings, state donated;
-        metrics come back replicated so every process can read them."""
-        return step_lib.jit_train_step(self.wrap(train_step), self.state_shardings(model_cfg, tx),
-                                       self.batch_sharding(), self.replicated())
-
-    def jit_eval_step(self, eval_step: Callable, model_cfg: model_config.ModelConfig,
-                      tx: optax.GradientTransformation) -> Callable:
-        s = self.state_shardings(model_cfg, tx)
-        return jax.jit(self.wrap(eval_step),
-                       in_shardings=(s.params, s.expert_bias, self.batch_sharding()),
-                       out_shardings=self.replicated())
 
     # -- data -------------------------------------------------------------------------------------
     def data_shard(self, global_batch_size: int) -> tuple[int, int]:
@@ -142,25 +100,15 @@ class Plan:
                 f"{mesh_lib.BATCH_AXES} are outermost across processes")
         return lo // n, global_batch_size // n
 
-    def global_batch(self, local: Mapping[str, np.ndarray], global_batch_size: int
-                     ) -> dict[str, jax.Array]:
-        """This process's rows (numpy, from the data pipeline) -> global sharded arrays."""
+    def global_batch(self, local: batch_lib.Batch | Mapping[str, np.ndarray],
+                     global_batch_size: int) -> batch_lib.Batch:
+        """This process's rows (numpy; the data pipeline's records by field name, or a Batch)
+        -> a Batch of global sharded arrays, every field of it."""
+        if not isinstance(local, batch_lib.Batch):
+            local = batch_lib.Batch.from_dict(local)
         sharding = self.batch_sharding()
-        return {k: jax.make_array_from_process_local_data(
-            sharding, np.asarray(v), (global_batch_size,) + np.shape(v)[1:])
-            for k, v in local.items()}
-
-
-# Both trace the model init (seconds for a large model); the loop asks several times.
-@functools.lru_cache(maxsize=8)
-def _abstract_state(model_cfg, tx) -> state_lib.TrainState:
-    return state_lib.abstract_state(model_cfg, tx)
-
-
-@functools.lru_cache(maxsize=8)
-def _state_shardings(plan: Plan, model_cfg, tx) -> state_lib.TrainState:
-    specs = plan.state_specs(model_cfg, _abstract_state(model_cfg, tx))
-    return sharding_lib.named(plan.mesh, specs)
+        return jax.tree.map(lambda v: jax.make_array_from_process_local_data(
+            sharding, np.asarray(v), (global_batch_size,) + np.shape(v)[1:]), local)
 
 
 def make_plan(cfg: config_lib.ParallelConfig, model_cfg: model_config.ModelConfig,

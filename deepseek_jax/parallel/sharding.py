@@ -37,8 +37,9 @@ _B, _F, _E, _T = mesh_lib.BATCH_AXES, (mesh_lib.FSDP,), (mesh_lib.EXPERT,), (mes
 class Rules:
     """Mesh axes that each logical axis is split over (empty: replicated).
 
-    Fields are the logical axis names, so a misspelt name fails as an unknown field. `layers` and
-    `mtp_layers` are where the pipeline will map `stage`.
+    Fields are the logical axis names, so a misspelt name fails as an unknown field. The pipeline
+    puts `pipe` on the leading layer axis of the MoE stack itself (pipeline.stages.stack_over_pipe),
+    not through a rule.
     """
 
     # Parameters.

@@ -22,13 +22,11 @@ def _fail(msg: str):
 
 def check(cfg: config_lib.ParallelConfig, rules: sharding_lib.Rules, sizes: Mapping[str, int],
           model: model_config.ModelConfig, global_batch_size: int) -> None:
-    if sizes[mesh_lib.STAGE] != 1 and cfg.pipeline is config_lib.Pipeline.NONE:
-        _fail(f"stage={sizes[mesh_lib.STAGE]} needs parallel.pipeline; use stage=1 without one")
     # The batch axes all carry tokens, but an fsdp or expert axis that splits no parameter is
     # just a second data axis under another name: refuse it rather than mislabel the layout.
     used = rules.param_mesh_axes() | {mesh_lib.DATA}
     for axis in mesh_lib.AXES:
-        if axis != mesh_lib.STAGE and axis not in used and sizes[axis] > 1:
+        if axis != mesh_lib.PIPE and axis not in used and sizes[axis] > 1:
             _fail(f"preset {cfg.preset.value} shards nothing over `{axis}`, so {axis}="
                   f"{sizes[axis]} would only replicate; set {axis}=1 or pick a preset that uses "
                   f"it (docs/parallelism.md)")
@@ -58,7 +56,7 @@ def check(cfg: config_lib.ParallelConfig, rules: sharding_lib.Rules, sizes: Mapp
     if global_batch_size % shards:
         _fail(f"train.global_batch_size={global_batch_size} is not divisible by the {shards} "
               f"batch shards ({where})")
-    if cfg.pipeline is not config_lib.Pipeline.NONE:
+    if cfg.pipeline is not config_lib.Schedule.NONE:
         rows = global_batch_size // cfg.num_microbatches  # every micro-batch is split the same
         if rows % shards:
             _fail(f"a micro-batch of {rows} sequences (train.global_batch_size="

@@ -4,8 +4,9 @@ Resumes from the newest good checkpoint in `<workdir>/checkpoints/` (state, data
 config); otherwise initialises (or loads `checkpoint.init_from`). Step n's metrics are read after
 step n+1 has been dispatched, so the host never stalls the device; a run of non-finite steps longer
 than `train.max_nonfinite_in_a_row` stops with the step, the metric and the batch named.
-Everything runs on the mesh of `exp.parallel` (parallel/plan.py): the state is created or restored
-sharded, each process loads only its rows of every batch, and metrics come back replicated.
+Everything runs on the mesh of `exp.parallel` (parallel/plan.py; the state and the steps on it come
+from train/sharded.py): the state is created or restored sharded, each process loads only its rows
+of every batch, and metrics come back replicated.
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ import numpy as np
 from deepseek_jax import config as config_lib
 from deepseek_jax import data as data_lib
 from deepseek_jax.model import counting
-from deepseek_jax.parallel import config as parallel_config
-from deepseek_jax.parallel import pipeline_step
 from deepseek_jax.parallel import plan as plan_lib
 from deepseek_jax.train import checkpoint as checkpoint_lib
 from deepseek_jax.train import init_from
@@ -32,8 +31,8 @@ from deepseek_jax.train import metrics as metrics_lib
 from deepseek_jax.train import optim
 from deepseek_jax.train import preemption
 from deepseek_jax.train import progress as progress_lib
+from deepseek_jax.train import sharded
 from deepseek_jax.train import state as state_lib
-from deepseek_jax.train import step as step_lib
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +77,7 @@ class Evaluator:
             exp.data, seq_len=t.seq_len, batch_size=t.global_batch_size,
             model_vocab_size=exp.model.vocab_size, num_batches=t.eval_batches or None,
             process_index=index, process_count=count)
-        self.fn = plan.jit_eval_step(step_lib.make_eval_step(graphdef), exp.model, tx)
+        self.fn = sharded.eval_step(plan, exp.model, graphdef, tx)
 
     def __call__(self, state: state_lib.TrainState) -> dict[str, float]:
         sums = {"nll_sum": 0.0, "tokens": 0.0, "bytes": 0.0}
@@ -146,7 +145,7 @@ def run(exp: config_lib.ExperimentConfig, workdir: str | pathlib.Path) -> dict[s
     guard = preemption.PreemptionGuard().install()
     ckpt = checkpoint_lib.Checkpointer(workdir, keep_last=exp.checkpoint.keep_last,
                                        keep_every=exp.checkpoint.keep_every or None)
-    abstract = plan.abstract_state(exp.model, tx)  # restores straight into the shardings
+    abstract = sharded.abstract_state(plan, exp.model, tx)  # restores into the shardings
     restored = ckpt.restore(None, abstract)
     if restored is not None:
         state, step = restored.state, restored.step
@@ -157,15 +156,12 @@ def run(exp: config_lib.ExperimentConfig, workdir: str | pathlib.Path) -> dict[s
                         "restarts", step, jax.process_count())
         print(f"resumed from step {step} ({workdir / 'checkpoints' / str(step)})", flush=True)
     else:
-        state, step = plan.init_state(exp.model, tx, t.seed), 0
+        state, step = sharded.init_state(plan, exp.model, tx, t.seed), 0
         if exp.checkpoint.init_from:
             state = init_from.load_into(state, exp.model, exp.checkpoint.init_from)
             print(f"initialised parameters from {exp.checkpoint.init_from}", flush=True)
 
-    if exp.parallel.pipeline is parallel_config.Pipeline.NONE:
-        train_step = plan.jit_train_step(step_lib.make_train_step(graphdef, t, tx), exp.model, tx)
-    else:
-        train_step = pipeline_step.jit_train_step(plan, exp, graphdef, tx)
+    train_step = sharded.train_step(plan, exp.model, t, graphdef, tx)
     counts = counting.count(exp.model, t.seq_len)
     peak = peak_flops()
     writer = metrics_lib.MetricsWriter(workdir, process_index=pid)

@@ -1,10 +1,11 @@
 """The train and eval steps as pure functions of (state, batch).
 
-One train step: loss and grads (CE + MTP + balance), clipped AdamW update, then the aux-loss-free
-bias update from this batch's expert loads, outside the gradient. A step whose loss or gradient norm
-is not finite changes nothing (params, optimizer state, biases) and reports skipped=1.
-The sharded and pipelined steps reuse `loss_and_grads` and `apply_update` around their own
-gradient computation.
+One train step: loss and grads (the objective of model/losses.py), clipped AdamW update, then the
+aux-loss-free bias update from this batch's expert loads, outside the gradient. A step whose loss
+or gradient norm is not finite changes nothing (params, optimizer state, biases) and reports
+skipped=1. The sharded step (train/sharded.py) jits `make_train_step` with the plan's expert
+function; the pipelined step (train/pipeline_step.py) computes loss and gradients with the
+pipeline executor and shares `apply_update`.
 """
 
 from __future__ import annotations
@@ -16,25 +17,34 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from deepseek_jax import batch as batch_lib
+from deepseek_jax.model import dispatch
 from deepseek_jax.model import layers
+from deepseek_jax.model import losses
 from deepseek_jax.train import config as train_config
-from deepseek_jax.train import losses
 from deepseek_jax.train import optim
 from deepseek_jax.train import state as state_lib
 
 
-def loss_fn(graphdef, train_cfg: train_config.TrainConfig, params, expert_bias, batch: dict,
-            mtp_lambda: jax.Array):
+def loss_fn(graphdef, train_cfg: train_config.TrainConfig, params, expert_bias,
+            batch: batch_lib.Batch, mtp_lambda: jax.Array,
+            experts: dispatch.ExpertFn = dispatch.dropless_experts,
+            objective: losses.Objective = losses.objective):
     model = nnx.merge(graphdef, params, expert_bias)
-    out = model(batch["inputs"])
-    loss, metrics = losses.objective(out, batch, mtp_lambda, train_cfg.balance_alpha)
+    out = model(batch.inputs, experts=experts)
+    norms = losses.norms(batch, model.cfg.mtp_depth, out.logits_BSY.dtype)
+    weights = losses.Weights(mtp_lambda, train_cfg.balance_alpha)
+    loss, metrics = objective(out, batch, norms, weights)
     return loss, (metrics, out.moe_stats, out.mtp_stats)
 
 
-def loss_and_grads(graphdef, train_cfg, state: state_lib.TrainState, batch: dict):
+def loss_and_grads(graphdef, train_cfg, state: state_lib.TrainState, batch: batch_lib.Batch,
+                   experts: dispatch.ExpertFn = dispatch.dropless_experts,
+                   objective: losses.Objective = losses.objective):
     mtp_lambda = optim.piecewise(train_cfg.mtp_lambda, state.step)
     grad_fn = jax.value_and_grad(
-        lambda p: loss_fn(graphdef, train_cfg, p, state.expert_bias, batch, mtp_lambda),
+        lambda p: loss_fn(graphdef, train_cfg, p, state.expert_bias, batch, mtp_lambda, experts,
+                          objective),
         has_aux=True)
     (loss, aux), grads = grad_fn(state.params)
     return loss, aux, grads
@@ -88,23 +98,26 @@ def apply_update(graphdef, train_cfg, tx, state: state_lib.TrainState, loss, aux
 
 
 def make_train_step(graphdef, train_cfg: train_config.TrainConfig,
-                    tx: optax.GradientTransformation) -> Callable:
-    def train_step(state: state_lib.TrainState, batch: dict):
-        loss, aux, grads = loss_and_grads(graphdef, train_cfg, state, batch)
+                    tx: optax.GradientTransformation, *,
+                    experts: dispatch.ExpertFn = dispatch.dropless_experts,
+                    objective: losses.Objective = losses.objective) -> Callable:
+    def train_step(state: state_lib.TrainState, batch: batch_lib.Batch):
+        loss, aux, grads = loss_and_grads(graphdef, train_cfg, state, batch, experts, objective)
         return apply_update(graphdef, train_cfg, tx, state, loss, aux, grads)
 
     return train_step
 
 
-def make_eval_step(graphdef) -> Callable:
+def make_eval_step(graphdef, experts: dispatch.ExpertFn = dispatch.dropless_experts) -> Callable:
     """Sums for held-out loss and bits per byte (main next-token loss only)."""
 
-    def eval_step(params, expert_bias, batch: dict) -> dict[str, Any]:
-        out = nnx.merge(graphdef, params, expert_bias)(batch["inputs"], with_mtp=False)
-        mask = batch["loss_mask"].astype(jnp.float32)
-        nll = losses.token_nll(out.logits_BSY, batch["targets"]) * mask
+    def eval_step(params, expert_bias, batch: batch_lib.Batch) -> dict[str, Any]:
+        out = nnx.merge(graphdef, params, expert_bias)(batch.inputs, with_mtp=False,
+                                                       experts=experts)
+        mask = batch.loss_mask.astype(jnp.float32)
+        nll = losses.token_nll(out.logits_BSY, batch.targets) * mask
         return {"nll_sum": nll.sum(), "tokens": mask.sum(),
-                "bytes": (batch["target_bytes"] * mask).sum()}
+                "bytes": (batch.target_bytes * mask).sum()}
 
     return eval_step
 
@@ -112,7 +125,7 @@ def make_eval_step(graphdef) -> Callable:
 def jit_train_step(fn: Callable, state_shardings: Any = None, batch_shardings: Any = None,
                    metrics_shardings: Any = None):
     """jax.jit of a train step with the state donated; with shardings, the sharded ("pjit") step:
-    explicit in/out shardings (parallel/plan.py passes them; metrics replicated)."""
+    explicit in/out shardings (train/sharded.py passes them; metrics replicated)."""
     kw = {}
     if state_shardings is not None:
         kw = dict(in_shardings=(state_shardings, batch_shardings),

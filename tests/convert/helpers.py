@@ -92,7 +92,7 @@ def our_outputs(cfg: config_lib.ModelConfig, state: State, tokens: np.ndarray):
     biases = tree.with_arrays(biases, lambda p, _: jnp.asarray(state["expert_bias"][p]))
     out = jax.jit(lambda p, b, t: nnx.merge(graphdef, p, b)(t))(params, biases,
                                                                 jnp.asarray(tokens))
-    mtp = None if out.mtp_logits_DBSY is None else np.asarray(out.mtp_logits_DBSY)
+    mtp = None if out.mtp_logits_JBSY is None else np.asarray(out.mtp_logits_JBSY)
     return np.asarray(out.logits_BSY), mtp
 
 

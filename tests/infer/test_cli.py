@@ -12,10 +12,25 @@ from deepseek_jax.model import config as config_lib
 from tests.convert import helpers
 
 BYTE_CFG = config_lib.ModelConfig(
-    vocab_size=258, d_model=32, n_layers=2, first_k_dense_replace=1, intermediate_size=64,
-    n_heads=2, q_lora_rank=16, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4,
-    v_head_dim=8, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=8,
-    num_experts_per_tok=2, n_group=2, topk_group=1, mtp_depth=1)
+    vocab_size=258,
+    d_model=32,
+    n_layers=2,
+    first_k_dense_replace=1,
+    intermediate_size=64,
+    n_heads=2,
+    q_lora_rank=16,
+    kv_lora_rank=8,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=8,
+    n_routed_experts=4,
+    n_shared_experts=1,
+    moe_intermediate_size=8,
+    num_experts_per_tok=2,
+    n_group=2,
+    topk_group=1,
+    mtp_depth=1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +49,23 @@ def main(capsys, *argv):
 
 
 def test_text_prompt_streams_and_matches_the_library(ckpts, capsys):
-    rc, out, err = main(capsys, "--checkpoint", ckpts / "mtp", "--prompt", "def f(x):",
-                        "--max-new-tokens", 8, "--eos-id", -1)
+    rc, out, err = main(
+        capsys,
+        "--checkpoint",
+        ckpts / "mtp",
+        "--prompt",
+        "def f(x):",
+        "--max-new-tokens",
+        8,
+        "--eos-id",
+        -1,
+    )
     assert rc == 0, err
     text, summary = out.rstrip("\n").rsplit("\n", 1)
     cfg, arrays, _ = load.load(ckpts / "mtp", with_mtp=False)
-    gen = generation.Generator(*load.build(cfg, arrays),
-                               generation.GenerateConfig(max_new_tokens=8))
+    gen = generation.Generator(
+        *load.build(cfg, arrays), generation.GenerateConfig(max_new_tokens=8)
+    )
     ids = gen.generate([np.frombuffer(b"def f(x):", np.uint8).astype(np.int32)]).tokens[0]
     want = bytes(int(i) for i in ids if i < 256).decode("utf-8", errors="replace")
     assert text == "def f(x):" + want
@@ -50,16 +75,39 @@ def test_text_prompt_streams_and_matches_the_library(ckpts, capsys):
 def test_prompt_tokens_to_npy_and_jsonl_speculative(ckpts, capsys, tmp_path):
     tokens = (np.arange(3 * 6).reshape(3, 6) * 7 % 256).astype(np.int64)
     np.save(tmp_path / "p.npy", tokens)
-    rc, out, err = main(capsys, "--checkpoint", ckpts / "mtp", "--prompt-tokens",
-                        tmp_path / "p.npy", "--max-new-tokens", 5, "--eos-id", -1,
-                        "--out", tmp_path / "o.npy")
+    rc, out, err = main(
+        capsys,
+        "--checkpoint",
+        ckpts / "mtp",
+        "--prompt-tokens",
+        tmp_path / "p.npy",
+        "--max-new-tokens",
+        5,
+        "--eos-id",
+        -1,
+        "--out",
+        tmp_path / "o.npy",
+    )
     assert rc == 0, err
     plain = np.load(tmp_path / "o.npy")
     assert plain.dtype == np.int32 and plain.shape == (3, 5) and (plain >= 0).all()
-    rc, out, err = main(capsys, "--checkpoint", ckpts / "mtp", "--prompt-tokens",
-                        tmp_path / "p.npy", "--max-new-tokens", 5, "--eos-id", -1,
-                        "--speculative", "mtp", "--draft-tokens", 2,
-                        "--out", tmp_path / "o.jsonl")
+    rc, out, err = main(
+        capsys,
+        "--checkpoint",
+        ckpts / "mtp",
+        "--prompt-tokens",
+        tmp_path / "p.npy",
+        "--max-new-tokens",
+        5,
+        "--eos-id",
+        -1,
+        "--speculative",
+        "mtp",
+        "--draft-tokens",
+        2,
+        "--out",
+        tmp_path / "o.jsonl",
+    )
     assert rc == 0, err
     assert "acceptance per draft position" in out and "mean accepted length" in out
     rows = [json.loads(line) for line in (tmp_path / "o.jsonl").read_text().splitlines()]
@@ -79,8 +127,9 @@ BAD = [
 
 @pytest.mark.parametrize("extra,needle", BAD)
 def test_bad_flags(ckpts, capsys, extra, needle):
-    rc, out, err = main(capsys, "--checkpoint", ckpts / "mtp", "--prompt", "x",
-                        "--max-new-tokens", 4, *extra)
+    rc, out, err = main(
+        capsys, "--checkpoint", ckpts / "mtp", "--prompt", "x", "--max-new-tokens", 4, *extra
+    )
     assert rc == 2 and needle in err and err.count("\n") == 1
 
 
@@ -89,17 +138,50 @@ def test_bad_inputs(ckpts, capsys, tmp_path):
         rc, out, err = main(capsys, *argv)
         assert rc == 2 and needle in err and err.count("\n") == 1, err
 
-    check("--speculative=mtp", "--checkpoint", ckpts / "plain", "--prompt", "x",
-          "--max-new-tokens", 4, "--speculative", "mtp")
-    check("--checkpoint", "--checkpoint", tmp_path / "nowhere", "--prompt", "x",
-          "--max-new-tokens", 4)
+    check(
+        "--speculative=mtp",
+        "--checkpoint",
+        ckpts / "plain",
+        "--prompt",
+        "x",
+        "--max-new-tokens",
+        4,
+        "--speculative",
+        "mtp",
+    )
+    check(
+        "--checkpoint", "--checkpoint", tmp_path / "nowhere", "--prompt", "x", "--max-new-tokens", 4
+    )
     np.save(tmp_path / "big.npy", np.full((1, 3), 300))
-    check("outside the vocabulary", "--checkpoint", ckpts / "mtp", "--prompt-tokens",
-          tmp_path / "big.npy", "--max-new-tokens", 4)
+    check(
+        "outside the vocabulary",
+        "--checkpoint",
+        ckpts / "mtp",
+        "--prompt-tokens",
+        tmp_path / "big.npy",
+        "--max-new-tokens",
+        4,
+    )
     np.save(tmp_path / "long.npy", np.zeros((1, 4097), np.int64))
-    check("longer than the model's 4096 positions", "--checkpoint", ckpts / "mtp",
-          "--prompt-tokens", tmp_path / "long.npy", "--max-new-tokens", 4)
+    check(
+        "longer than the model's 4096 positions",
+        "--checkpoint",
+        ckpts / "mtp",
+        "--prompt-tokens",
+        tmp_path / "long.npy",
+        "--max-new-tokens",
+        4,
+    )
     (tmp_path / "exists.npy").write_bytes(b"keep")
-    check("already exists", "--checkpoint", ckpts / "mtp", "--prompt", "x",
-          "--max-new-tokens", 4, "--out", tmp_path / "exists.npy")
+    check(
+        "already exists",
+        "--checkpoint",
+        ckpts / "mtp",
+        "--prompt",
+        "x",
+        "--max-new-tokens",
+        4,
+        "--out",
+        tmp_path / "exists.npy",
+    )
     assert (tmp_path / "exists.npy").read_bytes() == b"keep"

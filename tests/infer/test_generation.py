@@ -20,8 +20,10 @@ N_NEW = 32
 
 def prompts(cfg, n=8):
     rng = np.random.default_rng(0)
-    return [rng.integers(0, cfg.vocab_size, size=int(L)).astype(np.int32)
-            for L in rng.integers(3, 12, size=n)]
+    return [
+        rng.integers(0, cfg.vocab_size, size=int(L)).astype(np.int32)
+        for L in rng.integers(3, 12, size=n)
+    ]
 
 
 def hf_greedy(hf_model, prompt):
@@ -31,9 +33,15 @@ def hf_greedy(hf_model, prompt):
     with torch.no_grad():
         ids = torch.as_tensor(prompt[None], dtype=torch.long)
         # an explicit mask: without one, generate masks every id equal to pad_token_id
-        out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                max_new_tokens=N_NEW, min_new_tokens=N_NEW, pad_token_id=0)
-    return out[0, len(prompt):].numpy()
+        out = hf_model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=N_NEW,
+            min_new_tokens=N_NEW,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].numpy()
 
 
 def check_against_hf(ckpt, hf_model):
@@ -51,8 +59,9 @@ def check_against_hf(ckpt, hf_model):
 def test_greedy_equals_transformers_on_our_export(tmp_path):
     state = helpers.random_state(CFG, seed=2)
     helpers.save_state(tmp_path / "step", CFG, state)
-    to_hf.convert(tmp_path / "step", tmp_path / "hf", dtype=to_hf.ExportDType.FLOAT32,
-                  with_mtp=False)
+    to_hf.convert(
+        tmp_path / "step", tmp_path / "hf", dtype=to_hf.ExportDType.FLOAT32, with_mtp=False
+    )
     hf_model, _ = helpers.hf_from_pretrained(tmp_path / "hf")
     check_against_hf(tmp_path / "step", hf_model)
 
@@ -65,10 +74,26 @@ def test_greedy_equals_transformers_on_a_transformers_checkpoint(tmp_path):
 
 # -- sampling controls, EOS, compile count (our own tiny model) ---------------------------------
 SMALL = config_lib.ModelConfig(
-    vocab_size=48, d_model=32, n_layers=2, first_k_dense_replace=1, intermediate_size=64,
-    n_heads=4, q_lora_rank=16, kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4,
-    v_head_dim=8, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=16,
-    num_experts_per_tok=2, n_group=2, topk_group=1, mtp_depth=0, init_std=0.15)
+    vocab_size=48,
+    d_model=32,
+    n_layers=2,
+    first_k_dense_replace=1,
+    intermediate_size=64,
+    n_heads=4,
+    q_lora_rank=16,
+    kv_lora_rank=12,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=8,
+    n_routed_experts=4,
+    n_shared_experts=1,
+    moe_intermediate_size=16,
+    num_experts_per_tok=2,
+    n_group=2,
+    topk_group=1,
+    mtp_depth=0,
+    init_std=0.15,
+)
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +132,10 @@ def test_sampling_seed_top_k_top_p(small):
     assert (a.tokens != c.tokens).any()
     _, greedy = run(small)
     assert (a.tokens != greedy.tokens).any()
-    for limit in (sampling.SamplingConfig(temperature=1.0, top_k=1),
-                  sampling.SamplingConfig(temperature=1.0, top_p=1e-6)):
+    for limit in (
+        sampling.SamplingConfig(temperature=1.0, top_k=1),
+        sampling.SamplingConfig(temperature=1.0, top_p=1e-6),
+    ):
         _, one = run(small, sampling=limit, seed=3)
         np.testing.assert_array_equal(one.tokens, greedy.tokens)
 
@@ -140,9 +167,15 @@ def test_per_row_eos(small):
     assert any(eos not in ref for ref in free.tokens)  # some row ran to max_new_tokens
 
 
-@pytest.mark.parametrize("bad,field", [
-    (dict(temperature=-0.5), "--temperature"), (dict(top_p=0.0), "--top-p"),
-    (dict(top_p=1.5), "--top-p"), (dict(top_k=-1), "--top-k")])
+@pytest.mark.parametrize(
+    "bad,field",
+    [
+        (dict(temperature=-0.5), "--temperature"),
+        (dict(top_p=0.0), "--top-p"),
+        (dict(top_p=1.5), "--top-p"),
+        (dict(top_k=-1), "--top-k"),
+    ],
+)
 def test_bad_sampling_values_name_the_flag(bad, field):
     with pytest.raises(ValueError, match=field):
         sampling.SamplingConfig(**bad)

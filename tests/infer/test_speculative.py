@@ -15,13 +15,30 @@ from deepseek_jax.model import config as config_lib
 from deepseek_jax.model import transformer
 
 CFG = config_lib.ModelConfig(
-    vocab_size=12, d_model=32, n_layers=2, first_k_dense_replace=1, intermediate_size=64,
-    n_heads=4, q_lora_rank=16, kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4,
-    v_head_dim=8, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=16,
-    num_experts_per_tok=2, n_group=2, topk_group=1, mtp_depth=1, init_std=0.1)
+    vocab_size=12,
+    d_model=32,
+    n_layers=2,
+    first_k_dense_replace=1,
+    intermediate_size=64,
+    n_heads=4,
+    q_lora_rank=16,
+    kv_lora_rank=12,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=8,
+    n_routed_experts=4,
+    n_shared_experts=1,
+    moe_intermediate_size=16,
+    num_experts_per_tok=2,
+    n_group=2,
+    topk_group=1,
+    mtp_depth=1,
+    init_std=0.1,
+)
 N_NEW = 24
-PROMPTS = [np.array(p, np.int32) for p in ([1, 2, 3, 4, 5], [7, 3, 9], [2, 11, 4, 4, 0, 6, 8],
-                                           [5, 5])]
+PROMPTS = [
+    np.array(p, np.int32) for p in ([1, 2, 3, 4, 5], [7, 3, 9], [2, 11, 4, 4, 0, 6, 8], [5, 5])
+]
 
 
 def f(dtype):
@@ -46,19 +63,21 @@ def echoing_mtp(m: transformer.Transformer) -> transformer.Transformer:
     return m
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def model(dtype):
     """The same weights in either dtype (drawn in float32)."""
     _, state = nnx.split(echoing_mtp(transformer.Transformer(f("float32"), rngs=nnx.Rngs(11))))
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: transformer.Transformer(f(dtype),
-                                                                           rngs=nnx.Rngs(0))))
+    graphdef, _ = nnx.split(
+        nnx.eval_shape(lambda: transformer.Transformer(f(dtype), rngs=nnx.Rngs(0)))
+    )
     return graphdef, jax.tree.map(lambda a: a.astype(dtype), state)
 
 
 def generator(dtype, k, n_new=N_NEW, **kw):
     graphdef, state = model(dtype)
-    cfg = generation.GenerateConfig(max_new_tokens=n_new, draft_tokens=k,
-                                    cache_dtype=jnp.dtype(dtype), **kw)
+    cfg = generation.GenerateConfig(
+        max_new_tokens=n_new, draft_tokens=k, cache_dtype=jnp.dtype(dtype), **kw
+    )
     return generation.Generator(graphdef, state, cfg)
 
 
@@ -86,8 +105,10 @@ def test_speculative_greedy_equals_plain_greedy(k, dtype):
         spec_gen = generator(dtype, k)
         spec = spec_gen.generate(PROMPTS)
         rates = spec.stats["acceptance_per_position"]
-        print(f"k={k} {dtype}: acceptance {np.round(rates, 3).tolist()}, mean accepted length "
-              f"{spec.stats['mean_accepted_length']:.2f}, {spec.steps} steps")
+        print(
+            f"k={k} {dtype}: acceptance {np.round(rates, 3).tolist()}, mean accepted length "
+            f"{spec.stats['mean_accepted_length']:.2f}, {spec.steps} steps"
+        )
         assert 0.1 < rates[0] < 0.9 and rates[-1] > 0  # accept and reject paths both ran
         if dtype == "float64":
             np.testing.assert_array_equal(spec.tokens, plain)
@@ -123,7 +144,7 @@ def test_in_loop_decisions_equal_the_teacher_forced_oracle():
         seqs = sequences(PROMPTS, np.asarray(s.out.tokens_BN))
         z, lens = generation.pad_prompts(seqs)
         graphdef, state = model("float64")
-        tf = nnx.merge(graphdef, state)(jnp.asarray(z)).mtp_logits_DBSY[0]
+        tf = nnx.merge(graphdef, state)(jnp.asarray(z)).mtp_logits_JBSY[0]
         oracle = np.asarray(jnp.argmax(tf, -1))  # [B, S]: MTP at i predicts token i+2
         checked = accepted = 0
         for n, draft, active, acc in log:
@@ -154,8 +175,9 @@ def test_rollback_caches_equal_a_fresh_prefill():
         accepted = [q[:m] for q, m in zip(seqs, n)]  # in the cache; q[m] is the pending token
         fresh_gen = generator("float64", 2)
         ft, fl = generation.pad_prompts(accepted)
-        fresh = fresh_gen.compiled(*ft.shape)[0](fresh_gen.params, jnp.asarray(ft),
-                                                 jnp.asarray(fl), jax.random.key(0))
+        fresh = fresh_gen.compiled(*ft.shape)[0](
+            fresh_gen.params, jnp.asarray(ft), jnp.asarray(fl), jax.random.key(0)
+        )
         np.testing.assert_array_equal(np.asarray(fresh.cache.length_B), n)
         np.testing.assert_array_equal(np.asarray(fresh.mtp_cache.length_B), n)
         np.testing.assert_array_equal(np.asarray(fresh.token_B), [q[m] for q, m in zip(seqs, n)])
@@ -163,8 +185,9 @@ def test_rollback_caches_equal_a_fresh_prefill():
             for name, kv in got_c.stacks.items():
                 for got, want in zip(jax.tree.leaves(kv), jax.tree.leaves(want_c.stacks[name])):
                     for b, m in enumerate(n):
-                        np.testing.assert_allclose(np.asarray(got[:, b, :m]),
-                                                   np.asarray(want[:, b, :m]), atol=1e-10)
+                        np.testing.assert_allclose(
+                            np.asarray(got[:, b, :m]), np.asarray(want[:, b, :m]), atol=1e-10
+                        )
         np.testing.assert_allclose(np.asarray(s.hn_BD), np.asarray(fresh.hn_BD), atol=1e-10)
 
 
@@ -183,8 +206,13 @@ def chi2_p(counts, expected):
 TOY = dataclasses.replace(CFG, vocab_size=4, init_std=0.3)
 
 
-@pytest.mark.parametrize("temp", [sampling.SamplingConfig(temperature=1.0),
-                                  sampling.SamplingConfig(temperature=0.7, top_k=3, top_p=0.9)])
+@pytest.mark.parametrize(
+    "temp",
+    [
+        sampling.SamplingConfig(temperature=1.0),
+        sampling.SamplingConfig(temperature=0.7, top_k=3, top_p=0.9),
+    ],
+)
 def test_speculative_sampling_matches_the_sampling_distribution(temp):
     """20k rows, 3 tokens each, k=2 drafts: the histogram of (t1, t2, t3) fits the exact
     distribution p(t1) p(t2|t1) p(t3|t1,t2) of the (filtered) sampling, as plain sampling does."""
@@ -199,11 +227,10 @@ def test_speculative_sampling_matches_the_sampling_distribution(temp):
     np.testing.assert_allclose(joint.sum(), 1, rtol=1e-5)
     results = {}
     for k in (0, 2):
-        cfg = generation.GenerateConfig(max_new_tokens=n_new, sampling=temp, draft_tokens=k,
-                                        seed=7)
+        cfg = generation.GenerateConfig(max_new_tokens=n_new, sampling=temp, draft_tokens=k, seed=7)
         res = generation.Generator(graphdef, state, cfg).generate([prompt] * rows)
         cell = (res.tokens * V ** np.arange(n_new)[::-1]).sum(1)
-        p, stat, dof = chi2_p(np.bincount(cell, minlength=V ** n_new), rows * joint)
+        p, stat, dof = chi2_p(np.bincount(cell, minlength=V**n_new), rows * joint)
         results[k] = (p, res.stats)
         print(f"k={k}: chi2 {stat:.1f} on {dof} dof, p = {p:.3f} {res.stats}")
     assert 0.2 < results[2][1]["acceptance_per_position"][0] < 0.95  # real rejections happen

@@ -11,7 +11,7 @@ from flax import nnx
 
 from deepseek_jax.model import config as config_lib
 from deepseek_jax.model import layers, stack, transformer, tree
-from deepseek_jax.train import losses
+from deepseek_jax.model import losses
 
 CFG = config_lib.ModelConfig(
     vocab_size=32, d_model=32, n_layers=3, first_k_dense_replace=1, intermediate_size=48,
@@ -40,7 +40,7 @@ def test_shapes_dtypes_and_logical_axes():
     graphdef, params, biases = build(cfg)
     out = nnx.merge(graphdef, params, biases)(tokens())
     assert out.logits_BSY.shape == (B, S, CFG.vocab_size) and out.logits_BSY.dtype == jnp.float32
-    assert out.mtp_logits_DBSY.shape == (2, B, S, CFG.vocab_size)
+    assert out.mtp_logits_JBSY.shape == (2, B, S, CFG.vocab_size)
     assert out.moe_stats.load_E.shape == (2, 8) and out.mtp_stats.load_E.shape == (2, 8)
     np.testing.assert_array_equal(np.asarray(out.moe_stats.load_E).sum(-1), B * S * 2)
     for path, var in tree.variables(params).items():
@@ -66,7 +66,7 @@ def test_causality_main_and_mtp(tiny):
         p = tree.with_arrays(params, lambda path, a: tbl if path == ("embed", "embedding") else a)
         out = nnx.merge(graphdef, p, biases)(ids)
         main = out.logits_BSY @ proj  # [B, S]
-        mtp = out.mtp_logits_DBSY @ proj  # [D, B, S]
+        mtp = out.mtp_logits_JBSY @ proj  # [D, B, S]
         return jnp.concatenate([main[None], mtp], axis=0)  # [1+D, B, S]
 
     # One compiled VJP, pulled back once per output (jacrev would vmap ragged_dot: NYI).
@@ -121,7 +121,7 @@ def test_mtp_depth1_is_embedding_first_on_post_norm_hidden(tiny):
                                         layer0.hnorm(model.norm(h_last))], axis=-1))
     y, _ = layer0.block(x, cos, sin)
     want = model.logits(layer0.head_norm(y))
-    got = nnx.merge(graphdef, params, biases)(ids).mtp_logits_DBSY[0]
+    got = nnx.merge(graphdef, params, biases)(ids).mtp_logits_JBSY[0]
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -136,7 +136,7 @@ def test_mtp_targets_alignment():
     np.testing.assert_array_equal(m[1, 0], [1, 1, 1, 0, 0])
     from deepseek_jax.model import mtp
     inputs = jnp.asarray([[0, 1, 2, 3, 4]])
-    np.testing.assert_array_equal(mtp.shifted_inputs(inputs, 2)[:, 0],
+    np.testing.assert_array_equal(mtp.shifted(inputs, 2)[:, 0],
                                   [[1, 2, 3, 4, 0], [2, 3, 4, 0, 0]])
 
 
@@ -150,7 +150,7 @@ def test_remat_equals_no_remat(policy):
         def loss(gd):
             def f(p):
                 out = nnx.merge(gd, p, biases)(ids)
-                return jnp.mean(out.logits_BSY ** 2) + jnp.mean(out.mtp_logits_DBSY ** 2)
+                return jnp.mean(out.logits_BSY ** 2) + jnp.mean(out.mtp_logits_JBSY ** 2)
             return jax.jit(jax.value_and_grad(f))
 
         v0, g0 = loss(graphdef)(params)

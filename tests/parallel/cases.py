@@ -8,6 +8,7 @@ import dataclasses
 import jax
 import numpy as np
 
+from deepseek_jax.batch import Batch
 from deepseek_jax.model import config as model_config
 from deepseek_jax.parallel import config as parallel_config
 from deepseek_jax.train import config as train_config
@@ -45,15 +46,15 @@ def parallel(preset: Preset, **kw) -> parallel_config.ParallelConfig:
     return parallel_config.ParallelConfig(preset=preset, **{**MESHES[preset], **kw})
 
 
-def batch(seed: int = 0, b: int = B, s: int = S, vocab: int = CFG.vocab_size) -> dict:
+def batch(seed: int = 0, b: int = B, s: int = S, vocab: int = CFG.vocab_size) -> Batch:
     """Host (numpy) batch with some padding, so the loss normalisation is a global count."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, vocab, (b, s + 1)).astype(np.int32)
     mask = np.ones((b, s), np.float32)
     mask[0, -5:] = 0.0
     mask[3, -2:] = 0.0
-    return {"inputs": ids[:, :-1], "targets": ids[:, 1:], "loss_mask": mask,
-            "target_bytes": np.ones((b, s), np.int32)}
+    return Batch(inputs=ids[:, :-1], targets=ids[:, 1:], loss_mask=mask,
+                 target_bytes=np.ones((b, s), np.int32))
 
 
 def rel_err(got, want) -> float:

@@ -20,13 +20,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deepseek_jax.batch import Batch
 from deepseek_jax.model import config as config_lib
 from deepseek_jax.parallel import config as parallel_config
-from deepseek_jax.parallel import pipeline, pipeline_step, schedules, ticks
 from deepseek_jax.parallel import plan as plan_lib
-from deepseek_jax.parallel.schedules import Schedule
+from deepseek_jax.parallel.pipeline import executor, schedules, ticks
+from deepseek_jax.parallel.pipeline.schedules import Schedule
 from deepseek_jax.train import config as train_config
 from deepseek_jax.train import optim
+from deepseek_jax.train import pipeline_step
+from deepseek_jax.train import sharded
 from deepseek_jax.train import state as state_lib
 from deepseek_jax.train import step as step_lib
 
@@ -41,8 +44,8 @@ GROUPS = {4: (Schedule.DUALPIPE, Schedule.ONE_F_ONE_B, Schedule.GPIPE)}
 # (schedule, pp) that compiles the group's program.
 Preset = parallel_config.Preset
 MESHES = {
-    (Schedule.DUALPIPE, 4, "float32"): dict(stage=4, data=2),
-    (Schedule.DUALPIPE, 2, "float32"): dict(stage=2, expert=2, data=2, preset=Preset.DATA_EXPERT),
+    (Schedule.DUALPIPE, 4, "float32"): dict(pipe=4, data=2),
+    (Schedule.DUALPIPE, 2, "float32"): dict(pipe=2, expert=2, data=2, preset=Preset.DATA_EXPERT),
 }
 
 
@@ -79,22 +82,22 @@ def _numpy_state() -> tuple:
 
     params = jax.tree_util.tree_map_with_path(draw, params)
     bias = jax.tree.map(lambda a: 0.01 * rng.standard_normal(a.shape), bias)
-    batch = {"inputs": rng.integers(0, 32, (BATCH, SEQ)).astype(np.int32),
-             "targets": rng.integers(0, 32, (BATCH, SEQ)).astype(np.int32),
-             "loss_mask": (rng.random((BATCH, SEQ)) > 0.2).astype(np.int32)}
+    batch = Batch(inputs=rng.integers(0, 32, (BATCH, SEQ)).astype(np.int32),
+                  targets=rng.integers(0, 32, (BATCH, SEQ)).astype(np.int32),
+                  loss_mask=(rng.random((BATCH, SEQ)) > 0.2).astype(np.int32))
     return params, bias, batch
 
 
 _TX = optim.optimizer(TRAIN)  # one object: plan shardings are cached per (config, tx)
 
 
-def state(dtype: str) -> tuple[state_lib.TrainState, dict]:
+def state(dtype: str) -> tuple[state_lib.TrainState, Batch]:
     """The train state (fresh AdamW) and batch in `dtype`; call under enable_x64 for float64."""
     params, bias, batch = _numpy_state()
     cast = functools.partial(jax.tree.map, lambda a: jnp.asarray(a, dtype))
     params, bias = cast(params), cast(bias)
-    return state_lib.TrainState(jnp.zeros((), jnp.int32), params, bias, _TX.init(params)), {
-        k: jnp.asarray(v) for k, v in batch.items()}
+    return state_lib.TrainState(jnp.zeros((), jnp.int32), params, bias, _TX.init(params)), (
+        jax.tree.map(jnp.asarray, batch))
 
 
 def _lower_reference(dtype: str):
@@ -128,11 +131,11 @@ class Compiled:
 
 
 def plan_for(schedule: Schedule, pp: int, dtype: str) -> plan_lib.Plan:
-    """The parallel plan (mesh, rules, shardings, model hooks) the loop would build."""
-    axes = MESHES.get((schedule, pp, dtype), dict(stage=pp, data=1))
-    cfg = parallel_config.ParallelConfig(pipeline=parallel_config.Pipeline(schedule.value),
+    """The parallel plan (mesh, rules, expert function) the loop would build."""
+    axes = MESHES.get((schedule, pp, dtype), dict(pipe=pp, data=1))
+    cfg = parallel_config.ParallelConfig(pipeline=parallel_config.Schedule(schedule.value),
                                          microbatches=MICROBATCHES, **axes)
-    n = cfg.stage * cfg.data * cfg.fsdp * cfg.expert * cfg.tensor
+    n = cfg.pipe * cfg.data * cfg.fsdp * cfg.expert * cfg.tensor
     return plan_lib.make_plan(cfg, model_config(dtype), BATCH, jax.devices()[:n])
 
 
@@ -140,7 +143,7 @@ def placed(plan: plan_lib.Plan, dtype: str):
     """The state with the plan's shardings (MoE layers split over stage) and the batch's rows
     split over its batch axes."""
     st, batch = state(dtype)
-    shardings = plan.state_shardings(model_config(dtype), _TX)
+    shardings = sharded.state_shardings(plan, model_config(dtype), _TX)
     return jax.device_put(st, shardings), jax.device_put(batch, plan.batch_sharding())
 
 
@@ -152,10 +155,10 @@ def _lower_pipeline(schedule: Schedule, pp: int, dtype: str):
     """The pipelined step of the group `schedule` heads, lowered from placed inputs."""
     tables = [ticks.build(schedules.build(s, pp, MICROBATCHES)) for s in _group(schedule, pp)]
     num_stages = schedules.build(schedule, pp, MICROBATCHES).num_stages
-    layout = pipeline.Layout.of(*tables, num_stages=num_stages)
-    pipe = _pipe(schedule, pp, dtype, layout)
+    layout = executor.Layout.of(*tables, num_stages=num_stages)
     plan = plan_for(schedule, pp, dtype)
-    run = pipeline.executor(pipe.stage, layout, plan.mesh)
+    pipe = _pipe(schedule, pp, dtype, layout, plan.experts())
+    run = executor.build(pipe.stage, layout, plan.mesh)
     graphdef = pipe.stage.graphdef
 
     def fn(st, batch, tbl):
@@ -163,7 +166,7 @@ def _lower_pipeline(schedule: Schedule, pp: int, dtype: str):
         new, metrics = step_lib.apply_update(graphdef, TRAIN, _TX, st, loss, aux, grads)
         return grads, new, metrics, aux, res.log, res.d_stack
 
-    # plan.wrap: the activation constraints and the expert-parallel MoE, as in the loop.
+    # plan.wrap: the activation constraints, as in the loop (the stage has plan.experts()).
     return jax.jit(plan.wrap(fn)).lower(*placed(plan, dtype), pipe.tables()), (pipe, plan)
 
 
@@ -202,15 +205,16 @@ def compiled(schedule: Schedule, pp: int, dtype: str) -> Compiled:
     base = _group(schedule, pp)[0]
     exe, (pipe, plan) = programs()[(base, pp, dtype)]
     if schedule is not base:
-        pipe = _pipe(schedule, pp, dtype, pipe.layout)
+        pipe = _pipe(schedule, pp, dtype, pipe.layout, pipe.stage.experts)
     return Compiled(pipe, exe, dtype, plan)
 
 
-def _pipe(schedule, pp, dtype, layout) -> pipeline_step.Pipeline:
+def _pipe(schedule, pp, dtype, layout, experts) -> pipeline_step.Pipeline:
     cfg = model_config(dtype)
     with jax.enable_x64(dtype == "float64"):
         graphdef, _, _ = state_lib.abstract_model(cfg)
-    return pipeline_step.build(schedule, pp, MICROBATCHES, graphdef, cfg, TRAIN, layout)
+    return pipeline_step.build(schedule, pp, MICROBATCHES, graphdef, cfg, layout,
+                               experts=experts)
 
 
 def max_rel(a, b) -> float:

@@ -3,17 +3,17 @@ forms for every schedule."""
 
 import pytest
 
-from deepseek_jax.parallel import costmodel, schedules, ticks
-from deepseek_jax.parallel.costmodel import Costs
-from deepseek_jax.parallel.schedules import Schedule
+from deepseek_jax.parallel.pipeline import costmodel, schedules, ticks
+from deepseek_jax.parallel.pipeline.costmodel import Costs
+from deepseek_jax.parallel.pipeline.schedules import Schedule
 
 
 @pytest.mark.parametrize(
     "pp,m,idle,makespan", [(4, 8, 2, 26), (8, 16, 6, 54), (8, 20, 6, 66), (8, 32, 6, 102),
                            (16, 32, 14, 110)])
 def test_dualpipe_asynchronous_idle_equals_formula(pp, m, idle, makespan):
-    plan = schedules.dualpipe(pp, m)
-    timing = costmodel.asynchronous(plan)
+    orders = schedules.dualpipe(pp, m)
+    timing = costmodel.asynchronous(orders)
     assert timing.makespan == makespan
     assert timing.idle == (idle,) * pp  # every rank, not just the sum
     assert costmodel.formula(Schedule.DUALPIPE, pp) == idle
@@ -22,9 +22,9 @@ def test_dualpipe_asynchronous_idle_equals_formula(pp, m, idle, makespan):
 @pytest.mark.parametrize("pp,m,lockstep,async_", [(4, 8, 26, 26), (8, 16, 60, 54),
                                                    (8, 32, 108, 102), (16, 32, 128, 110)])
 def test_lockstep_vs_asynchronous_makespan(pp, m, lockstep, async_):
-    plan = schedules.dualpipe(pp, m)
-    assert costmodel.lockstep(ticks.build(plan)).makespan == lockstep
-    assert costmodel.asynchronous(plan).makespan == async_
+    orders = schedules.dualpipe(pp, m)
+    assert costmodel.lockstep(ticks.build(orders)).makespan == lockstep
+    assert costmodel.asynchronous(orders).makespan == async_
 
 
 @pytest.mark.parametrize("pp,m", [(2, 4), (3, 7), (4, 8), (8, 20)])
@@ -60,11 +60,11 @@ def test_dualpipe_formula_is_exact_only_at_the_reference_proportions():
 
 def test_lockstep_is_never_faster_than_asynchronous():
     costs = Costs(F=1, B=2, Bi=1, W=1, FB=3)
-    for schedule in Schedule:
+    for schedule in schedules.SCHEDULES:
         for pp, m in [(2, 4), (4, 8), (4, 12), (6, 12)]:
-            plan = schedules.build(schedule, pp, m)
-            table = ticks.build(plan)
-            a, lk = costmodel.asynchronous(plan, costs), costmodel.lockstep(table, costs)
+            orders = schedules.build(schedule, pp, m)
+            table = ticks.build(orders)
+            a, lk = costmodel.asynchronous(orders, costs), costmodel.lockstep(table, costs)
             assert lk.makespan >= a.makespan
             assert lk.busy == a.busy
 

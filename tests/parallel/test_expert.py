@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from deepseek_jax.model import dispatch
 from deepseek_jax.model import moe as moe_lib
 from deepseek_jax.model import routing
 from deepseek_jax.parallel import config as parallel_config
@@ -44,29 +45,35 @@ def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outpu
 
 @functools.cache
 def moe_setup(dtype: str = "float32"):
-    """(value_and_grad of a scalar of one MoE layer, its forward, params, an input) in `dtype`."""
+    """(grad_fn(experts): value_and_grad of a scalar of one MoE layer, its forward(params, x,
+    experts), params, an input) in `dtype`."""
     model = cases.CFG if dtype == "float32" else cases.CFG64
     layer = moe_lib.MoE(model.moe(), rngs=nnx.Rngs(0))
     graphdef, params, bias = nnx.split(layer, nnx.Param, ...)
     x = jax.random.normal(jax.random.key(1), (B, S, model.d_model), model.compute_dtype.jnp)
     cot = jax.random.normal(jax.random.key(2), (B, S, model.d_model), model.compute_dtype.jnp)
 
-    def forward(params, x):
-        return nnx.merge(graphdef, params, bias)(x)
+    def forward(params, x, experts=dispatch.dropless_experts):
+        return nnx.merge(graphdef, params, bias)(x, experts)
 
-    def loss(params, x):
-        y, stats = forward(params, x)
-        return jnp.sum(y * cot), (y, stats.load_E)
+    def grad_fn(experts=dispatch.dropless_experts):
+        def loss(params, x):
+            y, stats = forward(params, x, experts)
+            return jnp.sum(y * cot), (y, stats.load_E)
 
-    return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True), forward, params, x
+        return jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)
+
+    return grad_fn, forward, params, x
 
 
 def run(dtype: str, plan=None):
-    """The layer jitted on one device, or over the plan's mesh with its hooks (EP MoE)."""
-    fn, _, params, x = moe_setup(dtype)
+    """The layer jitted on one device, or over the plan's mesh with its expert function (EP MoE)
+    and activation constraints."""
+    grad_fn, _, params, x = moe_setup(dtype)
     if plan is None:
-        return jax.jit(fn)(params, x)
-    return jax.jit(plan.wrap(fn))(params, jax.device_put(x, plan.batch_sharding()))
+        return jax.jit(grad_fn())(params, x)
+    fn = plan.wrap(grad_fn(plan.experts()))
+    return jax.jit(fn)(params, jax.device_put(x, plan.batch_sharding()))
 
 
 @functools.cache
@@ -107,11 +114,11 @@ def test_ragged_exchange_equals_dense(monkeypatch):
 
 def test_ragged_exchange_lowers_to_ragged_all_to_all():
     """The TPU/GPU path lowers (forward and both transposes) to the real collective."""
-    fn, _, params, x = moe_setup()
+    grad_fn, _, params, x = moe_setup()
     cfg = dataclasses.replace(cases.parallel(cases.Preset.DATA_EXPERT),
                               expert_exchange=Exchange.RAGGED_ALL_TO_ALL)
     plan = plan_lib.make_plan(cfg, cases.CFG, B)
-    text = jax.jit(plan.wrap(fn)).lower(params, jax.device_put(x, plan.batch_sharding())).as_text()
+    text = jax.jit(plan.wrap(grad_fn(plan.experts()))).lower(params, jax.device_put(x, plan.batch_sharding())).as_text()
     # Two MoE exchanges forward (dispatch, return), two in the backward pass.
     assert text.count("@ragged_all_to_all") >= 4
     assert text.count("stablehlo.all_to_all") + text.count('"stablehlo.all_to_all"') >= 1
@@ -136,15 +143,16 @@ def test_group_limited_routing_reaches_at_most_topk_group_ranks():
 
 
 def test_ep_moe_inside_a_stage_shard_map():
-    """What a pipeline stage does: each `stage` rank runs the EP layer on its own tokens."""
+    """What a pipeline stage does: each `pipe` rank runs the EP layer on its own tokens."""
     _, forward, params, x = moe_setup()
-    cfg = parallel_config.ParallelConfig(preset=cases.Preset.DATA_EXPERT, stage=2, expert=4,
-                                         pipeline=parallel_config.Pipeline.ONE_F_ONE_B)
+    cfg = parallel_config.ParallelConfig(preset=cases.Preset.DATA_EXPERT, pipe=2, expert=4,
+                                         pipeline=parallel_config.Schedule.ONE_F_ONE_B)
     mesh = mesh_lib.make_mesh(cfg)
     plan = plan_lib.Plan(cfg, mesh, sharding.rules_for(cfg.preset))
-    per_stage = jax.shard_map(lambda p, x: plan.wrap(forward)(p, x)[0], mesh=mesh,
-                              in_specs=(P(), P("stage")), out_specs=P("stage"),
-                              axis_names={"stage"})
+    experts = plan.experts()
+    per_stage = jax.shard_map(lambda p, x: plan.wrap(forward)(p, x, experts)[0], mesh=mesh,
+                              in_specs=(P(), P("pipe")), out_specs=P("pipe"),
+                              axis_names={"pipe"})
     compiled = jax.jit(per_stage).lower(params, x).compile()
     assert "all-to-all" in compiled.as_text()
     y = compiled(params, x)

@@ -1,9 +1,9 @@
-"""The trainer with a pipeline, end to end: `parallel.pipeline=dualpipe` on stage=2 x data=4 runs
+"""The trainer with a pipeline, end to end: `parallel.pipeline=dualpipe` on pipe=2 x data=4 runs
 the real loop (data, evaluation, metrics, checkpoint) and follows the unpipelined trainer on data=8:
 the same losses, and a final checkpoint holding the same canonical state.
 
 The step-level equality of every schedule is test_pipeline_step.py's; this checks the wiring in
-`train.loop` (plan, stage-sharded state, eval step on the stage mesh, checkpoint layout).
+`train.loop` (plan, pipe-sharded state, eval step on the pipelined mesh, checkpoint layout).
 """
 
 import jax
@@ -30,7 +30,7 @@ OVERRIDES = {
     "train.eps": 1e-3,
     "checkpoint.every_steps": 1000, "checkpoint.async_save": False,
 }
-PIPELINED = {"parallel.stage": 2, "parallel.pipeline": "dualpipe", "parallel.microbatches": 4}
+PIPELINED = {"parallel.pipe": 2, "parallel.pipeline": "dualpipe", "parallel.microbatches": 4}
 
 
 def _final_state(exp, workdir):

@@ -11,9 +11,9 @@ receive slots swapped, run on the same compiled program, must break the equality
 import numpy as np
 import pytest
 
-from deepseek_jax.parallel import schedules, stages, ticksim
-from deepseek_jax.parallel.schedules import Op, OpKind, Schedule
-from deepseek_jax.parallel.ticks import Channel, Code
+from deepseek_jax.parallel.pipeline import schedules, stages, ticksim
+from deepseek_jax.parallel.pipeline.schedules import Op, OpKind, Schedule
+from deepseek_jax.parallel.pipeline.ticks import Channel, Code
 from tests.parallel import pipeline_harness as h
 
 CASES = [(Schedule.DUALPIPE, 2), (Schedule.DUALPIPE, 4), (Schedule.DUALPIPEV, 2),
@@ -54,7 +54,7 @@ def test_pipelined_step_equals_unpipelined(schedule, pp, dtype):
 def test_executed_ops_equal_the_schedule(schedule, pp):
     comp = h.compiled(schedule, pp, "float64")
     log = comp.run()[4]  # [P, T, 5]: code, c, m, c2, m2 per tick, written by the branch that ran
-    plan = schedules.build(schedule, pp, h.MICROBATCHES)
+    orders = schedules.build(schedule, pp, h.MICROBATCHES)
     kinds = {Code.F: OpKind.F, Code.B: OpKind.B, Code.BI: OpKind.BI, Code.W: OpKind.W,
              Code.FB: OpKind.FB}
     for r in range(pp):
@@ -63,7 +63,7 @@ def test_executed_ops_equal_the_schedule(schedule, pp):
             if code != Code.IDLE:
                 fb = code == Code.FB
                 ops.append(Op(kinds[Code(code)], c, m, c2 if fb else None, m2 if fb else None))
-        assert ops == list(plan.ranks[r]), r
+        assert ops == list(orders.ranks[r]), r
     assert log.shape[1] == comp.pipe.layout.ticks
 
 

@@ -6,8 +6,8 @@ import pathlib
 
 import pytest
 
-from deepseek_jax.parallel import schedules
-from deepseek_jax.parallel.schedules import Op, OpKind, Plan, Schedule
+from deepseek_jax.parallel.pipeline import schedules
+from deepseek_jax.parallel.pipeline.schedules import Op, OpKind, OpOrders, Schedule
 
 DATA = pathlib.Path(__file__).parent / "data"
 COMPUTE = {k.value for k in OpKind}
@@ -42,9 +42,9 @@ def test_dualpipe_equals_official_trace(pp, num_chunks):
 
 def test_pp8_op_counts_and_rank0_shape():
     # dualpipe.md 2.3: per-rank op counts 34, 32, 30, 29, 29, 30, 32, 34.
-    plan = schedules.dualpipe(8, 16)
-    assert [len(ops) for ops in plan.ranks] == [34, 32, 30, 29, 29, 30, 32, 34]
-    kinds = [op.kind for op in plan.ranks[0]]
+    orders = schedules.dualpipe(8, 16)
+    assert [len(ops) for ops in orders.ranks] == [34, 32, 30, 29, 29, 30, 32, 34]
+    kinds = [op.kind for op in orders.ranks[0]]
     assert kinds[:6] == [OpKind.F] * 6 and kinds[-1] is OpKind.W
 
 
@@ -56,20 +56,20 @@ def test_dualpipev_is_half_of_dualpipe_with_twice_the_ranks(pp, m):
     assert v.num_stages == 2 * pp and v.per_chunk == m
 
 
-@pytest.mark.parametrize("schedule", list(Schedule))
+@pytest.mark.parametrize("schedule", schedules.SCHEDULES)
 def test_every_plan_on_the_grid_is_complete(schedule):
     built = list(plans(schedule))
     assert len(built) >= 10
-    for plan in built:
-        schedules.check_order(plan)
-        for ops in plan.ranks:
+    for orders in built:
+        schedules.check_order(orders)
+        for ops in orders.ranks:
             forwards = [p for op in ops for p in op.parts() if p[0] is OpKind.F]
-            assert len(forwards) == plan.chunks * plan.per_chunk
+            assert len(forwards) == orders.chunks * orders.per_chunk
 
 
 def test_one_f_one_b_shape():
-    plan = schedules.one_f_one_b(4, 6)
-    text = [" ".join(str(op) for op in ops) for ops in plan.ranks]
+    orders = schedules.one_f_one_b(4, 6)
+    text = [" ".join(str(op) for op in ops) for ops in orders.ranks]
     assert text[0].startswith("F(0,0) F(0,1) F(0,2) F(0,3) B(0,0) F(0,4) B(0,1)")
     assert text[3].startswith("F(0,0) B(0,0) F(0,1) B(0,1)")
     gp = schedules.gpipe(3, 3)
@@ -86,31 +86,31 @@ def test_peak_live_activations(pp):
     assert max(schedules.peak_live(schedules.dualpipev(pp, 2 * pp))) == 2 * pp + 1
 
 
-def _with_rank0(plan: Plan, ops: list[Op]) -> Plan:
-    return Plan(plan.schedule, plan.pp, plan.microbatches, (tuple(ops),) + plan.ranks[1:])
+def _with_rank0(orders: OpOrders, ops: list[Op]) -> OpOrders:
+    return OpOrders(orders.schedule, orders.pp, orders.microbatches, (tuple(ops),) + orders.ranks[1:])
 
 
 def test_check_order_rejects_broken_orders():
-    plan = schedules.dualpipe(4, 8)
-    ops = list(plan.ranks[0])
+    orders = schedules.dualpipe(4, 8)
+    ops = list(orders.ranks[0])
     w = next(i for i, op in enumerate(ops) if op.kind is OpKind.W)
     bi = next(i for i, op in enumerate(ops) if op.kind is OpKind.BI)
     with pytest.raises(ValueError, match="incomplete"):
-        schedules.check_order(_with_rank0(plan, ops[:w] + ops[w + 1:]))
+        schedules.check_order(_with_rank0(orders, ops[:w] + ops[w + 1:]))
     with pytest.raises(ValueError, match=r"W\(1,0\) after \['F'\]"):
         moved = ops[:bi] + [ops[w], ops[bi]] + ops[w + 1:]
-        schedules.check_order(_with_rank0(plan, moved))
+        schedules.check_order(_with_rank0(orders, moved))
     with pytest.raises(ValueError, match="after"):
-        schedules.check_order(_with_rank0(plan, ops + [Op(OpKind.F, 0, 0)]))
+        schedules.check_order(_with_rank0(orders, ops + [Op(OpKind.F, 0, 0)]))
     with pytest.raises(ValueError, match="outside"):
-        schedules.check_order(_with_rank0(plan, ops + [Op(OpKind.F, 0, 4)]))
-    schedules.check_order(plan)
+        schedules.check_order(_with_rank0(orders, ops + [Op(OpKind.F, 0, 4)]))
+    schedules.check_order(orders)
 
 
 @pytest.mark.parametrize(
     "call,message",
     [
-        (lambda: schedules.dualpipe(5, 20), "even number of pipeline stages"),
+        (lambda: schedules.dualpipe(5, 20), "even number of pipeline ranks"),
         (lambda: schedules.dualpipe(4, 6), "even number of micro-batches >= 2\\*pp=8"),
         (lambda: schedules.dualpipe(4, 9), "even number of micro-batches"),
         (lambda: schedules.dualpipe(0, 8), "pp must be a positive integer"),
@@ -130,4 +130,4 @@ def test_op_json_round_trip_and_schedule_values():
     assert op.to_json() == {"op": "F&B", "c": 0, "m": 3, "c2": 1, "m2": 1}
     assert Op.from_json(op.to_json()) == op
     assert Op.from_json({"op": "Bi", "c": 1, "m": 2}).to_json() == {"op": "Bi", "c": 1, "m": 2}
-    assert [s.value for s in Schedule] == ["dualpipe", "dualpipev", "1f1b", "gpipe"]
+    assert [s.value for s in schedules.SCHEDULES] == ["dualpipe", "dualpipev", "1f1b", "gpipe"]

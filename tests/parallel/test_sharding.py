@@ -17,6 +17,7 @@ from deepseek_jax.parallel import mesh as mesh_lib
 from deepseek_jax.parallel import plan as plan_lib
 from deepseek_jax.parallel import sharding
 from deepseek_jax.train import optim
+from deepseek_jax.train import sharded
 from deepseek_jax.train import state as state_lib
 from tests.parallel import cases
 
@@ -28,7 +29,7 @@ def specs(preset: Preset, model=cases.CFG, n=8, batch=cases.B, **mesh):
     """The plan's specs for the whole train state, on an abstract mesh of n devices."""
     cfg = parallel_config.ParallelConfig(preset=preset, **(mesh or cases.MESHES[preset]))
     plan = plan_lib.make_abstract_plan(cfg, model, batch, n)
-    return plan.state_specs(model, state_lib.abstract_state(model, TX))
+    return sharded.state_specs(plan, model, state_lib.abstract_state(model, TX))
 
 
 def test_parameter_specs_by_name():
@@ -96,7 +97,7 @@ def test_nothing_large_is_replicated_under_fsdp(preset, mesh):
 
 def test_spec_rules():
     rules = sharding.RULES[Preset.FSDP_TP]
-    sizes = {"stage": 1, "data": 1, "fsdp": 4, "expert": 1, "tensor": 2}
+    sizes = {"pipe": 1, "data": 1, "fsdp": 4, "expert": 1, "tensor": 2}
     # A mesh axis splits an array once (first dimension wins); size-1 axes are dropped.
     assert sharding.spec(rules, ("embed", "q_lora"), (32, 16), sizes) == P("fsdp", None)
     assert sharding.spec(rules, ("expert", "embed", "expert_mlp"), (8, 32, 16), sizes) == P(
@@ -117,7 +118,7 @@ def plan(preset=Preset.FSDP_EXPERT_TP, model=cases.CFG, batch=cases.B, **mesh):
 
 @pytest.mark.parametrize("kwargs,message", [
     (dict(data=1, fsdp=4),
-     r"the mesh stage=1 x data=1 x fsdp=4 x expert=2 x tensor=2 has 16 devices, but 8 devices "
+     r"the mesh pipe=1 x data=1 x fsdp=4 x expert=2 x tensor=2 has 16 devices, but 8 devices "
      r"are present"),
     (dict(preset=Preset.DATA_EXPERT, data=1, expert=8, model=dataclasses.replace(
         cases.CFG, n_routed_experts=12, n_group=4)),
@@ -132,8 +133,8 @@ def plan(preset=Preset.FSDP_EXPERT_TP, model=cases.CFG, batch=cases.B, **mesh):
                     r"\(fsdp=2 x expert=2\)"),
     (dict(preset=Preset.DATA, data=2, fsdp=4),
      r"preset data shards nothing over `fsdp`, so fsdp=4 would only replicate"),
-    (dict(stage=2, fsdp=1), r"stage=2"),
-], ids=["mesh-product", "experts", "heads", "ffn", "expert-ffn", "batch", "unused-axis", "stage"])
+    (dict(pipe=2, fsdp=1), r"pipe=2"),
+], ids=["mesh-product", "experts", "heads", "ffn", "expert-ffn", "batch", "unused-axis", "pipe"])
 def test_bad_layouts_fail_before_compile(kwargs, message):
     with pytest.raises(ValueError, match=message):
         plan(**kwargs)
@@ -170,13 +171,14 @@ def test_activation_constraints_are_installed_at_block_boundaries():
     p = plan(Preset.FSDP_TP)
     graphdef, _, _ = state_lib.abstract_model(cases.CFG)
     fn = step_lib.make_train_step(graphdef, cases.TRAIN, TX)
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=p.batch_sharding())
-             for k, v in cases.batch().items()}
-    state = p.abstract_state(cases.CFG, TX)
+    batch = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                                        sharding=p.batch_sharding()),
+                         cases.batch())
+    state = sharded.abstract_state(p, cases.CFG, TX)
     def constraints(lowered) -> int:  # Shardy or GSPMD spelling
         text = lowered.as_text()
         return text.count("sdy.sharding_constraint") + text.count("@Sharding")
 
     # embed, 3 blocks x (in, out), main logits, MTP logits.
-    assert constraints(p.jit_train_step(fn, cases.CFG, TX).lower(state, batch)) >= 1 + 3 * 2 + 2
+    assert constraints(sharded.jit_train_step(p, fn, cases.CFG, TX).lower(state, batch)) >= 1 + 3 * 2 + 2
     assert constraints(jax.jit(fn).lower(state, batch)) == 0

@@ -4,9 +4,11 @@ the table encoding the executor reads. Pure array bookkeeping, no compiled step.
 import numpy as np
 import pytest
 
-from deepseek_jax.parallel import pipeline, pipeline_step, schedules, stages, ticks
-from deepseek_jax.parallel.schedules import Schedule
-from deepseek_jax.parallel.ticks import Code
+from deepseek_jax.batch import Batch
+from deepseek_jax.parallel.pipeline import executor, schedules, stages, ticks
+from deepseek_jax.train import pipeline_step
+from deepseek_jax.parallel.pipeline.schedules import Schedule
+from deepseek_jax.parallel.pipeline.ticks import Code
 
 
 @pytest.mark.parametrize("schedule,pp,num_stages", [(Schedule.DUALPIPE, 4, 4),
@@ -36,10 +38,11 @@ def test_unused_chunks_are_dropped_on_the_way_back():
 
 
 def test_microbatches_are_strided_and_divisibility_is_checked():
-    batch = {k: np.arange(12 * 2).reshape(12, 2) for k in ("inputs", "targets", "loss_mask")}
+    batch = Batch(*(np.arange(12 * 2).reshape(12, 2) + i for i in range(4)))
     mbs = pipeline_step.microbatched(batch, 4)
-    assert mbs["inputs"].shape == (4, 3, 2)
-    np.testing.assert_array_equal(mbs["inputs"][1], batch["inputs"][1::4])
+    assert mbs.inputs.shape == (4, 3, 2)
+    for name in ("inputs", "targets", "loss_mask", "target_bytes"):  # every field, the same way
+        np.testing.assert_array_equal(getattr(mbs, name)[1], getattr(batch, name)[1::4])
     with pytest.raises(ValueError, match="12 sequences is not divisible into 5 micro-batches"):
         pipeline_step.microbatched(batch, 5)
 
@@ -47,16 +50,16 @@ def test_microbatches_are_strided_and_divisibility_is_checked():
 def test_encoding_pads_with_idle_and_maps_dualpipe_halves():
     dp = ticks.build(schedules.dualpipe(4, 8))
     gp = ticks.build(schedules.gpipe(4, 8))
-    layout = pipeline.Layout.of(dp, gp)
+    layout = executor.Layout.of(dp, gp)
     assert layout.ticks == max(dp.num_ticks, gp.num_ticks) and layout.chunks == 2
     assert layout.codes == tuple(Code)
-    enc = pipeline.encode(dp, layout)
+    enc = executor.encode(dp, layout)
     assert enc["branch"].shape == (4, layout.ticks)
     assert (enc["branch"][:, dp.num_ticks:] == 0).all()  # padding ticks are IDLE
     c, m, mb = enc["c"], enc["m"], enc["mb"]
     np.testing.assert_array_equal(mb[c == 1], m[c == 1] + 4)  # direction 1: second half
     np.testing.assert_array_equal(mb[c == 0], m[c == 0])
-    g = pipeline.encode(gp, layout)
+    g = executor.encode(gp, layout)
     assert (g["placement"][:, 1] == layout.num_stages).all()  # gpipe has no chunk 1
     with pytest.raises(ValueError, match="does not fit"):
-        pipeline.encode(ticks.build(schedules.gpipe(4, 16)), layout)
+        executor.encode(ticks.build(schedules.gpipe(4, 16)), layout)

@@ -26,6 +26,7 @@ import pytest
 from deepseek_jax.parallel import hlo_stats
 from deepseek_jax.parallel import plan as plan_lib
 from deepseek_jax.train import optim
+from deepseek_jax.train import sharded
 from deepseek_jax.train import state as state_lib
 from deepseek_jax.train import step as step_lib
 from tests.parallel import cases
@@ -65,8 +66,8 @@ def initial_state() -> state_lib.TrainState:
     """Created sharded (fsdp_expert_tp) by the plan's jitted init; returned as numpy."""
     plan = plan_lib.make_plan(cases.parallel(cases.Preset.FSDP_EXPERT_TP), cases.CFG, cases.B)
     tx = optim.optimizer(cases.TRAIN)
-    state = plan.init_state(cases.CFG, tx, seed=0)
-    want = plan.state_shardings(cases.CFG, tx)
+    state = sharded.init_state(plan, cases.CFG, tx, seed=0)
+    want = sharded.state_shardings(plan, cases.CFG, tx)
     got = jax.tree.map(lambda x: x.sharding, state)
     assert jax.tree.all(jax.tree.map(lambda a, b: a == b, got, want))
     return jax.device_get(state)
@@ -104,8 +105,9 @@ def _lower(dtype: str, preset: cases.Preset | None):
                                                      _structs(batch, every))
         plan = plan_lib.make_plan(cases.parallel(preset), setup.model, cases.B)
         batch = _structs(batch, lambda tree: jax.tree.map(lambda _: plan.batch_sharding(), tree))
-        return plan.jit_train_step(fn, setup.model, tx).lower(
-            plan.abstract_state(setup.model, tx), batch)
+        graphdef, _, _ = state_lib.abstract_model(setup.model)
+        step = sharded.train_step(plan, setup.model, setup.train, graphdef, tx)
+        return step.lower(sharded.abstract_state(plan, setup.model, tx), batch)
 
 
 @functools.cache
@@ -138,7 +140,7 @@ def run_sharded(dtype: str, preset: cases.Preset) -> Run:
     with x64(dtype):
         _, tx = _fn(setup)
         plan = plan_lib.make_plan(cases.parallel(preset), setup.model, cases.B)
-        state = jax.device_put(start(dtype), plan.state_shardings(setup.model, tx))
+        state = jax.device_put(start(dtype), sharded.state_shardings(plan, setup.model, tx))
         batch = plan.global_batch(cases.batch(), cases.B)
         step = compiled()[(dtype, preset)]
         new, metrics = step(state, batch)
@@ -177,7 +179,7 @@ def test_step_outputs_keep_the_rules_shardings(preset):
     """The donated state comes back exactly as the rules lay it out."""
     run = run_sharded("float32", preset)
     plan = plan_lib.make_plan(cases.parallel(preset), cases.CFG, cases.B)
-    want = plan.state_shardings(cases.CFG, optim.optimizer(SETUPS["float32"].train))
+    want = sharded.state_shardings(plan, cases.CFG, optim.optimizer(SETUPS["float32"].train))
     same = jax.tree.map(lambda a, b: a.is_equivalent_to(b, 4), run.shardings, want)
     assert jax.tree.all(same)
 

@@ -8,22 +8,22 @@ import pathlib
 import numpy as np
 import pytest
 
-from deepseek_jax.parallel import schedules, ticks, ticksim
-from deepseek_jax.parallel.schedules import Op, OpKind, Plan, Schedule
-from deepseek_jax.parallel.ticks import Channel, Code
+from deepseek_jax.parallel.pipeline import schedules, ticks, ticksim
+from deepseek_jax.parallel.pipeline.schedules import Op, OpKind, OpOrders, Schedule
+from deepseek_jax.parallel.pipeline.ticks import Channel, Code
 
 DATA = pathlib.Path(__file__).parent / "data"
 GRID = [(pp, m) for pp in (1, 2, 3, 4, 6, 8) for m in (1, 2, 4, 7, 8, 12, 16, 17, 20)]
 
 
 def all_tables():
-    for schedule in Schedule:
+    for schedule in schedules.SCHEDULES:
         for pp, m in GRID:
             try:
-                plan = schedules.build(schedule, pp, m)
+                orders = schedules.build(schedule, pp, m)
             except ValueError:
                 continue
-            yield plan, ticks.build(plan)
+            yield orders, ticks.build(orders)
 
 
 @pytest.fixture(scope="module")
@@ -44,15 +44,15 @@ def test_dualpipe_equals_reference_tick_table(pp, num_chunks, num_ticks, busy):
 
 def test_every_table_simulates_and_keeps_each_rank_order(tables):
     assert len(tables) > 60
-    for plan, table in tables:
+    for orders, table in tables:
         ticksim.check(table)
-        for r in range(plan.pp):
-            assert table.rank_ops(r) == list(plan.ranks[r])
+        for r in range(orders.pp):
+            assert table.rank_ops(r) == list(orders.ranks[r])
 
 
 def test_arrays_are_static_int32_and_consistent(tables):
-    for plan, table in tables:
-        T, P, K = table.num_ticks, plan.pp, plan.chunks
+    for orders, table in tables:
+        T, P, K = table.num_ticks, orders.pp, orders.chunks
         for name in ("code", "c", "m", "c2", "m2", "act", "grd", "act2", "grd2"):
             a = getattr(table, name)
             assert a.shape == (T, P) and a.dtype == np.int32 and not a.flags.writeable, name
@@ -89,8 +89,8 @@ def test_dualpipe_placement_and_channels():
 
 
 def test_dualpipev_turn_is_a_local_loopback():
-    plan = schedules.dualpipev(4, 8)
-    table = ticks.build(plan)
+    orders = schedules.dualpipev(4, 8)
+    table = ticks.build(orders)
     assert table.stage.tolist() == [[0, 7], [1, 6], [2, 5], [3, 4]]
     assert table.is_first[:, 0].tolist() == [1, 0, 0, 0] and table.is_first[:, 1].sum() == 0
     assert table.is_last[:, 1].tolist() == [1, 0, 0, 0] and table.is_last[:, 0].sum() == 0
@@ -108,18 +108,18 @@ def test_one_chunk_schedules_use_two_channels():
     assert table.send[:, :, [Channel.ACT1, Channel.GRD1]].sum() == 0
 
 
-def _live_intervals(plan: Plan, table: ticks.TickTable, r: int) -> list[tuple[int, int]]:
+def _live_intervals(orders: OpOrders, table: ticks.TickTable, r: int) -> list[tuple[int, int]]:
     """Stage-input live intervals of rank r, rebuilt from the table's op arrays alone."""
     ticks_of: dict[tuple, list[int]] = {}
     for t in range(table.num_ticks):
-        for rank in range(plan.pp):
+        for rank in range(orders.pp):
             op = table.op(t, rank)
             for kind, c, m in op.parts() if op else ():
                 ticks_of.setdefault((rank, c, m, kind), []).append(t)
     out = []
-    for c in range(plan.chunks):
-        for m in range(plan.per_chunk):
-            src = plan.upstream(r, c)
+    for c in range(orders.chunks):
+        for m in range(orders.per_chunk):
+            src = orders.upstream(r, c)
             start = ticks_of[(r, c, m, OpKind.F)][0] if src is None else (
                 ticks_of[(*src, m, OpKind.F)][0] + 1)
             end = max(t for (rank, cc, mm, _), ts in ticks_of.items()
@@ -148,9 +148,9 @@ def test_buffer_slots(pp, m):
 
 def test_colouring_is_tight(tables):
     # Slots per rank == the most stage inputs live at once (interval colouring is optimal).
-    for plan, table in tables[::5]:
-        for r in range(plan.pp):
-            assert table.act_peak[r] == _max_overlap(_live_intervals(plan, table, r))
+    for orders, table in tables[::5]:
+        for r in range(orders.pp):
+            assert table.act_peak[r] == _max_overlap(_live_intervals(orders, table, r))
 
 
 def test_broken_tables_are_rejected():
@@ -204,7 +204,7 @@ def test_broken_tables_are_rejected():
 def test_deadlocked_orders_are_reported():
     f0, f1, b0, b1 = (Op(OpKind.F, 0, 0), Op(OpKind.F, 0, 1), Op(OpKind.B, 0, 0),
                       Op(OpKind.B, 0, 1))
-    plan = Plan(Schedule.ONE_F_ONE_B, 2, 2, ((f0, b0, f1, b1), (f0, f1, b0, b1)))
-    schedules.check_order(plan)
+    orders = OpOrders(Schedule.ONE_F_ONE_B, 2, 2, ((f0, b0, f1, b1), (f0, f1, b0, b1)))
+    schedules.check_order(orders)
     with pytest.raises(ValueError, match="deadlock"):
-        ticks.build(plan)
+        ticks.build(orders)

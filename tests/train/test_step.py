@@ -1,10 +1,13 @@
 """The single-device train step: loss falls, exact bias-update rule, non-finite skip, schedules,\ndecay mask."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from deepseek_jax.batch import Batch
 from deepseek_jax.model import config as config_lib
 from deepseek_jax.train import config as train_config
 from deepseek_jax.train import optim, state as state_lib, step as step_lib
@@ -24,10 +27,10 @@ def batch(seed: int):
     start = rng.integers(0, 32, (4, 1))
     stride = rng.integers(1, 4, (4, 1))
     seq = (start + stride * np.arange(17)[None]) % 32
-    return {"inputs": jnp.asarray(seq[:, :-1], jnp.int32),
-            "targets": jnp.asarray(seq[:, 1:], jnp.int32),
-            "loss_mask": jnp.ones((4, 16), jnp.float32),
-            "target_bytes": jnp.ones((4, 16), jnp.int32)}
+    return Batch(inputs=jnp.asarray(seq[:, :-1], jnp.int32),
+                 targets=jnp.asarray(seq[:, 1:], jnp.int32),
+                 loss_mask=jnp.ones((4, 16), jnp.float32),
+                 target_bytes=jnp.ones((4, 16), jnp.int32))
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +63,7 @@ def test_loss_falls_and_biases_move(setup):
 def test_non_finite_step_changes_nothing(setup):
     _, fn, state = setup
     state, _ = fn(state, batch(0))  # a real optimizer state first
-    bad = dict(batch(1), loss_mask=jnp.full((4, 16), jnp.nan))
+    bad = dataclasses.replace(batch(1), loss_mask=jnp.full((4, 16), jnp.nan))
     new, m = fn(state, bad)
     assert int(m["skipped"]) == 1 and not bool(m["loss_finite"])
     assert int(new.step) == int(state.step) + 1

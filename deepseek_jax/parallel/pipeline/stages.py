@@ -1,28 +1,28 @@
 """The model cut into pipeline stages, and the three pieces of a stage the executor differentiates.
 
 Partitioning (every stage has the same parameter shapes, so the stages stack into one array that is
-sharded on the `stage` mesh axis and picked per tick by a traced index):
+sharded on the `pipe` mesh axis and picked per tick by a traced index):
   - the MoE layers are split evenly: stage s runs MoE layers [s*Ls, (s+1)*Ls), Ls = n_moe / S;
   - the first stage also runs the *prologue*: embedding and all dense layers
     (first_k_dense_replace);
   - the last stage also runs the *epilogue*: final norm, head, loss and the MTP modules.
 Embedding, dense layers, final norm, head and MTP ("globals") are replicated on every pipeline rank;
-their gradients are summed over `stage` once after the tick loop. In DualPipe ranks 0 and PP-1 hold
+their gradients are summed over `pipe` once after the tick loop. In DualPipe ranks 0 and PP-1 hold
 both ends, which is where MTP really shares embedding and head; the SPMD program cannot give the
 other ranks smaller arrays, so they hold an unused copy (docs/pipeline_execution.md).
 
 The role of a (rank, chunk) is data (a table row), so one branch per op kind serves every role:
 prologue and epilogue run under lax.cond and the MoE body is traced once per op kind.
 
-Loss normalisation: the pipelined loss is the sum over micro-batches of per-micro-batch terms whose
-denominators are global (token counts of the whole batch; M for the per-sequence balance means), so
-it equals `losses.objective` of the unpipelined model on the whole batch up to summation order.
+The pieces are the model's own (`Transformer.prologue`, `run_stack`, `epilogue`, the slices of
+`Transformer.__call__`), and the loss is the experiment's objective (`model.losses.objective` by
+default) evaluated per micro-batch with the whole batch's denominators (`losses.Norms`): the
+per-micro-batch values add up to the unpipelined objective up to summation order.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import enum
 from typing import Any
 
 import jax
@@ -30,22 +30,12 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from deepseek_jax.model import block as block_lib
 from deepseek_jax.model import config as config_lib
-from deepseek_jax.model import hooks
-from deepseek_jax.model import stack
+from deepseek_jax.model import dispatch
+from deepseek_jax.model import losses
 from deepseek_jax.parallel import mesh as mesh_lib
-from deepseek_jax.train import losses
 
 STACK = "moe_layers"  # the canonical params/expert_bias key that is cut into stages
-
-
-class Role(enum.IntEnum):
-    """What a (rank, chunk) runs besides its MoE layers."""
-
-    FIRST = 0  # the prologue before them; reads token ids, sends no gradient
-    MID = 1
-    LAST = 2  # the epilogue after them; sends no activation
 
 
 def prologue_keys(cfg: config_lib.ModelConfig) -> tuple[str, ...]:
@@ -70,15 +60,15 @@ def join(stack: Any, rest: dict) -> dict:
     return {**rest, STACK: stack}
 
 
-def stack_on_stage(specs: dict) -> dict:
+def stack_over_pipe(specs: dict) -> dict:
     """PartitionSpecs of canonical params (or biases) with the MoE stack's leading layer axis
-    split over `stage`: rank r stores layers [r*n_moe/PP, (r+1)*n_moe/PP) and their optimizer
+    split over `pipe`: rank r stores layers [r*n_moe/PP, (r+1)*n_moe/PP) and their optimizer
     state, which for DualPipe/1F1B/GPipe is its own (direction-0) stage."""
 
     def one(spec: P) -> P:
         first = spec[0] if len(spec) else None
         rest = () if first is None else (first,) if isinstance(first, str) else tuple(first)
-        return P((mesh_lib.STAGE, *rest) if rest else mesh_lib.STAGE, *spec[1:])
+        return P((mesh_lib.PIPE, *rest) if rest else mesh_lib.PIPE, *spec[1:])
 
     return {**specs, STACK: jax.tree.map(one, specs[STACK], is_leaf=lambda x: isinstance(x, P))}
 
@@ -109,38 +99,17 @@ def from_pipeline(pipe: Any, placement: jax.Array, num_stages: int) -> Any:
     return jax.tree.map(one, pipe)
 
 
-# -- global normalisers -------------------------------------------------------------------------
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class Norms:
-    """Whole-batch denominators, so that per-micro-batch terms sum to the unpipelined loss."""
-
-    tokens: jax.Array  # max(sum of loss_mask, 1): the main CE's masked mean
-    mtp_tokens: jax.Array  # [D]: the same per MTP depth (masks shifted left by k)
-    mtp_lambda: jax.Array  # this step's MTP weight
-
-
-def norms(batch: dict, depth: int, mtp_lambda: jax.Array, dtype: Any) -> Norms:
-    mask = batch["loss_mask"].astype(dtype)
-    _, m_DBS = losses.mtp_targets(batch["targets"], mask, depth)
-    return Norms(jnp.maximum(mask.sum(), 1.0), jnp.maximum(m_DBS.sum(axis=(1, 2)), 1.0),
-                 mtp_lambda)
-
-
 # -- the pieces of a stage ----------------------------------------------------------------------
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class EpilogueAux:
-    """The epilogue's metrics, already normalised (zeros where the chunk is not a last stage)."""
+    """What the epilogue reports besides its loss (zeros where the chunk is not a last stage)."""
 
-    lm: jax.Array  # main CE term of this micro-batch
-    mtp: jax.Array  # [D] MTP CE terms per depth
-    mtp_load: jax.Array  # [D, E] tokens per expert in the MTP MoE blocks
-    mtp_balance: jax.Array  # [D] their sequence-balance statistic / M
+    metrics: losses.Metrics  # the objective's metrics for this micro-batch (additive)
+    mtp_load: jax.Array  # [J, E] tokens per expert in the MTP MoE blocks
+    mtp_balance: jax.Array  # [J] their sequence-balance statistic / M
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,12 +118,14 @@ class Stage:
 
     glob: the replicated global params; the `diff` argument of prologue/epilogue holds the groups
     being differentiated (prologue_keys/epilogue_keys) and overrides the same keys of glob.
+    env["norms"] and env["weights"] are the step's `losses.Norms` (whole batch) and `Weights`.
     """
 
     graphdef: Any
     cfg: config_lib.ModelConfig
-    balance_alpha: float
     microbatches: int
+    experts: dispatch.ExpertFn = dispatch.dropless_experts
+    objective: losses.Objective = losses.objective
 
     @property
     def acc_dtype(self):
@@ -163,64 +134,48 @@ class Stage:
     def _model(self, glob, bias_glob, chunk, bias_chunk):
         return nnx.merge(self.graphdef, join(chunk, glob), join(bias_chunk, bias_glob))
 
-    def _layers(self, module, h, cos, sin):
-        """Transformer.run_stack with the layer loop unrolled. A scanned stack is one opaque
-        while loop per op, so in an F&B branch the two chunks' layers could never interleave
-        (bench/pipeline_overlap.py); unrolled, the branch is one computation that XLA's scheduler
-        can interleave, e.g. one chunk's expert all-to-all with the other's compute. A stage holds
-        few layers (V3 on 16 stages: ~4), so the program grows little."""
-        graphdef, state = nnx.split(module)
-
-        def step(carry, layer_state):
-            return nnx.merge(graphdef, layer_state)(carry, cos, sin)
-
-        return jax.lax.scan(stack.remat(step, self.cfg.remat), h, state, unroll=True)
+    # The layers of a stage run unrolled (`unroll=True`). A scanned stack is one opaque while loop
+    # per op, so in an F&B branch the two chunks' layers could never interleave
+    # (bench/pipeline_overlap.py); unrolled, the branch is one computation that XLA's scheduler can
+    # interleave, e.g. one chunk's expert all-to-all with the other's compute. A stage holds few
+    # layers (V3 on 16 stages: ~4), so the program grows little.
 
     def prologue(self, diff: dict, env: dict, ids) -> jax.Array:
-        """Embedding and dense layers, in the order of Transformer.__call__."""
         model = self._model({**env["glob"], **diff}, env["glob_bias"], env["stack0"],
                             env["bias0"])
         cos, sin = model.rope_tables(*ids.shape)
-        x = hooks.constrain(model.embed(ids), block_lib.ACT_BSD)
-        if model.dense_layers is not None:
-            x, _ = self._layers(model.dense_layers, x, cos, sin)
-        return x
+        return model.prologue(ids, cos, sin, self.experts, unroll=True)
 
     def body(self, chunk, x, bias_chunk, env: dict):
-        """The stage's MoE layers: ((h, alpha * balance / M), (load [Ls, E], balance / M))."""
+        """The stage's MoE layers: ((h, alpha * balance share), (load [Ls, E], balance / M))."""
         model = self._model(env["glob"], env["glob_bias"], chunk, bias_chunk)
         cos, sin = model.rope_tables(*x.shape[:2])
-        h, stats = self._layers(model.moe_layers, x, cos, sin)
-        balance = stats.balance / self.microbatches
-        loss = (self.balance_alpha * jnp.sum(balance)).astype(self.acc_dtype)
-        return (h, loss), (stats.load_E, balance)
+        h, stats = model.run_stack(model.moe_layers, x, cos, sin, self.experts, unroll=True)
+        weights = env["weights"]
+        loss = weights.balance_alpha * losses.balance_term(stats, env["norms"])
+        return (h, loss.astype(self.acc_dtype)), (stats.load_E, stats.balance / self.microbatches)
 
-    def epilogue(self, diff: dict, h, mb: dict, norms: Norms, env: dict):
-        """Final norm, head, this micro-batch's loss terms and MTP: (loss, EpilogueAux)."""
-        cfg = self.cfg
+    def epilogue(self, diff: dict, h, mb, env: dict):
+        """Final norm, head, MTP and the objective on this micro-batch: (loss, EpilogueAux)."""
         model = self._model({**env["glob"], **diff}, env["glob_bias"], env["stack0"],
                             env["bias0"])
-        ids = mb["inputs"]
-        cos, sin = model.rope_tables(*ids.shape)
-        h = model.norm(h)
-        logits = model.logits(h)
-        mask = mb["loss_mask"].astype(logits.dtype)
-        lm = jnp.sum(losses.token_nll(logits, mb["targets"]) * mask) / norms.tokens
+        cos, sin = model.rope_tables(*mb.inputs.shape)
+        out = model.epilogue(h, mb.inputs, cos, sin, self.experts)
+        loss, metrics = self.objective(out, mb, env["norms"], env["weights"])
         aux = self.zero_aux()
-        aux.lm, loss = lm, lm
-        if model.mtp is not None:
-            mtp_logits, mtp_stats = model.mtp(h, ids, model.embed, model.logits, cos, sin)
-            t_DBS, m_DBS = losses.mtp_targets(mb["targets"], mask, cfg.mtp_depth)
-            aux.mtp = jax.vmap(lambda lg, t, m: jnp.sum(losses.token_nll(lg, t) * m))(
-                mtp_logits, t_DBS, m_DBS) / norms.mtp_tokens
-            loss = loss + norms.mtp_lambda * jnp.mean(aux.mtp)
-            if mtp_stats is not None:
-                aux.mtp_load = mtp_stats.load_E
-                aux.mtp_balance = mtp_stats.balance / self.microbatches
-                loss = loss + self.balance_alpha * jnp.sum(aux.mtp_balance)
+        aux.metrics = metrics
+        if out.mtp_stats is not None:
+            aux.mtp_load = out.mtp_stats.load_E
+            aux.mtp_balance = out.mtp_stats.balance / self.microbatches
         return loss.astype(self.acc_dtype), aux
 
-    def zero_aux(self) -> EpilogueAux:
-        D, E, dt = self.cfg.mtp_depth, self.cfg.n_routed_experts, self.acc_dtype
-        return EpilogueAux(jnp.zeros((), dt), jnp.zeros((D,), dt), jnp.zeros((D, E), jnp.float32),
-                           jnp.zeros((D,), dt))
+    def zero_aux(self, metrics: losses.Metrics | None = None) -> EpilogueAux:
+        """Zero accumulators; `metrics`: arrays (or shapes) shaped like the objective's metrics."""
+        J, E, dt = self.cfg.mtp_depth, self.cfg.n_routed_experts, self.acc_dtype
+        zeros = {} if metrics is None else jax.tree.map(
+            lambda m: jnp.zeros(m.shape, m.dtype), metrics)
+        return EpilogueAux(zeros, jnp.zeros((J, E), jnp.float32), jnp.zeros((J,), dt))
+
+    def metric_shapes(self, h, mb, env: dict) -> losses.Metrics:
+        """The objective's metrics as ShapeDtypeStructs (the executor sizes its accumulators)."""
+        return jax.eval_shape(lambda: self.epilogue({}, h, mb, env)[1].metrics)

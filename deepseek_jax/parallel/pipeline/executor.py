@@ -1,4 +1,4 @@
-"""The SPMD pipeline executor: a tick table run inside shard_map over the `stage` mesh axis.
+"""The SPMD pipeline executor: a tick table run inside shard_map over the `pipe` mesh axis.
 
 Each tick every rank picks its branch from the table with lax.switch (one branch per op kind:
 IDLE, F, B, Bi, W, F&B; see pipeline_ops), then all ranks run the same four ppermutes (ACT0, ACT1,
@@ -22,12 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from deepseek_jax.parallel import config as config_lib
 from deepseek_jax.parallel import mesh as mesh_lib
-from deepseek_jax.parallel import pipeline_ops, stages
-from deepseek_jax.parallel.schedules import Schedule
-from deepseek_jax.parallel.ticks import Channel, Code, TickTable
+from deepseek_jax.parallel.pipeline import ops as pipeline_ops
+from deepseek_jax.parallel.pipeline import stages, ticks
 
-AXIS = mesh_lib.STAGE
+Channel, Code, TickTable = ticks.Channel, ticks.Code, ticks.TickTable
+
+AXIS = mesh_lib.PIPE
 ROWS = ("branch", "c", "m", "mb", "act", "grd", "c2", "m2", "mb2", "act2", "grd2")
 
 
@@ -79,7 +81,7 @@ def encode(table: TickTable, layout: Layout) -> dict[str, np.ndarray]:
     out["branch"][:, :table.num_ticks] = branch[table.code.T]
     for name in ("c", "m", "act", "grd", "c2", "m2", "act2", "grd2"):
         out[name][:, :table.num_ticks] = getattr(table, name).T
-    half = table.per_chunk if table.schedule is Schedule.DUALPIPE else 0
+    half = table.per_chunk if table.schedule is config_lib.Schedule.DUALPIPE else 0
     for sfx in ("", "2"):
         c, m = out["c" + sfx], out["m" + sfx]
         out["mb" + sfx] = np.where(c < 0, -1, m + half * c).astype(np.int32)
@@ -125,18 +127,19 @@ class Result:
     log: jax.Array  # [P, T, 5]: code, c, m, c2, m2 of the op each rank executed per tick
 
 
-def executor(stage: stages.Stage, layout: Layout, mesh: jax.sharding.Mesh) -> Callable:
-    """fn(stack, stack_bias, glob, glob_bias, mbs, norms, tbl) -> Result, to call under jit.
+def build(stage: stages.Stage, layout: Layout, mesh: jax.sharding.Mesh) -> Callable:
+    """fn(stack, stack_bias, glob, glob_bias, mbs, norms, weights, tbl) -> Result, under jit.
 
     stack/stack_bias: [P, K, Ls, ...] pipelined layout; glob/glob_bias: the other canonical
-    groups; mbs: the batch as [M, b, s] micro-batches; tbl: `encode(table, layout)`.
+    groups; mbs: the Batch as [M, b, s] micro-batches (every field); norms, weights: the
+    objective's whole-batch `losses.Norms` and `losses.Weights`; tbl: `encode(table, layout)`.
     """
     channel_perms = perms(layout)
 
-    def body(stack, stack_bias, glob, glob_bias, mbs, norms, tbl):
+    def body(stack, stack_bias, glob, glob_bias, mbs, norms, weights, tbl):
         stack, stack_bias = pipeline_ops.take(stack, 0), pipeline_ops.take(stack_bias, 0)
         tbl = {k: v[0] for k, v in tbl.items()}
-        env = pipeline_ops.make_env(stack, stack_bias, glob, glob_bias, mbs, norms,
+        env = pipeline_ops.make_env(stack, stack_bias, glob, glob_bias, mbs, norms, weights,
                                     tbl["is_first"], tbl["is_last"])
         carry = pipeline_ops.init_carry(stage, env, layout.act_slots, layout.grd_slots)
         ops = pipeline_ops.Ops(stage, env)
@@ -161,11 +164,11 @@ def executor(stage: stages.Stage, layout: Layout, mesh: jax.sharding.Mesh) -> Ca
     staged, rep = P(AXIS), P()
     fn = jax.shard_map(
         body, mesh=mesh,
-        in_specs=(staged, staged, rep, rep, rep, rep, staged),
+        in_specs=(staged, staged, rep, rep, rep, rep, rep, staged),
         out_specs=(staged, rep, staged, staged, rep, staged),
         axis_names=frozenset({AXIS}), check_vma=False)
 
-    def run(stack, stack_bias, glob, glob_bias, mbs, norms, tbl) -> Result:
-        return Result(*fn(stack, stack_bias, glob, glob_bias, mbs, norms, tbl))
+    def run(stack, stack_bias, glob, glob_bias, mbs, norms, weights, tbl) -> Result:
+        return Result(*fn(stack, stack_bias, glob, glob_bias, mbs, norms, weights, tbl))
 
     return run

@@ -24,8 +24,11 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from deepseek_jax.parallel import stages
-from deepseek_jax.parallel.ticks import Channel, Code
+from deepseek_jax import batch as batch_lib
+from deepseek_jax.model import losses
+from deepseek_jax.parallel.pipeline import stages, ticks
+
+Channel, Code = ticks.Channel, ticks.Code
 
 
 @jax.tree_util.register_dataclass
@@ -36,25 +39,26 @@ class Carry:
     act: jax.Array  # [A, b, s, D] stage inputs (body inputs), by act slot
     grd: jax.Array  # [G, b, s, D] received output gradients, by grd slot
     d_stack: Any  # [K, Ls, ...] weight gradients of this rank's chunks
-    d_glob: dict  # gradients of the replicated globals (summed over `stage` after the loop)
+    d_glob: dict  # gradients of the replicated globals (summed over `pipe` after the loop)
     load: jax.Array  # [K, Ls, E] tokens per expert, per chunk
     balance: jax.Array  # [K, Ls] sequence-balance statistic / M, per chunk
     epi: stages.EpilogueAux  # loss terms and MTP statistics, summed
 
 
-def make_env(stack, stack_bias, glob: dict, glob_bias: dict, mbs: dict, norms: stages.Norms,
-             first: jax.Array, last: jax.Array) -> dict:
+def make_env(stack, stack_bias, glob: dict, glob_bias: dict, mbs: batch_lib.Batch,
+             norms: losses.Norms, weights: losses.Weights, first: jax.Array, last: jax.Array
+             ) -> dict:
     """One rank's arrays as the ops read them: stack/stack_bias [K, Ls, ...], micro-batches
-    [M, b, s], first/last [K] role flags of the rank's chunks."""
+    (every Batch field [M, b, s]), first/last [K] role flags of the rank's chunks."""
     return dict(stack=stack, bias=stack_bias, glob=glob, glob_bias=glob_bias, mbs=mbs,
-                norms=norms, first=first, last=last, stack0=take(stack, 0),
+                norms=norms, weights=weights, first=first, last=last, stack0=take(stack, 0),
                 bias0=take(stack_bias, 0))
 
 
 def init_carry(stage: stages.Stage, env: dict, act_slots: int, grd_slots: int) -> Carry:
     """Empty accumulators and NaN buffers: a read of a slot nobody wrote poisons the result."""
     cfg = stage.cfg
-    b, s = env["mbs"]["inputs"].shape[1:]
+    b, s = env["mbs"].inputs.shape[1:]
     K, Ls = jax.tree.leaves(env["stack"])[0].shape[:2]
     dt = cfg.compute_dtype.jnp
     return Carry(
@@ -63,7 +67,14 @@ def init_carry(stage: stages.Stage, env: dict, act_slots: int, grd_slots: int) -
         d_stack=jax.tree.map(jnp.zeros_like, env["stack"]),
         d_glob=jax.tree.map(jnp.zeros_like, env["glob"]),
         load=jnp.zeros((K, Ls, cfg.n_routed_experts), jnp.float32),
-        balance=jnp.zeros((K, Ls), stage.acc_dtype), epi=stage.zero_aux())
+        balance=jnp.zeros((K, Ls), stage.acc_dtype), epi=zero_aux(stage, env))
+
+
+def zero_aux(stage: stages.Stage, env: dict) -> stages.EpilogueAux:
+    """Zero epilogue accumulators shaped like the objective's metrics (found by tracing it)."""
+    b, s = env["mbs"].inputs.shape[1:]
+    h = jnp.zeros((b, s, stage.cfg.d_model), stage.cfg.compute_dtype.jnp)
+    return stage.zero_aux(stage.metric_shapes(h, take(env["mbs"], 0), env))
 
 
 def take(tree, i):
@@ -81,10 +92,12 @@ def _put(buf: jax.Array, value: jax.Array, i) -> jax.Array:
 
 class Ops:
     """Builds the branches over `env`: the rank's arrays inside shard_map (stack [K, ...], its
-    biases, globals, micro-batches [M, b, s], norms, and the per-chunk role flags first/last)."""
+    biases, globals, micro-batches [M, b, s], norms, loss weights, and the per-chunk role flags
+    first/last)."""
 
     def __init__(self, stage: stages.Stage, env: dict):
         self.stage, self.env = stage, env
+        self.zero_aux = zero_aux(stage, env)
         self.pro_keys = stages.prologue_keys(stage.cfg)
         self.epi_keys = stages.epilogue_keys(stage.cfg)
 
@@ -94,12 +107,12 @@ class Ops:
     def forward(self, carry: Carry, c, mb, slot, outbox):
         st, env = self.stage, self.env
         batch = take(env["mbs"], mb)
-        x = jax.lax.cond(env["first"][c] > 0, lambda: st.prologue({}, env, batch["inputs"]),
+        x = jax.lax.cond(env["first"][c] > 0, lambda: st.prologue({}, env, batch.inputs),
                          lambda: carry.act[slot].astype(st.cfg.compute_dtype.jnp))
         (h, _), (load, balance) = st.body(take(env["stack"], c), x, take(env["bias"], c), env)
         _, epi = jax.lax.cond(env["last"][c] > 0,
-                              lambda: st.epilogue({}, h, batch, env["norms"], env),
-                              lambda: (jnp.zeros((), st.acc_dtype), st.zero_aux()))
+                              lambda: st.epilogue({}, h, batch, env),
+                              lambda: (jnp.zeros((), st.acc_dtype), self.zero_aux))
         carry = dataclasses.replace(
             carry, act=_put(carry.act, x, slot), load=carry.load.at[c].add(load),
             balance=carry.balance.at[c].add(balance),
@@ -108,7 +121,7 @@ class Ops:
 
     def backward(self, carry: Carry, kind: Code, c, mb, slot, gslot, outbox):
         st, env = self.stage, self.env
-        batch, norms = take(env["mbs"], mb), env["norms"]
+        batch = take(env["mbs"], mb)
         chunk, bias = take(env["stack"], c), take(env["bias"], c)
         x = carry.act[slot]
         weights = kind is not Code.BI
@@ -120,11 +133,11 @@ class Ops:
 
         def from_loss(d_glob):
             if weights:
-                _, vjp = jax.vjp(lambda d, h_: st.epilogue(d, h_, batch, norms, env)[0],
+                _, vjp = jax.vjp(lambda d, h_: st.epilogue(d, h_, batch, env)[0],
                                  self._glob(self.epi_keys), h)
                 d_epi, g_h = vjp(jnp.ones((), st.acc_dtype))
                 return _add(d_glob, d_epi), g_h
-            _, vjp = jax.vjp(lambda h_: st.epilogue({}, h_, batch, norms, env)[0], h)
+            _, vjp = jax.vjp(lambda h_: st.epilogue({}, h_, batch, env)[0], h)
             return d_glob, vjp(jnp.ones((), st.acc_dtype))[0]
 
         def from_downstream(d_glob):
@@ -136,7 +149,7 @@ class Ops:
             d_chunk, d_x = cot
 
             def into_prologue(d_glob):
-                _, vjp = jax.vjp(lambda d: st.prologue(d, env, batch["inputs"]),
+                _, vjp = jax.vjp(lambda d: st.prologue(d, env, batch.inputs),
                                  self._glob(self.pro_keys))
                 return _add(d_glob, vjp(d_x)[0])
 

@@ -8,9 +8,9 @@ micro-batch number in each box, and F&B boxes split into a forward and a backwar
 
 from __future__ import annotations
 
-from deepseek_jax.parallel import costmodel, schedules
-from deepseek_jax.parallel.costmodel import Costs, Summary, Timing
-from deepseek_jax.parallel.schedules import OpKind, Plan
+from deepseek_jax.parallel.pipeline import costmodel, schedules
+from deepseek_jax.parallel.pipeline.costmodel import Costs, Summary, Timing
+from deepseek_jax.parallel.pipeline.schedules import OpKind, OpOrders
 
 # (chunk 0, chunk 1) colours per elementary kind.
 _COLOURS = {
@@ -55,14 +55,14 @@ def text(summaries: list[Summary | tuple[str, str]], costs: Costs) -> str:
     return "\n".join(lines)
 
 
-def document(plan: Plan, summary: Summary, costs: Costs) -> dict:
+def document(orders: OpOrders, summary: Summary, costs: Costs) -> dict:
     """The JSON document: per-rank compute order in the reference traces' format, plus figures."""
     return {
-        "schedule": plan.schedule.value,
-        "pp": plan.pp,
-        "microbatches": plan.microbatches,
+        "schedule": orders.schedule.value,
+        "pp": orders.pp,
+        "microbatches": orders.microbatches,
         "costs": {"F": costs.F, "B": costs.B, "Bi": costs.Bi, "W": costs.W, "F&B": costs.FB},
-        "ranks": [[op.to_json() for op in ops] for ops in plan.ranks],
+        "ranks": [[op.to_json() for op in ops] for ops in orders.ranks],
         "bubble": summary.to_json(),
     }
 
@@ -90,7 +90,7 @@ def _draw_timeline(ax, timing: Timing, pp: int, title: str) -> None:
     ax.set_title(title, fontsize=9)
 
 
-def png(plan: Plan, path: str, costs: Costs = Costs()) -> None:
+def png(orders: OpOrders, path: str, costs: Costs = Costs()) -> None:
     """Draw the asynchronous timeline (as the reference runs) above the lock-step one."""
     import matplotlib
 
@@ -98,20 +98,20 @@ def png(plan: Plan, path: str, costs: Costs = Costs()) -> None:
     from matplotlib import pyplot as plt
     from matplotlib.patches import Patch
 
-    from deepseek_jax.parallel import ticks
+    from deepseek_jax.parallel.pipeline import ticks
 
-    timings = [costmodel.asynchronous(plan, costs), costmodel.lockstep(ticks.build(plan), costs)]
+    timings = [costmodel.asynchronous(orders, costs), costmodel.lockstep(ticks.build(orders), costs)]
     width = max(8.0, min(40.0, timings[1].makespan * 0.22))
-    fig, axes = plt.subplots(2, 1, figsize=(width, 1.2 + 0.9 * plan.pp), squeeze=True)
-    name = f"{plan.schedule.value}, {plan.pp} ranks, {plan.microbatches} micro-batches"
+    fig, axes = plt.subplots(2, 1, figsize=(width, 1.2 + 0.9 * orders.pp), squeeze=True)
+    name = f"{orders.schedule.value}, {orders.pp} ranks, {orders.microbatches} micro-batches"
     for ax, timing, how in zip(axes, timings, ("asynchronous", "lock-step ticks")):
         idle = _ranks(timing.idle)
-        _draw_timeline(ax, timing, plan.pp, f"{name}: {how}, makespan {timing.makespan:g}, "
+        _draw_timeline(ax, timing, orders.pp, f"{name}: {how}, makespan {timing.makespan:g}, "
                                             f"idle per rank {idle}")
-    kinds = sorted({k for ops in plan.ranks for op in ops for k, _, _ in op.parts()},
+    kinds = sorted({k for ops in orders.ranks for op in ops for k, _, _ in op.parts()},
                    key=list(OpKind).index)
     handles = [Patch(facecolor=_COLOURS[k][c], edgecolor="black",
-                     label=f"{_NAMES[k]}, chunk {c}") for k in kinds for c in range(plan.chunks)]
+                     label=f"{_NAMES[k]}, chunk {c}") for k in kinds for c in range(orders.chunks)]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=7)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
@@ -122,7 +122,7 @@ def summaries(pp: int, microbatches: int, costs: Costs,
               only: schedules.Schedule | None = None) -> list[Summary | tuple[str, str]]:
     """Summaries of every schedule (or `only`); inapplicable ones as (name, reason)."""
     out: list[Summary | tuple[str, str]] = []
-    for s in [only] if only else list(schedules.Schedule):
+    for s in [only] if only else list(schedules.SCHEDULES):
         try:
             out.append(costmodel.summarize(schedules.build(s, pp, microbatches), costs))
         except ValueError as e:

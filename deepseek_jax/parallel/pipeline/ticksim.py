@@ -16,9 +16,9 @@ import dataclasses
 
 import numpy as np
 
-from deepseek_jax.parallel import schedules, ticks
-from deepseek_jax.parallel.schedules import OpKind
-from deepseek_jax.parallel.ticks import Channel, TickTable
+from deepseek_jax.parallel.pipeline import schedules, ticks
+from deepseek_jax.parallel.pipeline.schedules import OpKind
+from deepseek_jax.parallel.pipeline.ticks import Channel, TickTable
 
 Tag = tuple[str, int, int, int]  # ("act" | "grd", stream, stage it belongs to, micro-batch)
 
@@ -120,7 +120,7 @@ def check(table: TickTable) -> None:
                     write(t, r, buf, slot, payload, (c, payload[3]))
 
     ranks = tuple(tuple(table.rank_ops(r)) for r in range(P))
-    schedules.check_order(schedules.Plan(table.schedule, P, table.microbatches, ranks))
+    schedules.check_order(schedules.OpOrders(table.schedule, P, table.microbatches, ranks))
 
 
 # Broken tables, for tests that must see `check` (and later the executor) fail.

@@ -14,8 +14,8 @@ import enum
 
 import numpy as np
 
-from deepseek_jax.parallel import schedules
-from deepseek_jax.parallel.schedules import Op, OpKind, Plan
+from deepseek_jax.parallel.pipeline import schedules
+from deepseek_jax.parallel.pipeline.schedules import Op, OpKind, OpOrders
 
 
 class Code(enum.IntEnum):
@@ -145,21 +145,21 @@ class TickTable:
         return [op for t in range(self.num_ticks) if (op := self.op(t, r)) is not None]
 
 
-def assign_ticks(plan: Plan) -> list[list[Op | None]]:
+def assign_ticks(orders: OpOrders) -> list[list[Op | None]]:
     """grid[r][t]: the op rank r runs at tick t (None = idle), greedy in each rank's own order."""
     done: dict[schedules.Event, int] = {}  # event -> tick it happened
 
     def ready(r: int, kind: OpKind, c: int, m: int, t: int) -> bool:
-        need = plan.needs(r, kind, c, m)
+        need = orders.needs(r, kind, c, m)
         return need is None or done.get(need, t) < t
 
-    pos = [0] * plan.pp
-    grid: list[list[Op | None]] = [[] for _ in range(plan.pp)]
+    pos = [0] * orders.pp
+    grid: list[list[Op | None]] = [[] for _ in range(orders.pp)]
     t = 0
-    while any(pos[r] < len(plan.ranks[r]) for r in range(plan.pp)):
+    while any(pos[r] < len(orders.ranks[r]) for r in range(orders.pp)):
         started = []
-        for r in range(plan.pp):
-            op = plan.ranks[r][pos[r]] if pos[r] < len(plan.ranks[r]) else None
+        for r in range(orders.pp):
+            op = orders.ranks[r][pos[r]] if pos[r] < len(orders.ranks[r]) else None
             if op is not None and not all(ready(r, *part, t) for part in op.parts()):
                 op = None
             if op is not None:
@@ -167,8 +167,8 @@ def assign_ticks(plan: Plan) -> list[list[Op | None]]:
                 pos[r] += 1
             grid[r].append(op)
         if not started:
-            stuck = {r: str(ops[pos[r]]) for r, ops in enumerate(plan.ranks) if pos[r] < len(ops)}
-            raise ValueError(f"{plan.schedule.value}: deadlock at tick {t}, waiting: {stuck}")
+            stuck = {r: str(ops[pos[r]]) for r, ops in enumerate(orders.ranks) if pos[r] < len(ops)}
+            raise ValueError(f"{orders.schedule.value}: deadlock at tick {t}, waiting: {stuck}")
         for r, op in started:  # recorded after the tick: nothing is usable within its own tick
             for part in op.parts():
                 done[schedules.event(r, *part)] = t
@@ -193,7 +193,7 @@ def _colour(intervals: dict) -> tuple[dict, int]:
     return slots, len(free_from)
 
 
-def _slots(plan: Plan, grid: list[list[Op | None]]) -> tuple[list[dict], list[dict]]:
+def _slots(orders: OpOrders, grid: list[list[Op | None]]) -> tuple[list[dict], list[dict]]:
     """Per rank, {(chunk, mb): slot} for stage inputs (`act`) and output gradients (`grd`).
 
     A stage input is live from the tick it is written (its own F at a first stage, else the end
@@ -212,11 +212,11 @@ def _slots(plan: Plan, grid: list[list[Op | None]]) -> tuple[list[dict], list[di
     def last_use(r: int, c: int, m: int) -> int:
         return when.get((r, c, m, OpKind.W), backward_tick(r, c, m))
 
-    act_iv: list[dict] = [{} for _ in range(plan.pp)]  # [first tick held, last tick read]
-    grd_iv: list[dict] = [{} for _ in range(plan.pp)]
-    for r, c in plan.cells():
-        src, dst = plan.upstream(r, c), plan.downstream(r, c)
-        for m in range(plan.per_chunk):
+    act_iv: list[dict] = [{} for _ in range(orders.pp)]  # [first tick held, last tick read]
+    grd_iv: list[dict] = [{} for _ in range(orders.pp)]
+    for r, c in orders.cells():
+        src, dst = orders.upstream(r, c), orders.downstream(r, c)
+        for m in range(orders.per_chunk):
             start = when[(r, c, m, OpKind.F)] if src is None else when[(*src, m, OpKind.F)] + 1
             act_iv[r][(c, m)] = (start, last_use(r, c, m))
             if dst is not None:
@@ -224,12 +224,12 @@ def _slots(plan: Plan, grid: list[list[Op | None]]) -> tuple[list[dict], list[di
     return [_colour(iv)[0] for iv in act_iv], [_colour(iv)[0] for iv in grd_iv]
 
 
-def build(plan: Plan) -> TickTable:
-    """The tick table of `plan` with buffer slots; `schedules.check_order` is run first."""
-    schedules.check_order(plan)
-    grid = assign_ticks(plan)
-    T, P = len(grid[0]), plan.pp
-    act_slot, grd_slot = _slots(plan, grid)
+def build(orders: OpOrders) -> TickTable:
+    """The tick table of `orders` with buffer slots; `schedules.check_order` is run first."""
+    schedules.check_order(orders)
+    grid = assign_ticks(orders)
+    T, P = len(grid[0]), orders.pp
+    act_slot, grd_slot = _slots(orders, grid)
     act_peak = [max(s.values(), default=-1) + 1 for s in act_slot]
     grd_peak = [max(s.values(), default=-1) + 1 for s in grd_slot]
 
@@ -257,22 +257,22 @@ def build(plan: Plan) -> TickTable:
                 cols["act" + sfx][t, r] = act_slot[r][(c, m)]
                 if kind is not OpKind.F and (c, m) in grd_slot[r]:
                     cols["grd" + sfx][t, r] = grd_slot[r][(c, m)]
-                if kind is OpKind.F and (dst := plan.downstream(r, c)) is not None:
+                if kind is OpKind.F and (dst := orders.downstream(r, c)) is not None:
                     send[t, r, act_channel(c)] = 1
                     deliver(dst[0], t, act_channel(dst[1]), act_slot[dst[0]][(dst[1], m)])
-                if kind in (OpKind.B, OpKind.BI) and (src := plan.upstream(r, c)) is not None:
+                if kind in (OpKind.B, OpKind.BI) and (src := orders.upstream(r, c)) is not None:
                     send[t, r, grd_channel(c)] = 1
                     deliver(src[0], t, grd_channel(src[1]), grd_slot[src[0]][(src[1], m)])
 
-    K = plan.chunks
+    K = orders.chunks
     grid_cells = [[(r, c) for c in range(K)] for r in range(P)]
-    placement = np.array([[plan.stage(*cell) for cell in row] for row in grid_cells], np.int32)
-    is_first = np.array([[plan.upstream(*x) is None for x in row] for row in grid_cells], np.int32)
-    is_last = np.array([[plan.downstream(*x) is None for x in row] for row in grid_cells], np.int32)
+    placement = np.array([[orders.stage(*cell) for cell in row] for row in grid_cells], np.int32)
+    is_first = np.array([[orders.upstream(*x) is None for x in row] for row in grid_cells], np.int32)
+    is_last = np.array([[orders.downstream(*x) is None for x in row] for row in grid_cells], np.int32)
     up, down = tuple((r, r + 1) for r in range(P - 1)), tuple((r, r - 1) for r in range(1, P))
     perms = (up, down, down, up) if K == 2 else (up, (), down, ())
     loopback = ()
-    if plan.schedule is schedules.Schedule.DUALPIPEV:
+    if orders.schedule is schedules.Schedule.DUALPIPEV:
         loopback = ((P - 1, int(Channel.ACT0), int(Channel.ACT1)),
                     (P - 1, int(Channel.GRD1), int(Channel.GRD0)))
     arrays = dict(code=code, **cols, send=send, recv=recv, stage=placement, is_first=is_first,
@@ -280,5 +280,5 @@ def build(plan: Plan) -> TickTable:
                   grd_peak=np.array(grd_peak, np.int32))
     for a in arrays.values():
         a.setflags(write=False)
-    return TickTable(schedule=plan.schedule, pp=P, chunks=K, microbatches=plan.microbatches,
-                     per_chunk=plan.per_chunk, perms=perms, loopback=loopback, **arrays)
+    return TickTable(schedule=orders.schedule, pp=P, chunks=K, microbatches=orders.microbatches,
+                     per_chunk=orders.per_chunk, perms=perms, loopback=loopback, **arrays)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from deepseek_jax.parallel import schedules, ticks
-from deepseek_jax.parallel.schedules import Op, OpKind, Plan, Schedule
+from deepseek_jax.parallel.pipeline import schedules, ticks
+from deepseek_jax.parallel.pipeline.schedules import Op, OpKind, OpOrders, Schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,21 +72,21 @@ class Timing:
         return sum(self.idle) / (self.makespan * len(self.busy))
 
 
-def asynchronous(plan: Plan, costs: Costs = Costs()) -> Timing:
-    """Event timeline of `plan` run asynchronously (official DualPipe semantics, zero latency)."""
+def asynchronous(orders: OpOrders, costs: Costs = Costs()) -> Timing:
+    """Event timeline of `orders` run asynchronously (official DualPipe semantics, zero latency)."""
     end: dict[schedules.Event, float] = {}  # event -> time it happened
 
     def ready_at(r: int, kind: OpKind, c: int, m: int) -> float | None:
-        need = plan.needs(r, kind, c, m)
+        need = orders.needs(r, kind, c, m)
         return 0.0 if need is None else end.get(need)
 
-    pos, free = [0] * plan.pp, [0.0] * plan.pp
-    spans: list[list] = [[] for _ in range(plan.pp)]
-    while any(pos[r] < len(plan.ranks[r]) for r in range(plan.pp)):
+    pos, free = [0] * orders.pp, [0.0] * orders.pp
+    spans: list[list] = [[] for _ in range(orders.pp)]
+    while any(pos[r] < len(orders.ranks[r]) for r in range(orders.pp)):
         progressed = False
-        for r in range(plan.pp):
-            while pos[r] < len(plan.ranks[r]):
-                op = plan.ranks[r][pos[r]]
+        for r in range(orders.pp):
+            while pos[r] < len(orders.ranks[r]):
+                op = orders.ranks[r][pos[r]]
                 times = [ready_at(r, *part) for part in op.parts()]
                 if any(x is None for x in times):
                     break
@@ -98,8 +98,8 @@ def asynchronous(plan: Plan, costs: Costs = Costs()) -> Timing:
                 pos[r] += 1
                 progressed = True
         if not progressed:
-            raise ValueError(f"{plan.schedule.value}: deadlock in the asynchronous timeline")
-    busy = tuple(sum(costs.of(op) for op in ops) for ops in plan.ranks)
+            raise ValueError(f"{orders.schedule.value}: deadlock in the asynchronous timeline")
+    busy = tuple(sum(costs.of(op) for op in ops) for ops in orders.ranks)
     return Timing(max(free), busy, tuple(map(tuple, spans)))
 
 
@@ -162,15 +162,15 @@ class Summary:
         }
 
 
-def summarize(plan: Plan, costs: Costs = Costs()) -> Summary:
-    table = ticks.build(plan)
+def summarize(orders: OpOrders, costs: Costs = Costs()) -> Summary:
+    table = ticks.build(orders)
     idle_cells = int((table.code == ticks.Code.IDLE).sum())
     return Summary(
-        schedule=plan.schedule, pp=plan.pp, microbatches=plan.microbatches,
+        schedule=orders.schedule, pp=orders.pp, microbatches=orders.microbatches,
         ticks=table.num_ticks, table_bubble=idle_cells / table.code.size,
-        asynchronous=asynchronous(plan, costs), lockstep=lockstep(table, costs),
-        formula=formula(plan.schedule, plan.pp, costs),
-        peak_live=tuple(schedules.peak_live(plan)),
+        asynchronous=asynchronous(orders, costs), lockstep=lockstep(table, costs),
+        formula=formula(orders.schedule, orders.pp, costs),
+        peak_live=tuple(schedules.peak_live(orders)),
         act_slots=tuple(int(x) for x in table.act_peak),
         grd_slots=tuple(int(x) for x in table.grd_peak),
     )

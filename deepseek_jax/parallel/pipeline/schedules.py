@@ -1,9 +1,9 @@
 """Pipeline schedules as per-rank op orders: DualPipe, DualPipeV, 1F1B and GPipe.
 
-Pure Python, no JAX. A schedule is a `Plan`: for every pipeline rank the ordered list of compute ops
-it runs in one training step, plus the placement of chunks (model stages) on ranks, which says where
-each op's inputs come from. `deepseek_jax.parallel.ticks` turns a plan into the lock-step tick table
-that the JAX executor runs; `deepseek_jax.parallel.costmodel` times it.
+Pure Python, no JAX. A schedule instance is an `OpOrders`: for every pipeline rank the ordered list
+of compute ops it runs in one training step, plus the placement of chunks (model stages) on ranks,
+which says where each op's inputs come from. `ticks` turns op orders into the lock-step tick table
+that the JAX executor runs; `costmodel` times them.
 
 Chunk conventions (c is the index of the model copy held by a rank, as `DualPipe.module[c]`):
   dualpipe   c=0 is stage r of direction 0 (rank 0 -> PP-1), c=1 is stage PP-1-r of direction 1
@@ -20,14 +20,11 @@ import collections
 import dataclasses
 import enum
 
+from deepseek_jax.parallel import config as config_lib
 
-class Schedule(enum.Enum):
-    """Pipeline schedule; the value is the experiment config's `parallel.pipeline` string."""
-
-    DUALPIPE = "dualpipe"
-    DUALPIPEV = "dualpipev"
-    ONE_F_ONE_B = "1f1b"
-    GPIPE = "gpipe"
+# The one schedule enum is the config's (its NONE member means "no pipeline"; `build` refuses it).
+Schedule = config_lib.Schedule
+SCHEDULES = tuple(s for s in Schedule if s is not Schedule.NONE)  # the ones with op orders
 
 
 class OpKind(enum.Enum):
@@ -82,7 +79,7 @@ def event(rank: int, kind: OpKind, c: int, m: int) -> Event:
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
+class OpOrders:
     """A schedule instance: each rank's ordered ops and the chunk placement they imply.
 
     `microbatches` is the total per step as the user gave it (DualPipe's `num_chunks`);
@@ -235,11 +232,11 @@ def _eight_steps(half: int, h: int, n: int, middle: bool, flip: int) -> list[Op]
     return k.ops
 
 
-def dualpipe(pp: int, num_chunks: int) -> Plan:
+def dualpipe(pp: int, num_chunks: int) -> OpOrders:
     """DualPipe with `pp` ranks and `num_chunks` micro-batches in total (half enter at each end)."""
     _check_positive(pp=pp, num_chunks=num_chunks)
     if pp % 2:
-        raise ValueError(f"dualpipe needs an even number of pipeline stages, got pp={pp}")
+        raise ValueError(f"dualpipe needs an even number of pipeline ranks, got pp={pp}")
     if num_chunks % 2 or num_chunks < 2 * pp:
         raise ValueError(
             f"dualpipe needs an even number of micro-batches >= 2*pp={2 * pp}, got {num_chunks}"
@@ -249,19 +246,19 @@ def dualpipe(pp: int, num_chunks: int) -> Plan:
     for r in range(pp):
         h = min(r, pp - 1 - r)
         ranks.append(_eight_steps(half, h, n, middle=h == half - 1, flip=int(r >= half)))
-    return Plan(Schedule.DUALPIPE, pp, num_chunks, tuple(map(tuple, ranks)))
+    return OpOrders(Schedule.DUALPIPE, pp, num_chunks, tuple(map(tuple, ranks)))
 
 
-def dualpipev(pp: int, num_chunks: int) -> Plan:
+def dualpipev(pp: int, num_chunks: int) -> OpOrders:
     """DualPipeV ("cut-in-half"): 2*pp stages on `pp` ranks in a V, `num_chunks` micro-batches."""
     _check_positive(pp=pp, num_chunks=num_chunks)
     if num_chunks < 2 * pp:
         raise ValueError(f"dualpipev needs >= 2*pp={2 * pp} micro-batches, got {num_chunks}")
     ranks = [_eight_steps(pp, r, num_chunks, middle=r == pp - 1, flip=0) for r in range(pp)]
-    return Plan(Schedule.DUALPIPEV, pp, num_chunks, tuple(map(tuple, ranks)))
+    return OpOrders(Schedule.DUALPIPEV, pp, num_chunks, tuple(map(tuple, ranks)))
 
 
-def one_f_one_b(pp: int, m: int) -> Plan:
+def one_f_one_b(pp: int, m: int) -> OpOrders:
     """1F1B: rank r warms up with PP-1-r forwards, then alternates F and full B, then drains."""
     _check_positive(pp=pp, m=m)
     ranks = []
@@ -272,21 +269,23 @@ def one_f_one_b(pp: int, m: int) -> Plan:
             ops += [Op(OpKind.F, 0, warm + i), Op(OpKind.B, 0, i)]
         ops += [Op(OpKind.B, 0, i) for i in range(m - warm, m)]
         ranks.append(tuple(ops))
-    return Plan(Schedule.ONE_F_ONE_B, pp, m, tuple(ranks))
+    return OpOrders(Schedule.ONE_F_ONE_B, pp, m, tuple(ranks))
 
 
-def gpipe(pp: int, m: int) -> Plan:
+def gpipe(pp: int, m: int) -> OpOrders:
     """GPipe: all forwards, then all backwards in reverse micro-batch order (last in, first out),
     which is the order autodiff of a forward pipeline loop produces."""
     _check_positive(pp=pp, m=m)
     forwards = [Op(OpKind.F, 0, i) for i in range(m)]
     ops = tuple(forwards + [Op(OpKind.B, 0, i) for i in reversed(range(m))])
-    return Plan(Schedule.GPIPE, pp, m, (ops,) * pp)
+    return OpOrders(Schedule.GPIPE, pp, m, (ops,) * pp)
 
 
-def build(schedule: Schedule | str, pp: int, microbatches: int) -> Plan:
-    """The plan of `schedule`; `microbatches` is the total per step (num_chunks for DualPipe)."""
+def build(schedule: Schedule | str, pp: int, microbatches: int) -> OpOrders:
+    """The op orders of `schedule`; `microbatches` is the total per step (DualPipe's num_chunks)."""
     schedule = Schedule(schedule)
+    if schedule is Schedule.NONE:
+        raise ValueError("schedule 'none' has no op orders (no pipeline)")
     generator = {
         Schedule.DUALPIPE: dualpipe,
         Schedule.DUALPIPEV: dualpipev,
@@ -296,21 +295,21 @@ def build(schedule: Schedule | str, pp: int, microbatches: int) -> Plan:
     return generator(pp, microbatches)
 
 
-def check_order(plan: Plan) -> None:
+def check_order(orders: OpOrders) -> None:
     """Completeness of every rank's order; raises ValueError naming the first problem.
 
     Per rank, chunk and micro-batch: exactly one F, then exactly one B or one Bi followed later by
     its W; nothing for chunks or micro-batches that do not exist.
     """
-    if len(plan.ranks) != plan.pp:
-        raise ValueError(f"plan has {len(plan.ranks)} ranks, expected {plan.pp}")
-    valid = {(c, m) for c in range(plan.chunks) for m in range(plan.per_chunk)}
-    for r, ops in enumerate(plan.ranks):
+    if len(orders.ranks) != orders.pp:
+        raise ValueError(f"orders has {len(orders.ranks)} ranks, expected {orders.pp}")
+    valid = {(c, m) for c in range(orders.chunks) for m in range(orders.per_chunk)}
+    for r, ops in enumerate(orders.ranks):
         seen: dict[tuple[int, int], list[OpKind]] = {key: [] for key in valid}
         for op in ops:
             for kind, c, m in op.parts():
                 if (c, m) not in valid:
-                    raise ValueError(f"rank {r}: {op} names a chunk/micro-batch outside the plan")
+                    raise ValueError(f"rank {r}: {op} names a chunk/micro-batch outside the schedule")
                 history = seen[(c, m)]
                 expected = {
                     OpKind.F: [],
@@ -330,11 +329,11 @@ def check_order(plan: Plan) -> None:
                 )
 
 
-def peak_live(plan: Plan) -> list[int]:
+def peak_live(orders: OpOrders) -> list[int]:
     """Per rank, the most stage inputs alive at once in program order, counting each (chunk,
     micro-batch) from its F to its B or Bi (the report's and README's activation-memory measure)."""
     peaks = []
-    for ops in plan.ranks:
+    for ops in orders.ranks:
         live = peak = 0
         for op in ops:
             for kind, _, _ in op.parts():  # FB: the forward's input exists while the backward runs
