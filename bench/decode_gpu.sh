@@ -15,7 +15,7 @@
 #    how many verify steps are saved, not a bandwidth win).
 #
 # Needs jax with CUDA in $PY (default: python). CPU smoke run of the script itself:
-#   PY=.venv/bin/python CONTEXTS=64 BATCHES=1 TRAIN_STEPS=20 EXTRA="--set model.d_model=64 \
+#   PY=.venv/bin/python CONTEXTS=64 BATCHES=1 TRAIN_STEPS=20 SPEC_TOKENS=8 EXTRA="--set model.d_model=64 \
 #     --set model.n_heads=2 --set model.kv_lora_rank=16 --set model.q_lora_rank=32" \
 #     bash bench/decode_gpu.sh
 set -euo pipefail
@@ -25,6 +25,7 @@ OUT=${OUT:-/tmp/decode_gpu}
 CONTEXTS=${CONTEXTS:-2048,8192,32768}
 BATCHES=${BATCHES:-1,8,32}
 TRAIN_STEPS=${TRAIN_STEPS:-600}
+SPEC_TOKENS=${SPEC_TOKENS:-128}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -49,5 +50,5 @@ rm -rf "$OUT/smoke"
     > "$OUT/train.log" 2>&1
 tail -n 3 "$OUT/train.log"
 "$PY" bench/decode.py --config=configs/tiny.py --parts=spec --spec-checkpoint="$OUT/smoke" \
-    --spec-tokens=128 --json="$OUT/spec.json" | tee "$OUT/spec.txt"
+    --spec-tokens="$SPEC_TOKENS" --json="$OUT/spec.json" | tee "$OUT/spec.txt"
 echo "results in $OUT"
