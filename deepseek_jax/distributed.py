@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
 import socket
+import sys
+import threading
 import time
 
 from deepseek_jax import errors
@@ -153,14 +156,31 @@ def initialize(cluster: Cluster | None, *,
     if cluster is None:
         jax.distributed.initialize(**timeouts)
         return
-    # Unconditionally: asking for the backend (jax.default_backend()) would initialise it,
-    # which jax.distributed.initialize forbids; the setting only affects the CPU client.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     start = time.monotonic()
     if cluster.process_id == 0:
         _check_bindable(cluster)
     else:
         _wait_reachable(cluster, coordinator_timeout_s)
-    remaining = max(1, round(coordinator_timeout_s - (time.monotonic() - start)))
-    jax.distributed.initialize(cluster.address, cluster.num_processes, cluster.process_id,
-                               **{**timeouts, "initialization_timeout": remaining})
+    # Unconditionally: asking for the backend (jax.default_backend()) would initialise it,
+    # which jax.distributed.initialize forbids; the setting only affects the CPU client.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    remaining = max(1.0, coordinator_timeout_s - (time.monotonic() - start))
+    # Every process now waits until all have registered. jax's own timeout aborts from C++ with
+    # a stack dump; this timer fires just before it with a message instead.
+    watchdog = threading.Timer(remaining, _join_timed_out, (cluster, coordinator_timeout_s))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        jax.distributed.initialize(cluster.address, cluster.num_processes, cluster.process_id,
+                                   **{**timeouts, "initialization_timeout": round(remaining) + 5})
+    finally:
+        watchdog.cancel()
+
+
+def _join_timed_out(cluster: Cluster, timeout_s: float) -> None:
+    print(errors.message(DistributedError(
+        f"--coordinator={cluster.address}: not all {cluster.num_processes} processes joined "
+        f"within {timeout_s:g} s (--coordinator_timeout_s); this is process "
+        f"{cluster.process_id}. Check that every process was started, with the same "
+        "--coordinator and --num_processes.")), file=sys.stderr, flush=True)
+    os._exit(errors.EXIT_BAD_INPUT)  # the main thread is blocked inside jax.distributed

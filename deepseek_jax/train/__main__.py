@@ -11,12 +11,12 @@ with status 2; a lost peer process ends the others within --heartbeat_timeout_s 
 from __future__ import annotations
 
 import os
-import pathlib
 import sys
 
 from absl import app, flags, logging
 
 from deepseek_jax import cli, distributed, errors
+from deepseek_jax.train import preflight
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics).")
 _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (multi-host).")
@@ -36,25 +36,11 @@ def _auto_cluster() -> bool:
                                   "SLURM_JOB_ID", "JOBSET_NAME"))
 
 
-def check_workdir(path: str | None) -> pathlib.Path:
-    if not path:
-        raise errors.UserError("--workdir is required")
-    workdir = pathlib.Path(path)
-    for p in (workdir, *workdir.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise errors.UserError(f"--workdir={path}: {p} is a file, not a directory")
-            if not os.access(p, os.W_OK | os.X_OK):
-                raise errors.UserError(f"--workdir={path}: {p} is not writable")
-            break
-    return workdir
-
-
 def main(argv):
     del argv
     # Everything that can be checked without devices, before touching them.
-    workdir = check_workdir(_WORKDIR.value)
     exp = cli.experiment()
+    workdir = preflight.check(_WORKDIR.value, exp)
     multi = _COORDINATOR.value is not None or _NUM_PROCESSES.value is not None
     cluster = (distributed.check(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
                if multi else None)
