@@ -109,6 +109,9 @@ reap() {  # Collects every finished process; records the first failure.
         if ! kill -0 "$pid" 2>/dev/null; then
             rc=0
             wait "$pid" || rc=$?
+            if ((rc != 0 && status != 0)); then  # after the first failure: say how each ended
+                echo "local.sh: process ${running[$pid]} exited with status $rc" >&2
+            fi
             if ((rc != 0 && status == 0)); then
                 status=$rc
                 failed_id=${running[$pid]}
