@@ -20,6 +20,7 @@ reached it aborts the process from C++ after its timeout, with a stack dump. So:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 import os
@@ -28,9 +29,11 @@ import socket
 import sys
 import threading
 import time
+from typing import Iterator
 
 from deepseek_jax import errors
 
+EXIT_LOST_PEER = 3
 DEFAULT_COORDINATOR_TIMEOUT_S = 300
 DEFAULT_HEARTBEAT_TIMEOUT_S = 100  # jax's default; a lost peer is detected within this
 
@@ -175,6 +178,31 @@ def initialize(cluster: Cluster | None, *,
                                    **{**timeouts, "initialization_timeout": round(remaining) + 5})
     finally:
         watchdog.cancel()
+
+
+# What a collective or a coordination call raises when a peer has gone (gloo on CPU; the
+# coordination service elsewhere).
+_LOST_PEER = re.compile(r"Connection (closed|reset) by peer|heartbeat|UNAVAILABLE|Socket closed")
+
+
+@contextlib.contextmanager
+def lost_peer_is_one_paragraph(active: bool) -> Iterator[None]:
+    """In a multi-process run, a runtime error that says a peer is gone is reported as one
+    paragraph instead of a traceback. The process then exits; jax's shutdown barrier waits up to
+    --heartbeat_timeout_s, and the coordination service names the lost process as it aborts."""
+    import jax
+
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not active or not _LOST_PEER.search(str(e)):
+            raise
+        print(f"error: lost contact with another process of this job ({first}). Every process "
+              "stops; the coordination service names the lost one within "
+              "--heartbeat_timeout_s. Relaunch all processes to resume from the last "
+              "checkpoint.", file=sys.stderr, flush=True)
+        sys.exit(EXIT_LOST_PEER)
 
 
 def _join_timed_out(cluster: Cluster, timeout_s: float) -> None:

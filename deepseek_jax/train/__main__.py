@@ -53,7 +53,8 @@ def main(argv):
     from deepseek_jax.train import loop
 
     try:
-        loop.run(exp, workdir)
+        with distributed.lost_peer_is_one_paragraph(multi or _auto_cluster()):
+            loop.run(exp, workdir)
     except loop.NonFiniteError as e:  # the run's own verdict, not a bug: no traceback
         sys.exit(errors.report(e))
 
