@@ -166,7 +166,6 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 def load(path: str, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
     """Loads a configs/*.py file (get_config()) and applies dotted overrides ("train.steps": 10)."""
     import importlib.util
-
     import os
 
     if not os.path.isfile(path):

@@ -153,9 +153,9 @@ def initialize(cluster: Cluster | None, *,
     import jax
 
     check_timeouts(coordinator_timeout_s, heartbeat_timeout_s)
-    timeouts = dict(initialization_timeout=coordinator_timeout_s,
-                    heartbeat_timeout_seconds=heartbeat_timeout_s,
-                    shutdown_timeout_seconds=heartbeat_timeout_s)
+    timeouts = {"initialization_timeout": coordinator_timeout_s,
+                "heartbeat_timeout_seconds": heartbeat_timeout_s,
+                "shutdown_timeout_seconds": heartbeat_timeout_s}
     if cluster is None:
         jax.distributed.initialize(**timeouts)
         return

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 EXIT_BAD_INPUT = 2
 
@@ -29,7 +29,7 @@ def message(e: BaseException) -> str:
     return f"error: {str(e).strip()}"
 
 
-def did_you_mean(name: str, known: Iterator[str] | list[str] | set[str]) -> str:
+def did_you_mean(name: str, known: Iterable[str]) -> str:
     """' (did you mean n_routed_experts?)' for the closest known name, or '' if none is close."""
     import difflib
 

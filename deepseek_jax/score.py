@@ -19,8 +19,8 @@ import sys
 
 import numpy as np
 
-from deepseek_jax.convert import ckpt_io, from_hf, mapping, outdir
 from deepseek_jax import errors
+from deepseek_jax.convert import ckpt_io, from_hf, mapping, outdir
 from deepseek_jax.convert.errors import ConversionError
 from deepseek_jax.model import config as config_lib
 

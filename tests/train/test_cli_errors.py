@@ -8,7 +8,6 @@ resume cases run against a real checkpoint of the same tiny config.
 
 from __future__ import annotations
 
-import os
 import pathlib
 import shutil
 
@@ -262,3 +261,23 @@ def test_every_optional_field_is_settable_on_the_command_line(tmp_path):
         for field, value in optional.items():
             section, name = field.split(".")
             assert holder.value[section][name] == value, field
+
+
+def test_a_config_file_with_an_unknown_field_names_section_and_closest_name():
+    cd = config_lib.default_config_dict()
+    cd.train.warmup_step = 10
+    with pytest.raises(config_lib.ConfigError, match=r"train.warmup_step: unknown field: section "
+                       r"train has no field 'warmup_step' \(did you mean warmup_steps\?\)"):
+        config_lib.from_config_dict(cd)
+
+
+def test_info_takes_the_same_error_path(capsys):
+    from deepseek_jax import info
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli.parse_flags(["deepseek_jax.info", f"--config={TINY}", "--config.model.n_layers=0"])
+        errors.guard(info.main)([])
+    err = capsys.readouterr().err
+    assert e.value.code == errors.EXIT_BAD_INPUT and "Traceback" not in err
+    assert err.startswith("error: model.n_layers"), err
