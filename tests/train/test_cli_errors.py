@@ -20,6 +20,7 @@ from deepseek_jax import config as config_lib
 from deepseek_jax.parallel import plan as plan_lib
 from deepseek_jax.train import __main__ as train_main
 from deepseek_jax.train import checkpoint, optim
+from deepseek_jax.train import sharded
 from tests.data import corpora
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -74,7 +75,7 @@ def saved_run(tmp_path_factory, files) -> pathlib.Path:
     workdir = tmp_path_factory.mktemp("saved")
     tx = optim.optimizer(exp.train)
     plan = plan_lib.make_plan(exp.parallel, exp.model, exp.train.global_batch_size)
-    abstract = plan.abstract_state(exp.model, tx)
+    abstract = sharded.abstract_state(plan, exp.model, tx)
     rng = np.random.default_rng(0)
     state = jax.tree.map(lambda a: jax.device_put(
         rng.standard_normal(a.shape).astype(a.dtype), a.sharding), abstract)
