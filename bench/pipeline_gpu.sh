@@ -4,11 +4,11 @@
 #   bash bench/pipeline_gpu.sh            # results in $OUT (default /tmp/pipeline_gpu)
 #
 # What one GPU can and cannot tell about the pipeline:
-# - The pipelined step itself needs PP devices on the `stage` mesh axis. XLA:GPU cannot simulate
+# - The pipelined step itself needs PP devices on the `pipe` mesh axis. XLA:GPU cannot simulate
 #   devices (--xla_force_host_platform_device_count is CPU-only), so on one GPU the real
 #   pipelined step does not run at all; timing it per schedule needs PP >= 2 GPUs.
 # - What is meaningful on one GPU: the cost of each op the executor runs per tick -- F, B, Bi,
-#   W and F&B of one stage, the very lax.switch branches of deepseek_jax/parallel/pipeline_ops.py
+#   W and F&B of one stage, the very lax.switch branches of deepseek_jax/parallel/pipeline/ops.py
 #   -- in bfloat16 at a token count where the GPU is busy. From them:
 #     * (Bi+W)/B: what the recompute-based zero-bubble split costs on this hardware;
 #     * F&B/(F+B): whether XLA overlaps anything between the two halves of an F&B branch on one

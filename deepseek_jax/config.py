@@ -8,13 +8,19 @@ errors name the field (e.g. "model.n_group: ...").
 from __future__ import annotations
 
 import dataclasses
+import enum
+import typing
 from typing import Any, Mapping, Sequence
 
-from deepseek_jax import dataclass_dict
+from deepseek_jax import dataclass_dict, errors
 from deepseek_jax.data import config as data_config
 from deepseek_jax.model import config as model_config
 from deepseek_jax.parallel import config as parallel_config
 from deepseek_jax.train import config as train_config
+
+
+class ConfigError(errors.UserError, ValueError):
+    """An invalid experiment config; the message names the field."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +64,49 @@ class ExperimentConfig:
 SECTIONS = ("model", "train", "data", "parallel", "checkpoint")
 
 
+def section_types() -> dict[str, type]:
+    return dataclass_dict.field_types(ExperimentConfig)
+
+
+def _dataclass_of(tp: Any) -> type | None:
+    tp = dataclass_dict.optional_of(tp) or tp
+    return tp if dataclasses.is_dataclass(tp) else None
+
+
+def check_field_path(path: str) -> None:
+    """Raises ConfigError unless `path` ("model.n_layers", "train.mtp_lambda.values") names a
+    field of the experiment config; the message says which section and the closest name."""
+    cls, where = ExperimentConfig, []
+    for part in path.split("."):
+        names = dataclass_dict.field_types(cls)
+        if part not in names:
+            if not where:
+                raise ConfigError(f"--config.{path}: unknown config section {part!r}"
+                                  f"{errors.did_you_mean(part, names)}; sections: "
+                                  f"{', '.join(SECTIONS)}")
+            raise ConfigError("--config." + dataclass_dict.unknown_field(
+                ".".join(where), part, set(names)))
+        where.append(part)
+        cls = _dataclass_of(names[part])
+        if cls is None:
+            if len(where) < len(path.split(".")):
+                raise ConfigError(f"--config.{path}: {'.'.join(where)} is a value, not a "
+                                  "section")
+            return
+
+
+def _check_keys(cls: type, d: Mapping[str, Any], prefix: str) -> None:
+    """Unknown keys of one section (and its nested dataclasses), named with the closest field."""
+    if not isinstance(d, Mapping):
+        return
+    names = dataclass_dict.field_types(cls)
+    for key, value in d.items():
+        if key not in names:
+            raise ConfigError(dataclass_dict.unknown_field(prefix, key, set(names)))
+        if (sub := _dataclass_of(names[key])) is not None:
+            _check_keys(sub, value, f"{prefix}.{key}")
+
+
 def _plain(x: Any) -> Any:
     """ConfigDict / FrozenConfigDict -> plain nested dicts (and tuples kept)."""
     if hasattr(x, "to_dict"):
@@ -68,10 +117,24 @@ def _plain(x: Any) -> Any:
 
 
 def from_config_dict(cd: Any) -> ExperimentConfig:
+    """The typed config; any invalid value raises ConfigError naming the field."""
     d = _plain(cd)
-    unknown = set(d) - set(SECTIONS)
+    unknown = sorted(set(d) - set(SECTIONS))
     if unknown:
-        raise ValueError(f"unknown config sections {sorted(unknown)} (known: {list(SECTIONS)})")
+        raise ConfigError(f"unknown config section {unknown[0]!r}"
+                          f"{errors.did_you_mean(unknown[0], SECTIONS)}; sections: "
+                          f"{', '.join(SECTIONS)}")
+    for name, cls in section_types().items():
+        _check_keys(cls, d.get(name, {}), name)
+    try:
+        return _convert(d)
+    except ConfigError:
+        raise
+    except ValueError as e:  # every check in the config dataclasses raises ValueError
+        raise ConfigError(str(e)) from e
+
+
+def _convert(d: Mapping[str, Any]) -> ExperimentConfig:
     return ExperimentConfig(
         model=model_config.ModelConfig.from_dict(d.get("model", {})),
         train=dataclass_dict.from_dict(train_config.TrainConfig, d.get("train", {}), "train"),
@@ -103,14 +166,18 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
 def load(path: str, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
     """Loads a configs/*.py file (get_config()) and applies dotted overrides ("train.steps": 10)."""
     import importlib.util
+    import os
 
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path}: no such file")
     spec = importlib.util.spec_from_file_location("_experiment_config", path)
     if spec is None or spec.loader is None:
-        raise ValueError(f"cannot load config file {path}")
+        raise ConfigError(f"cannot load config file {path}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     cd = module.get_config()
     for key, value in (overrides or {}).items():
+        check_field_path(key)
         node = cd
         *parents, leaf = key.split(".")
         for p in parents:
@@ -127,9 +194,33 @@ def _tuples(x: Any) -> Any:
     return x
 
 
+_PLACEHOLDER_TYPES = (int, float, str, bool, tuple)
+
+
+def _typed(cls: type, d: dict[str, Any]) -> dict[str, Any]:
+    """Wraps the value of every `X | None` field in a FieldReference of type X: a field that holds
+    None has no type for config_flags, which then refuses to override it from the command line
+    (--config.data.tokenizer_path=tok.json). Nested dataclass sections are handled recursively."""
+    from ml_collections import config_dict
+
+    out = dict(d)
+    for name, tp in dataclass_dict.field_types(cls).items():
+        if name not in out:
+            continue
+        if (sub := _dataclass_of(tp)) is not None and isinstance(out[name], Mapping):
+            out[name] = _typed(sub, out[name])
+        elif (inner := dataclass_dict.optional_of(tp)) is not None:
+            inner = typing.get_origin(inner) or inner
+            if isinstance(inner, type) and issubclass(inner, enum.Enum):
+                inner = str  # enums live in the ConfigDict as their names/values
+            if inner in _PLACEHOLDER_TYPES:
+                out[name] = config_dict.FieldReference(out[name], field_type=inner)
+    return out
+
+
 def default_config_dict():
     """A ConfigDict holding every field at its default: config files override from here, so any
-    field can be set on the command line (--config.train.steps=10)."""
+    field can be set on the command line (--config.train.steps=10), Optional ones included."""
     import ml_collections
 
     default = ExperimentConfig(
@@ -139,4 +230,6 @@ def default_config_dict():
         parallel=parallel_config.ParallelConfig(),
         checkpoint=CheckpointConfig(),
     )
-    return ml_collections.ConfigDict(_tuples(default.to_dict()))
+    sections = _tuples(default.to_dict())
+    return ml_collections.ConfigDict(
+        {name: _typed(cls, sections[name]) for name, cls in section_types().items()})

@@ -12,7 +12,15 @@ import types
 import typing
 from typing import Any, Mapping, TypeVar
 
+from deepseek_jax import errors
+
 T = TypeVar("T")
+
+
+def unknown_field(prefix: str, key: str, names: set[str] | list[str]) -> str:
+    """The message for a key `prefix` does not have: the section, the closest name, all names."""
+    return (f"{prefix}.{key}: unknown field: section {prefix} has no field {key!r}"
+            f"{errors.did_you_mean(key, names)}; its fields: {', '.join(sorted(names))}")
 
 
 def _convert(tp: Any, value: Any, field: str) -> Any:
@@ -58,9 +66,24 @@ def from_dict(cls: type[T], d: Mapping[str, Any], prefix: str) -> T:
     kwargs = {}
     for key, value in d.items():
         if key not in names:
-            raise ValueError(f"{prefix}.{key}: unknown field (known: {sorted(names)})")
+            raise ValueError(unknown_field(prefix, key, names))
         kwargs[key] = _convert(hints[key], value, f"{prefix}.{key}")
     return cls(**kwargs)
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """{field name: annotated type} of a dataclass (string annotations resolved)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def optional_of(tp: Any) -> Any | None:
+    """X for `X | None` (one X only), else None."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0]
+    return None
 
 
 def to_dict(obj: Any) -> Any:

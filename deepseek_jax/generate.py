@@ -25,8 +25,9 @@ import sys
 
 import numpy as np
 
+from deepseek_jax import errors
 from deepseek_jax.convert import ckpt_io, from_hf, hf_config, outdir
-from deepseek_jax.convert.errors import EXIT_BAD_INPUT, ConversionError
+from deepseek_jax.convert.errors import ConversionError
 from deepseek_jax.model import config as config_lib
 
 
@@ -248,14 +249,11 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from deepseek_jax.data import sources
-
     args = _parser().parse_args(argv)
     try:
         return run(args)
-    except (ConversionError, sources.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except errors.UserError as e:  # ConversionError, DataError, ...: one line, exit status 2
+        return errors.report(e)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import json
 
 from absl import app, flags
 
-from deepseek_jax import cli
+from deepseek_jax import cli, errors
 from deepseek_jax.model import counting
 
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
@@ -70,4 +70,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(errors.guard(main), flags_parser=cli.parse_flags)

@@ -12,7 +12,7 @@ Reads `<workdir>/metrics.jsonl` (names in docs/metrics.md) and writes PNGs:
   step, and layers x steps of max/mean load.
 
 A plot whose metrics are absent is skipped with a message; a missing or empty metrics file is an
-error (exit status 1). Uses matplotlib's object API (no pyplot), so no display is ever touched.
+error (one `error:` line, exit status 2). Uses matplotlib's object API (no pyplot), so no display is ever touched.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import numpy as np
 from matplotlib import colors
 from matplotlib.figure import Figure
 
+from deepseek_jax import errors
 from deepseek_jax.train import metrics
 
 Records = Sequence[dict[str, Any]]
@@ -212,21 +213,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dpi", type=int, default=120)
     args = parser.parse_args(argv)
     try:
+        return _plot(args)
+    except errors.UserError as e:
+        return errors.report(e)
+
+
+def _plot(args: argparse.Namespace) -> int:
+    try:
         records = metrics.read_metrics(args.workdir)
     except FileNotFoundError:
-        print(f"error: no {metrics.METRICS_FILE} in {args.workdir}", file=sys.stderr)
-        return 1
+        raise errors.UserError(f"no {metrics.METRICS_FILE} in {args.workdir}") from None
     if not records:
-        print(f"error: {os.path.join(args.workdir, metrics.METRICS_FILE)} holds no metrics records",
-              file=sys.stderr)
-        return 1
+        raise errors.UserError(
+            f"{os.path.join(args.workdir, metrics.METRICS_FILE)} holds no metrics records")
     out_dir = args.out or os.path.join(args.workdir, "plots")
     written = plot_all(records, out_dir, dpi=args.dpi)
     for path in written:
         print(f"wrote {path}")
     if not written:
-        print("error: none of the plotted metrics are present", file=sys.stderr)
-        return 1
+        raise errors.UserError("none of the plotted metrics are present")
     return 0
 
 

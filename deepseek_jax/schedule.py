@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 
+from deepseek_jax import errors
 from deepseek_jax.parallel.pipeline import costmodel, report, schedules
 
 
@@ -69,4 +70,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(errors.guard(main)())

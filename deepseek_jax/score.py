@@ -16,7 +16,7 @@ import sys
 
 import numpy as np
 
-from deepseek_jax.convert.errors import EXIT_BAD_INPUT, ConversionError
+from deepseek_jax import errors
 from deepseek_jax.infer import score as score_lib
 from deepseek_jax.model import config as config_lib
 
@@ -35,9 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         nll = score_lib.score(args.checkpoint, args.tokens, args.out, step=args.step,
                     dtype=config_lib.DType(args.dtype), overwrite=args.overwrite)
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except errors.UserError as e:
+        return errors.report(e)
     print(f"mean next-token NLL: {nll:.6f} (perplexity {np.exp(nll):.4f})")
     return 0
 

@@ -23,7 +23,9 @@
 # JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo.
 #
 # Exit status: 0 when every process exits 0, else the status of the first one to fail, after the
-# others have been stopped (a lone survivor would block forever in its next collective).
+# others have been stopped (a lone survivor would block forever in its next collective); how each
+# of the others then ended is printed too. The trainer's own bound on a lost peer is
+# --heartbeat_timeout_s (pass it as an extra flag; docs/training.md).
 # SIGTERM/SIGINT are forwarded to every process and the launcher waits for them, so a preempted
 # run gets to save its checkpoint; a second signal kills them outright.
 set -euo pipefail
@@ -109,6 +111,9 @@ reap() {  # Collects every finished process; records the first failure.
         if ! kill -0 "$pid" 2>/dev/null; then
             rc=0
             wait "$pid" || rc=$?
+            if ((rc != 0 && status != 0)); then  # after the first failure: say how each ended
+                echo "local.sh: process ${running[$pid]} exited with status $rc" >&2
+            fi
             if ((rc != 0 && status == 0)); then
                 status=$rc
                 failed_id=${running[$pid]}

@@ -16,7 +16,7 @@ import pathlib
 import sys
 import time
 
-from deepseek_jax.convert.errors import EXIT_BAD_INPUT, ConversionError
+from deepseek_jax import errors
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -60,9 +60,8 @@ def main(argv: list[str] | None = None) -> int:
             src = from_hf.convert(args.hf_dir, args.out, overwrite=args.overwrite)
             print(f"wrote {args.out}: {len(src.specs)} HF tensors -> step 0 "
                   f"(mtp_depth={src.cfg.mtp_depth}) ({time.perf_counter() - start:.1f}s)")
-    except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    except errors.UserError as e:
+        return errors.report(e)
     return 0
 
 

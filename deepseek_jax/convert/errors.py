@@ -8,10 +8,12 @@ message names the tensor or file. The command-line tools print it as one line an
 
 from __future__ import annotations
 
-EXIT_BAD_INPUT = 2
+from deepseek_jax import errors
+
+EXIT_BAD_INPUT = errors.EXIT_BAD_INPUT
 
 
-class ConversionError(Exception):
+class ConversionError(errors.UserError):
     """Bad input for a conversion; the message names the offending tensor or file."""
 
 

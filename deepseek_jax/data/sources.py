@@ -16,6 +16,7 @@ import os
 import sysconfig
 from collections.abc import Iterator
 
+from deepseek_jax import errors
 from deepseek_jax.data import config as config_lib
 
 SourceKind = config_lib.SourceKind
@@ -25,7 +26,7 @@ _STDLIB_EXCLUDED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache_
 _STDLIB_TEST_DIRS = frozenset({"test", "tests", "idle_test"})
 
 
-class DataError(ValueError):
+class DataError(errors.UserError, ValueError):
     """Bad input data or a bad data path; the message names the file and line or record."""
 
 

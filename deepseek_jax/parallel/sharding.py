@@ -184,7 +184,7 @@ def named(mesh, specs: Any) -> Any:
 
 
 def constraint_fn(mesh, rules: Rules) -> Callable[[jax.Array, Sequence[str]], jax.Array]:
-    """The activation hook (model/hooks.py): logical names -> with_sharding_constraint."""
+    """The activation constraint (model/constraints.py): logical names -> with_sharding_constraint."""
     sizes = mesh_lib.sizes_of(mesh)
 
     def constrain(x: jax.Array, logical: Sequence[str]) -> jax.Array:

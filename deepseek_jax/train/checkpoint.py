@@ -22,6 +22,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
+from deepseek_jax import errors
 from deepseek_jax.train import checkpoint_integrity as integrity
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ _TMP_SUFFIX = ".orbax-checkpoint-tmp"
 QUARANTINE = "quarantine"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.UserError, RuntimeError):
     """A requested checkpoint is unusable, or no usable checkpoint is left."""
 
 
@@ -339,19 +340,25 @@ class Checkpointer:
             candidates = [int(s) for s in multihost_utils.broadcast_one_to_all(
                 mine, is_source=is_primary)] if n else []
         bad: list[tuple[int, str]] = []
-        for candidate in candidates:
+        for i, candidate in enumerate(candidates):
             restored, reason = self._try_restore(candidate, abstract_state)
             if restored is not None:
                 if bad:
                     self._quarantine([s for s, _ in bad])
                 return restored
-            log.warning("checkpoint step %d in %s is unusable (%s); falling back to an older "
-                        "checkpoint", candidate, self.directory, reason)
+            if i + 1 < len(candidates):
+                log.warning("checkpoint step %d in %s is unusable (%s); falling back to step %d",
+                            candidate, self.directory, reason, candidates[i + 1])
             bad.append((candidate, reason))
         if not bad:
             return None
-        raise CheckpointError(f"no usable checkpoint in {self.directory}: "
-                              + "; ".join(f"step {s}: {r}" for s, r in bad))
+        # Nothing is moved: quarantining is only worth it when a good step replaces the bad ones.
+        raise CheckpointError(
+            f"no usable checkpoint in {self.directory}: "
+            + "; ".join(f"step {s}: {r}" for s, r in bad)
+            + ". Nothing was moved or deleted. To start this run from scratch, move "
+            f"{self.directory} aside (or use a new --workdir); to start from the weights of "
+            "another checkpoint, also set --config.checkpoint.init_from=<step dir>.")
 
     def _try_restore(self, step: int, abstract_state: Any) -> tuple[Restored | None, str]:
         step_dir = self.directory / str(step)

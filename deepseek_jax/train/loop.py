@@ -23,9 +23,11 @@ import numpy as np
 
 from deepseek_jax import config as config_lib
 from deepseek_jax import data as data_lib
+from deepseek_jax import errors
 from deepseek_jax.model import counting
 from deepseek_jax.parallel import plan as plan_lib
 from deepseek_jax.train import checkpoint as checkpoint_lib
+from deepseek_jax.train import config_diff
 from deepseek_jax.train import init_from
 from deepseek_jax.train import metrics as metrics_lib
 from deepseek_jax.train import optim
@@ -127,12 +129,14 @@ def run(exp: config_lib.ExperimentConfig, workdir: str | pathlib.Path) -> dict[s
     """Trains to exp.train.steps (resuming if possible); returns a summary for callers and tests."""
     guard_compilation_cache()
     workdir = pathlib.Path(workdir)
+    config_diff.check_resume(workdir, exp)  # a different model: fail before touching anything
     workdir.mkdir(parents=True, exist_ok=True)
     t, pid = exp.train, jax.process_index()
     tx = optim.optimizer(t)
     graphdef, _, _ = state_lib.abstract_model(exp.model)
     # Mesh, shardings and every layout check, before any compile.
-    plan = plan_lib.make_plan(exp.parallel, exp.model, t.global_batch_size)
+    with errors.as_user_error(ValueError):  # make_plan only validates and raises ValueError
+        plan = plan_lib.make_plan(exp.parallel, exp.model, t.global_batch_size)
 
     # Each process loads only the rows its devices hold (see Plan.data_shard).
     data_index, data_count = plan.data_shard(t.global_batch_size)

@@ -85,15 +85,15 @@ def test_malformed_expert_load_skips_only_that_plot(tmp_path, capsys) -> None:
 
 
 def test_missing_or_empty_metrics_is_an_error(tmp_path, capsys) -> None:
-    assert plot.main([f"--workdir={tmp_path}", f"--out={tmp_path / 'png'}"]) == 1
+    assert plot.main([f"--workdir={tmp_path}", f"--out={tmp_path / 'png'}"]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
     (tmp_path / metrics.METRICS_FILE).write_text("")
-    assert plot.main([f"--workdir={tmp_path}"]) == 1
+    assert plot.main([f"--workdir={tmp_path}"]) == 2
     assert "holds no metrics records" in capsys.readouterr().err
     assert not (tmp_path / "png").exists()
 
 
-@pytest.mark.parametrize("status", [0, 1])
+@pytest.mark.parametrize("status", [0, 2])
 def test_command_line_exit_status(tmp_path, status) -> None:
     # Runs the real `python -m` entry point so the exit status reaches the shell.
     workdir = str(tmp_path)

@@ -1,7 +1,7 @@
 """The SPMD pipeline executor: a tick table run inside shard_map over the `pipe` mesh axis.
 
 Each tick every rank picks its branch from the table with lax.switch (one branch per op kind:
-IDLE, F, B, Bi, W, F&B; see pipeline_ops), then all ranks run the same four ppermutes (ACT0, ACT1,
+IDLE, F, B, Bi, W, F&B; see ops.py), then all ranks run the same four ppermutes (ACT0, ACT1,
 GRD0, GRD1), then each rank stores what arrived in the buffer slot the table names. No collective is
 inside a branch. The table is a runtime input (int32 arrays, one row per tick and rank), so one
 compiled executor runs any table of the same `Layout` (a broken table, another schedule).
