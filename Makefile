@@ -18,6 +18,8 @@ venv: $(STAMP)
 smoke: $(STAMP)
 	rm -rf runs/smoke
 	$(BIN)/python -m deepseek_jax.train --config=configs/tiny.py --workdir=runs/smoke
+	$(BIN)/python -m deepseek_jax.generate --checkpoint=runs/smoke --prompt="def " \
+	    --max-new-tokens=200 --temperature=0.8 --top-p=0.95 --seed=0 --speculative=mtp
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -9,13 +9,10 @@ Parameter names follow the official inference code (wq_a, q_norm, wq_b, wkv_a, k
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from deepseek_jax.model import attention
+from deepseek_jax.model import attention, layers, rope
 from deepseek_jax.model import config as config_lib
-from deepseek_jax.model import layers
-from deepseek_jax.model import rope
 
 
 class MLA(nnx.Module):
@@ -37,23 +34,30 @@ class MLA(nnx.Module):
         self.wkv_b = layers.Linear((C,), (H, N + V), ("kv_lora", "heads", "kv_head"), **kw)
         self.wo = layers.Linear((H, V), (D,), ("heads", "v_head", "embed"), **kw)
 
-    def __call__(self, x_BSD: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-        cfg = self.cfg
-        N, C = cfg.qk_nope_head_dim, cfg.kv_lora_rank
-        if cfg.q_lora_rank is None:
+    def query(self, x_BSD: jax.Array, cos: jax.Array, sin: jax.Array):
+        """(q_nope [B, S, H, N], roped q_rope [B, S, H, R])."""
+        N = self.cfg.qk_nope_head_dim
+        if self.cfg.q_lora_rank is None:
             q_BSHK = self.wq(x_BSD)
         else:
             q_BSHK = self.wq_b(self.q_norm(self.wq_a(x_BSD)))
-        q_nope_BSHN, q_rope_BSHR = q_BSHK[..., :N], q_BSHK[..., N:]
-        q_rope_BSHR = rope.apply_rope(q_rope_BSHR, cos, sin)
+        return q_BSHK[..., :N], rope.apply_rope(q_BSHK[..., N:], cos, sin)
 
+    def latent(self, x_BSD: jax.Array, cos: jax.Array, sin: jax.Array):
+        """(normalised latent c [B, S, C], roped shared key k_rope [B, S, R]): what a KV cache
+        keeps per token (inference absorbs wkv_b instead of expanding it)."""
+        C = self.cfg.kv_lora_rank
         kv_BSA = self.wkv_a(x_BSD)
-        c_BSC = self.kv_norm(kv_BSA[..., :C])
-        k_rope_BSR = rope.apply_rope(kv_BSA[..., C:], cos, sin)
+        return self.kv_norm(kv_BSA[..., :C]), rope.apply_rope(kv_BSA[..., C:], cos, sin)
+
+    def __call__(self, x_BSD: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+        N = self.cfg.qk_nope_head_dim
+        q_nope_BSHN, q_rope_BSHR = self.query(x_BSD, cos, sin)
+        c_BSC, k_rope_BSR = self.latent(x_BSD, cos, sin)
         kv_BSHO = self.wkv_b(c_BSC)
         k_nope_BSHN, v_BSHV = kv_BSHO[..., :N], kv_BSHO[..., N:]
 
         out_BSHV = attention.mla_attention(
-            q_nope_BSHN, q_rope_BSHR, k_nope_BSHN, k_rope_BSR, v_BSHV, rope.softmax_scale(cfg)
+            q_nope_BSHN, q_rope_BSHR, k_nope_BSHN, k_rope_BSR, v_BSHV, rope.softmax_scale(self.cfg)
         )
         return self.wo(out_BSHV)

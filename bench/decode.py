@@ -1,0 +1,282 @@
+"""Decode throughput: naive vs absorbed MLA, ours vs transformers, MTP speculative vs plain.
+
+    python bench/decode.py --config=configs/small.py [--contexts=512,2048,8192] [--batches=1,8]
+        [--dtypes=float32,bfloat16] [--steps=8] [--hf-context=2048] [--hf-tokens=32]
+        [--spec-checkpoint=runs/smoke] [--spec-tokens=128] [--parts=cache,hf,spec] [--json=FILE]
+        [--set model.d_model=1024 ...]
+
+1. cache: tokens/s of one decode step (batch B at context T) for the naive full per-head cache and
+   the absorbed latent cache, side by side in one process, with the cache bytes measured from the
+   allocated arrays next to the formula. The cache is filled with random entries and its length
+   set to T (a decode step's cost does not depend on the values), so no 8k-token prefill is run.
+2. hf: our greedy generation vs transformers `generate(do_sample=False)` on the same model
+   (random weights, exported with to-hf), batch 1, one prompt of --hf-context tokens: per-token
+   decode time excluding the prefill (HF: time(1 + n tokens) - time(1 token), over n).
+3. spec: MTP speculative (k = 1, 2, 3) vs plain greedy at batch 1 on a trained checkpoint (the
+   smoke model): acceptance per draft position, mean accepted length, end-to-end speedup.
+Results print as a table and optionally as JSON; BENCHMARKS.md has the numbers and commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deepseek_jax import config as exp_config
+from deepseek_jax.infer import decode, generation, kv_cache, load, sampling
+from deepseek_jax.model import config as config_lib
+from deepseek_jax.model import transformer
+
+Mode = kv_cache.DecodeMode
+
+
+def random_model(cfg, seed=0):
+    return nnx.split(transformer.Transformer(cfg, rngs=nnx.Rngs(seed)))
+
+
+def filled_cache(cfg, B, T, mode, dtype, key):
+    cache = kv_cache.init(cfg, B, T + 1, mode, dtype)
+    leaves, treedef = jax.tree.flatten(cache.stacks)
+    keys = jax.random.split(key, len(leaves))
+    leaves = [
+        jax.random.normal(k, a.shape, jnp.float32).astype(a.dtype) for k, a in zip(keys, leaves)
+    ]
+    return kv_cache.Cache(jax.tree.unflatten(treedef, leaves), jnp.full((B,), T, jnp.int32))
+
+
+def time_decode(graphdef, state, cfg, B, T, mode, dtype, steps):
+    def step(s, tok, c):
+        logits, _, c = decode.forward(nnx.merge(graphdef, s), tok, c)
+        return jnp.argmax(logits[:, 0], -1).astype(jnp.int32)[:, None], c
+
+    cache = filled_cache(cfg, B, T, mode, dtype, jax.random.key(1))
+    nbytes = kv_cache.nbytes(cache)
+    tok = jnp.zeros((B, 1), jnp.int32)
+    step = jax.jit(step, donate_argnums=2)
+    tok, cache = step(state, tok, cache)  # compile + warm
+    jax.block_until_ready(tok)
+    t0 = time.perf_counter()
+    for _ in range(steps):  # the length stays T: every step costs a context of T
+        tok, cache = step(state, tok, cache)
+    jax.block_until_ready(tok)
+    dt = (time.perf_counter() - t0) / steps
+    return B / dt, nbytes // (B * (T + 1))
+
+
+def part_cache(exp, args, out):
+    for dtype_name in args.dtypes:
+        d = config_lib.DType(dtype_name)
+        cfg = dataclasses.replace(exp.model, compute_dtype=d)
+        graphdef, state = random_model(cfg)
+        for T in args.contexts:
+            for B in args.batches:
+                row = {"dtype": dtype_name, "context": T, "batch": B}
+                for mode in Mode:
+                    tps, per_tok = time_decode(graphdef, state, cfg, B, T, mode, d.jnp, args.steps)
+                    row[f"{mode.value}_tokens_per_s"] = tps
+                    row[f"{mode.value}_cache_bytes_per_token"] = per_tok
+                    row[f"{mode.value}_formula"] = kv_cache.bytes_per_token(cfg, mode, d.jnp)
+                row["absorbed_over_naive"] = (
+                    row["absorbed_tokens_per_s"] / row["naive_tokens_per_s"]
+                )
+                out.setdefault("cache", []).append(row)
+                print(
+                    f"{dtype_name:8s} T={T:5d} B={B}: naive {row['naive_tokens_per_s']:8.1f} "
+                    f"tok/s ({row['naive_cache_bytes_per_token']} B/token), absorbed "
+                    f"{row['absorbed_tokens_per_s']:8.1f} tok/s "
+                    f"({row['absorbed_cache_bytes_per_token']} B/token): "
+                    f"x{row['absorbed_over_naive']:.2f}",
+                    flush=True,
+                )
+
+
+def save_checkpoint(cfg, graphdef, state, step_dir):
+    from deepseek_jax.convert import ckpt_io
+    from deepseek_jax.model import layers, tree
+
+    model = nnx.merge(graphdef, state)
+    _, params, bias = nnx.split(model, nnx.Param, layers.ExpertBias)
+    arrays = {
+        k: {p: np.asarray(a) for p, a in tree.arrays(s).items()}
+        for k, s in (("params", params), ("expert_bias", bias))
+    }
+    ckpt_io.write_step(
+        step_dir,
+        {"model": cfg.to_dict()},
+        ckpt_io.nest(arrays["params"]),
+        ckpt_io.nest(arrays["expert_bias"]),
+    )
+
+
+def part_hf(exp, args, out):
+    import torch
+    import transformers
+
+    from deepseek_jax.convert import to_hf
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cfg = dataclasses.replace(exp.model, mtp_depth=0)
+    graphdef, state = random_model(cfg, seed=3)
+    n = args.hf_tokens
+    prompt = (np.arange(args.hf_context) * 31 % cfg.vocab_size).astype(np.int32)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = pathlib.Path(tmp)
+        save_checkpoint(cfg, graphdef, state, tmp / "step")
+        to_hf.convert(tmp / "step", tmp / "hf", dtype=to_hf.ExportDType.FLOAT32, with_mtp=False)
+        hf = transformers.AutoModelForCausalLM.from_pretrained(tmp / "hf", dtype=torch.float32)
+        hf.eval()
+        hf.generation_config.eos_token_id = None
+        ids = torch.as_tensor(prompt[None], dtype=torch.long)
+
+        def hf_gen(m):
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                o = hf.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    do_sample=False,
+                    max_new_tokens=m,
+                    min_new_tokens=m,
+                    pad_token_id=0,
+                )
+            return time.perf_counter() - t0, o[0, len(prompt) :].numpy()
+
+        hf_gen(2)  # warm-up
+        t1, _ = hf_gen(1)
+        tn, hf_tokens = hf_gen(1 + n)
+        hf_tps = n / (tn - t1)
+    gen = generation.Generator(graphdef, state, generation.GenerateConfig(max_new_tokens=1 + n))
+    gen.generate([prompt])  # compile
+    res = gen.generate([prompt])
+    ours_tps = res.steps / res.decode_s
+    row = {
+        "context": args.hf_context,
+        "new_tokens": n,
+        "ours_tokens_per_s": ours_tps,
+        "hf_tokens_per_s": hf_tps,
+        "ours_over_hf": ours_tps / hf_tps,
+        "same_tokens": bool((res.tokens[0] == hf_tokens).all()),
+        "ours_prefill_s": res.prefill_s,
+    }
+    out["hf"] = row
+    print(
+        f"greedy batch 1 at context {args.hf_context}: ours {ours_tps:.1f} tok/s, "
+        f"transformers {hf_tps:.1f} tok/s: x{row['ours_over_hf']:.2f}; same tokens: "
+        f"{row['same_tokens']}",
+        flush=True,
+    )
+
+
+def part_spec(exp, args, out):
+    cfg, arrays, experiment = load.load(args.spec_checkpoint)
+    graphdef, state = load.build(cfg, arrays)
+    from deepseek_jax.data import config as data_config
+    from deepseek_jax.data import tokenizers
+
+    tok = tokenizers.build_tokenizer(data_config.DataConfig.from_dict(experiment.get("data", {})))
+    texts = [
+        "import os\nimport sys\n\n\ndef main(",
+        "class Queue:\n    def __init__(self",
+        "    for i in range(len(",
+        "# Copyright 2001 Python Software Foundation\n",
+    ]
+    rows = []
+    for temperature in args.spec_temperatures:
+        scfg = sampling.SamplingConfig(temperature=temperature)
+        gens = {
+            k: generation.Generator(
+                graphdef,
+                state,
+                generation.GenerateConfig(
+                    max_new_tokens=args.spec_tokens, draft_tokens=k, sampling=scfg
+                ),
+            )
+            for k in range(4)
+        }
+        for text in texts:
+            prompt = tok.encode(text)
+            res = {}
+            for k, g in gens.items():
+                g.generate([prompt])  # compile (once per generator and prompt length)
+                res[k] = [g.generate([prompt]) for _ in range(3)]
+            plain_s = np.median([r.decode_s / r.steps for r in res[0]])  # per emitted token
+            for k in (1, 2, 3):
+                r = res[k][0]
+                spec_s = np.median([x.decode_s / (x.generated - 1) for x in res[k]])
+                rows.append(
+                    {
+                        "prompt": text,
+                        "temperature": temperature,
+                        "k": k,
+                        "speedup": plain_s / spec_s,
+                        "same_as_plain": bool((r.tokens == res[0][0].tokens).all()),
+                        "plain_tokens_per_s": 1 / plain_s,
+                        "spec_tokens_per_s": 1 / spec_s,
+                        **r.stats,
+                    }
+                )
+    out["spec"] = rows
+    for temperature in args.spec_temperatures:
+        for k in (1, 2, 3):
+            sel = [r for r in rows if r["k"] == k and r["temperature"] == temperature]
+            acc = np.mean([r["acceptance_per_position"] for r in sel], axis=0)
+            length = np.mean([r["mean_accepted_length"] for r in sel])
+            speed = np.mean([r["speedup"] for r in sel])
+            tps = np.mean([r["spec_tokens_per_s"] for r in sel])
+            plain = np.mean([r["plain_tokens_per_s"] for r in sel])
+            same = all(r["same_as_plain"] for r in sel)
+            print(
+                f"MTP T={temperature} k={k}: acceptance per position "
+                f"{np.round(acc, 3).tolist()}, mean accepted length {length:.2f} "
+                f"(1+a = {1 + acc[0]:.2f}), {tps:.0f} vs plain {plain:.0f} tokens/s: "
+                f"speedup x{speed:.2f}"
+                + (f", same tokens as plain: {same}" if temperature == 0 else ""),
+                flush=True,
+            )
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--config", default="configs/small.py")
+    p.add_argument("--contexts", default="512,2048,8192")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--dtypes", default="float32,bfloat16")
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--hf-context", type=int, default=2048)
+    p.add_argument("--hf-tokens", type=int, default=32)
+    p.add_argument("--spec-checkpoint", default="runs/smoke")
+    p.add_argument("--spec-tokens", type=int, default=128)
+    p.add_argument("--spec-temperatures", default="0,0.8")
+    p.add_argument("--parts", default="cache,hf,spec")
+    p.add_argument("--json", default=None)
+    p.add_argument("--set", action="append", default=[], help="config override a.b=value")
+    args = p.parse_args()
+    args.contexts = [int(x) for x in args.contexts.split(",")]
+    args.batches = [int(x) for x in args.batches.split(",")]
+    args.dtypes = args.dtypes.split(",")
+    args.spec_temperatures = [float(x) for x in args.spec_temperatures.split(",")]
+    exp = exp_config.load(args.config, exp_config.parse_overrides(args.set))
+    print(f"backend {jax.default_backend()}, {jax.devices()[0].device_kind}, jax {jax.__version__}")
+    out: dict = {"config": args.config, "backend": jax.default_backend()}
+    parts = args.parts.split(",")
+    if "cache" in parts:
+        part_cache(exp, args, out)
+    if "hf" in parts:
+        part_hf(exp, args, out)
+    if "spec" in parts:
+        part_spec(exp, args, out)
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

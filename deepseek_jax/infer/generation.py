@@ -1,0 +1,222 @@
+"""Batched generation: prefill, then a host loop over one jitted decode step with a donated state.
+
+Why a host loop and not `lax.while_loop`: the step is compiled once for a (batch, cache) shape
+either way, but a host loop can stream tokens as they are decoded, stop as soon as every row has
+finished, and run the speculative step (variable tokens per row per step) with the same driver.
+Donating the state (cache included) makes each step update the cache in place, so the host loop
+costs one dispatch and one small device->host read (the done flags) per step.
+
+Rows are right-padded prompts of unequal length; each row decodes at its own positions. A row
+stops at EOS (kept in the output) or after max_new_tokens; its later slots hold -1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deepseek_jax.infer import decode, kv_cache, sampling
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+    max_new_tokens: int
+    sampling: sampling.SamplingConfig = sampling.SamplingConfig()
+    eos_id: int | None = None
+    mode: kv_cache.DecodeMode = kv_cache.DecodeMode.ABSORBED
+    cache_dtype: Any = jnp.float32
+    seed: int = 0
+    draft_tokens: int = 0  # > 0: MTP self-speculative decoding with k drafts per step
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens <= 0:
+            raise ValueError(
+                f"--max-new-tokens: must be a positive integer, got {self.max_new_tokens}"
+            )
+        if self.draft_tokens < 0:
+            raise ValueError(
+                f"--draft-tokens: must be >= 1 with --speculative=mtp, got {self.draft_tokens}"
+            )
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Output:
+    tokens_BN: jax.Array  # int32, -1 where nothing was emitted
+    count_B: jax.Array  # tokens emitted per row
+    done_B: jax.Array  # bool: EOS emitted or max_new_tokens reached
+
+
+def empty_output(batch: int, n: int) -> Output:
+    return Output(
+        jnp.full((batch, n), -1, jnp.int32),
+        jnp.zeros((batch,), jnp.int32),
+        jnp.zeros((batch,), bool),
+    )
+
+
+def emit(out: Output, new_BW: jax.Array, n_B: jax.Array, eos_id: int | None) -> Output:
+    """Appends the first n_b of new_BW[b] to each unfinished row, up to and including EOS."""
+    B, W = new_BW.shape
+    N = out.tokens_BN.shape[1]
+    j_W = jnp.arange(W)[None, :]
+    valid_BW = (j_W < n_B[:, None]) & ~out.done_B[:, None]
+    if eos_id is not None:
+        is_eos = valid_BW & (new_BW == eos_id)
+        after_eos = (jnp.cumsum(is_eos, axis=1) - is_eos) > 0
+        valid_BW = valid_BW & ~after_eos
+        hit_eos = jnp.any(is_eos, axis=1)
+    else:
+        hit_eos = jnp.zeros((B,), bool)
+    pos_BW = out.count_B[:, None] + j_W
+    valid_BW = valid_BW & (pos_BW < N)
+    pos_BW = jnp.where(valid_BW, pos_BW, N)  # out of bounds: dropped
+    tokens = out.tokens_BN.at[jnp.arange(B)[:, None], pos_BW].set(new_BW, mode="drop")
+    count = out.count_B + valid_BW.sum(axis=1).astype(jnp.int32)
+    return Output(tokens, count, out.done_B | hit_eos | (count >= N))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class State:
+    cache: kv_cache.Cache
+    token_B: jax.Array  # the last emitted token; not yet in the cache
+    out: Output
+    key: jax.Array
+
+
+def pad_prompts(prompts: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded int32 [B, P_max] and lengths [B]."""
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    if len(prompts) == 0 or lengths.min() < 1:
+        raise ValueError("every prompt needs at least one token")
+    tokens = np.zeros((len(prompts), int(lengths.max())), np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, : len(p)] = p
+    return tokens, lengths
+
+
+@dataclasses.dataclass
+class Result:
+    tokens: np.ndarray  # int32 [B, max_new_tokens], -1 after a row stopped
+    steps: int  # decode steps after the prefill
+    prefill_s: float
+    decode_s: float
+    stats: dict[str, Any]  # speculative: acceptance per draft position, mean accepted length
+
+    @property
+    def generated(self) -> int:
+        return int((self.tokens >= 0).sum())
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generated tokens (the prefill's first token included) per second of prefill+decode."""
+        return self.generated / max(self.prefill_s + self.decode_s, 1e-9)
+
+
+class Generator:
+    """Compiles a start (prefill + first token) and a step function for one batch/cache shape."""
+
+    def __init__(self, graphdef, state, cfg: GenerateConfig):
+        self.graphdef, self.params, self.cfg = graphdef, state, cfg
+        self.traces = 0  # how many times the decode step was traced (compiled)
+        self._compiled: dict[tuple, tuple[Callable, Callable]] = {}
+
+    # -- the jitted pieces --------------------------------------------------------------------
+    def _start_fn(self, max_len: int):
+        cfg = self.cfg
+
+        def start(params, tokens_BP, lengths_B, key):
+            model = nnx.merge(self.graphdef, params)
+            B = tokens_BP.shape[0]
+            cache = kv_cache.init(model.cfg, B, max_len, cfg.mode, cfg.cache_dtype)
+            logits_BY, _, cache = decode.prefill(model, tokens_BP, lengths_B, cache)
+            key, sub = jax.random.split(key)
+            first_B = sampling.sample(logits_BY, sub, cfg.sampling)
+            out = emit(
+                empty_output(B, cfg.max_new_tokens),
+                first_B[:, None],
+                jnp.ones((B,), jnp.int32),
+                cfg.eos_id,
+            )
+            return State(cache, first_B, out, key)
+
+        return start
+
+    def _step_fn(self):
+        cfg = self.cfg
+
+        def step(params, s: State) -> State:
+            self.traces += 1
+            model = nnx.merge(self.graphdef, params)
+            logits_B1Y, _, cache = decode.forward(model, s.token_B[:, None], s.cache)
+            cache = cache.with_length(cache.length_B + 1)
+            key, sub = jax.random.split(s.key)
+            nxt_B = sampling.sample(logits_B1Y[:, 0], sub, cfg.sampling)
+            out = emit(s.out, nxt_B[:, None], jnp.ones_like(nxt_B), cfg.eos_id)
+            return State(cache, nxt_B, out, key)
+
+        return step
+
+    def cache_len(self, prompt_len: int) -> int:
+        extra = self.cfg.draft_tokens + 1 if self.cfg.draft_tokens else 0
+        return prompt_len + self.cfg.max_new_tokens + extra
+
+    def compiled(self, batch: int, prompt_len: int):
+        """(start, step), AOT-compiled once per (batch, prompt length)."""
+        key = (batch, prompt_len)
+        if key not in self._compiled:
+            if self.cfg.draft_tokens:
+                from deepseek_jax.infer import speculative
+
+                start, step = speculative.functions(self, self.cache_len(prompt_len))
+            else:
+                start, step = self._start_fn(self.cache_len(prompt_len)), self._step_fn()
+            tok = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32)
+            lens = jax.ShapeDtypeStruct((batch,), jnp.int32)
+            rng = jax.eval_shape(lambda: jax.random.key(0))
+            start_c = jax.jit(start).lower(self.params, tok, lens, rng).compile()
+            state_shape = jax.eval_shape(start, self.params, tok, lens, rng)
+            step_c = jax.jit(step, donate_argnums=1).lower(self.params, state_shape).compile()
+            self._compiled[key] = (start_c, step_c)
+        return self._compiled[key]
+
+    def generate(
+        self,
+        prompts: Sequence[np.ndarray],
+        on_step: Callable[[np.ndarray, np.ndarray], None] | None = None,
+    ) -> Result:
+        """on_step(tokens [B, N], count [B]) is called after the prefill and every step."""
+        tokens, lengths = pad_prompts(prompts)
+        start, step = self.compiled(*tokens.shape)
+        t0 = time.perf_counter()
+        state = start(
+            self.params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(self.cfg.seed)
+        )
+        done = np.asarray(state.out.done_B)
+        t1 = time.perf_counter()
+        if on_step is not None:
+            on_step(np.asarray(state.out.tokens_BN), np.asarray(state.out.count_B))
+        steps = 0
+        while not done.all() and steps < self.cfg.max_new_tokens - 1:
+            state = step(self.params, state)
+            steps += 1
+            done = np.asarray(state.out.done_B)
+            if on_step is not None:
+                on_step(np.asarray(state.out.tokens_BN), np.asarray(state.out.count_B))
+        out = np.asarray(state.out.tokens_BN)
+        t2 = time.perf_counter()
+        stats = {}
+        if self.cfg.draft_tokens:
+            from deepseek_jax.infer import speculative
+
+            stats = speculative.summary(state)
+        self.last_state = state
+        return Result(out, steps, t1 - t0, t2 - t1, stats)
