@@ -94,7 +94,8 @@ def train_step(plan: plan_lib.Plan, model_cfg: model_config.ModelConfig,
                                       objective=objective)
         return jit_train_step(plan, fn, model_cfg, tx)
     pipe = pipeline_step.build(par.pipeline, par.pipe, par.num_microbatches, graphdef,
-                               model_cfg, experts=experts, objective=objective)
+                               model_cfg, experts=experts, objective=objective,
+                               split=par.backward_split)
     step = pipeline_step.make_train_step(pipe, plan.mesh, train_cfg, tx)
     tbl = pipe.tables()
     return jit_train_step(plan, lambda state, batch: step(state, batch, tbl), model_cfg, tx)
