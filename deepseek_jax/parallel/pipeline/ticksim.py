@@ -172,3 +172,16 @@ def swap_recv(table: TickTable, channel: Channel = Channel.ACT0) -> TickTable:
                 recv[[a, b], r, channel] = recv[[b, a], r, channel]
                 return _replace(table, recv=recv)
     raise ValueError(f"no two distinct receive slots on {channel.name}")
+
+
+def swap_wres(table: TickTable) -> TickTable:
+    """The table with the residual slots of the first two Ws at one rank swapped, where they
+    differ: each W would read the other Bi's residuals (exact split)."""
+    for r in range(table.pp):
+        ts = np.flatnonzero(table.code[:, r] == ticks.Code.W)
+        for a, b in zip(ts, ts[1:]):
+            if table.wres[a, r] != table.wres[b, r]:
+                wres = table.wres.copy()
+                wres[[a, b], r] = wres[[b, a], r]
+                return _replace(table, wres=wres)
+    raise ValueError("no two Ws with distinct residual slots")
