@@ -92,6 +92,7 @@ class ParallelConfig:
     pipeline: Schedule = Schedule.NONE
     microbatches: int = 0  # per step; 0: 2 * pipe, the least DualPipe accepts
     backward_split: BackwardSplit = BackwardSplit.EXACT  # Bi/W: stored residuals or recompute
+    zero: int = 0  # 1: ZeRO-1, optimizer state split over `data` (parallel/sharding.zero1_specs)
 
     def __post_init__(self):
         for name in AXIS_FIELDS:
@@ -110,6 +111,9 @@ class ParallelConfig:
         if not isinstance(self.backward_split, BackwardSplit):
             raise ValueError(f"parallel.backward_split: unknown value {self.backward_split!r} "
                              f"(allowed: {[b.value for b in BackwardSplit]})")
+        if self.zero not in (0, 1) or isinstance(self.zero, bool):
+            raise ValueError(f"parallel.zero: must be 0 (replicated optimizer state) or 1 "
+                             f"(ZeRO-1, split over data), got {self.zero!r}")
         if self.microbatches < 0:
             raise ValueError(f"parallel.microbatches must be >= 0, got {self.microbatches}")
         if self.pipeline is not Schedule.NONE and self.pipe < 2:

@@ -47,7 +47,9 @@ GROUPS = {4: (Schedule.DUALPIPE, Schedule.ONE_F_ONE_B, Schedule.GPIPE)}
 Preset = parallel_config.Preset
 MESHES = {
     (Schedule.DUALPIPE, 4, "float32"): dict(pipe=4, data=2),
-    (Schedule.DUALPIPE, 2, "float32"): dict(pipe=2, expert=2, data=2, preset=Preset.DATA_EXPERT),
+    # ... with ZeRO-1: the optimizer state also split over `data` (the V3 paper's layout).
+    (Schedule.DUALPIPE, 2, "float32"): dict(pipe=2, expert=2, data=2, preset=Preset.DATA_EXPERT,
+                                            zero=1),
 }
 
 

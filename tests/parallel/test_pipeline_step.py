@@ -9,6 +9,7 @@ receive slots swapped, or two Ws reading each other's residual slots, run on the
 program, must break the equality.
 """
 
+import jax
 import numpy as np
 import pytest
 
@@ -111,3 +112,20 @@ def test_broken_table_breaks_equality(broken):
     err, where = h.worst(grads, h.reference("float64")[0])
     print(f"{broken}: gradient error {err:.2e} at {where}")
     assert err > 1e-3, (err, where)
+
+
+def test_zero1_state_is_split_over_data():
+    # The float32 DualPipe PP=2 equality runs on pipe=2 x expert=2 x data=2 with parallel.zero=1:
+    # every optimizer-state moment is split over `data` (and the MoE stack's over `pipe` too).
+    plan = h.compiled(Schedule.DUALPIPE, 2, "float32").plan
+    assert plan.cfg.zero == 1 and plan.mesh.shape["data"] == 2
+    st, _ = h.placed(plan, "float32")
+    for path, leaf in jax.tree_util.tree_leaves_with_path(st.opt_state):
+        if leaf.ndim:
+            spec = leaf.sharding.spec
+            names = {a for e in spec if e for a in ((e,) if isinstance(e, str) else e)}
+            assert "data" in names, (jax.tree_util.keystr(path), spec)
+            assert leaf.addressable_shards[0].data.size * 2 <= leaf.size
+    for leaf in jax.tree.leaves(st.params):  # parameters are not split over data
+        assert all("data" not in ((e,) if isinstance(e, str) else (e or ()))
+                   for e in leaf.sharding.spec)
