@@ -5,13 +5,13 @@ import pathlib
 
 import jax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from deepseek_jax import config as config_lib
 from deepseek_jax.parallel import plan as plan_lib
 from deepseek_jax.parallel.config import BackwardSplit, ParallelConfig, Schedule
 from deepseek_jax.train import optim, sharded
 from deepseek_jax.train import state as state_lib
-from jax.sharding import PartitionSpec as P
 
 TINY = str(pathlib.Path(__file__).parents[2] / "configs" / "tiny.py")
 # tiny.py: 3 layers, first_k_dense_replace=1 -> 2 MoE layers; global batch 16.

@@ -28,7 +28,8 @@ given raises `MissingResidual`, so a dropped residual is an error, never a silen
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -91,9 +91,10 @@ class TickTable:
     Sizes: act_slots / grd_slots / wres_slots are the buffer lengths (max over ranks of the peaks
     act_peak[P], grd_peak[P], wres_peak[P]). With the exact split W reads only its `wres` slot,
     so a stage input and its output gradient are live to the BI; with the recompute split W
-    reads both, so they are live to the W and there is no `wres` buffer; per_chunk micro-batches per chunk. m indexes the chunk's micro-batches: for
-    DualPipe chunk 0's m is the step's micro-batch m and chunk 1's is per_chunk + m (the second
-    half, fed at rank P-1); for the other schedules both chunks' m is the step's micro-batch m.
+    reads both, so they are live to the W and there is no `wres` buffer. per_chunk: micro-batches
+    per chunk. m indexes the chunk's micro-batches: for DualPipe chunk 0's m is the step's
+    micro-batch m and chunk 1's is per_chunk + m (the second half, fed at rank P-1); for the
+    other schedules both chunks' m is the step's micro-batch m.
     Gradients: B and W add chunk c's weight gradient; BI adds none (its later W does), so every
     (c, m) contributes exactly once.
     """
@@ -310,4 +311,5 @@ def build(orders: OpOrders,
     for a in arrays.values():
         a.setflags(write=False)
     return TickTable(schedule=orders.schedule, pp=P, chunks=K, microbatches=orders.microbatches,
-                     per_chunk=orders.per_chunk, split=split, perms=perms, loopback=loopback, **arrays)
+                     per_chunk=orders.per_chunk, split=split, perms=perms, loopback=loopback,
+                     **arrays)
