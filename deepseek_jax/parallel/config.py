@@ -58,6 +58,22 @@ class Schedule(enum.Enum):
     GPIPE = "gpipe"
 
 
+class BackwardSplit(enum.Enum):
+    """How the zero-bubble Bi/W ops of a pipeline schedule split a stage's backward
+    (docs/pipeline_execution.md, "B / Bi / W").
+
+    EXACT: Bi recomputes the stage forward from its stored input and runs the input-gradient
+    chain, storing the residuals the weight gradients need (each weight GEMM's input and output
+    cotangent); W runs only the weight GEMMs from them. Bi + W costs one full B.
+    RECOMPUTE: nothing is stored between Bi and W but the stage input and its output gradient;
+    W recomputes the forward and the input-gradient chain (Bi + W costs ~5/3 of a B). The
+    memory-saving mode: no residual buffers.
+    """
+
+    EXACT = "exact"
+    RECOMPUTE = "recompute"
+
+
 AXIS_FIELDS = ("pipe", "data", "fsdp", "expert", "tensor")
 # Presets verified with a pipeline (tests/parallel/test_pipeline_step.py): parameters replicated
 # or experts over `expert`. Sharding weights over fsdp/tensor inside a stage is not composed yet.
@@ -75,6 +91,8 @@ class ParallelConfig:
     expert_exchange: ExpertExchange = ExpertExchange.ALL_TO_ALL
     pipeline: Schedule = Schedule.NONE
     microbatches: int = 0  # per step; 0: 2 * pipe, the least DualPipe accepts
+    backward_split: BackwardSplit = BackwardSplit.EXACT  # Bi/W: stored residuals or recompute
+    zero: int = 0  # 1: ZeRO-1, optimizer state split over `data` (parallel/sharding.zero1_specs)
 
     def __post_init__(self):
         for name in AXIS_FIELDS:
@@ -90,6 +108,12 @@ class ParallelConfig:
         if not isinstance(self.expert_exchange, ExpertExchange):
             raise ValueError(f"parallel.expert_exchange: unknown value {self.expert_exchange!r} "
                              f"(allowed: {[e.value for e in ExpertExchange]})")
+        if not isinstance(self.backward_split, BackwardSplit):
+            raise ValueError(f"parallel.backward_split: unknown value {self.backward_split!r} "
+                             f"(allowed: {[b.value for b in BackwardSplit]})")
+        if self.zero not in (0, 1) or isinstance(self.zero, bool):
+            raise ValueError(f"parallel.zero: must be 0 (replicated optimizer state) or 1 "
+                             f"(ZeRO-1, split over data), got {self.zero!r}")
         if self.microbatches < 0:
             raise ValueError(f"parallel.microbatches must be >= 0, got {self.microbatches}")
         if self.pipeline is not Schedule.NONE and self.pipe < 2:

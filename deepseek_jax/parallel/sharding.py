@@ -175,6 +175,46 @@ def mirror_specs(param_specs: Any, abstract_params: Any, abstract_tree: Any) -> 
     return jax.tree_util.tree_map_with_path(one, abstract_tree)
 
 
+def _names(entry) -> tuple[str, ...]:
+    return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+
+def zero1_specs(specs: Any, abstract_tree: Any, sizes: Mapping[str, int],
+                what: str = "opt_state") -> Any:
+    """ZeRO-1: every optimizer-state array additionally split over the `data` axis.
+
+    The first dimension with no mesh axis whose size `data` divides takes it; failing that, the
+    first sharded dimension whose size the product (its axes x data) divides. Scalars (Adam's
+    step count) stay replicated. An array no dimension of which can take `data` is a bad layout:
+    ValueError naming `parallel.data` and the array. The update (step.apply_update) then runs
+    sharded like its state, and GSPMD all-gathers the new parameters to their own sharding.
+    """
+    n = sizes[mesh_lib.DATA]
+    if n == 1:
+        return specs
+
+    def one(path, s, leaf):
+        if leaf.ndim == 0:
+            return s
+        entries = list(s) + [None] * (leaf.ndim - len(s))
+        if any(mesh_lib.DATA in _names(e) for e in entries):
+            return s
+        for d, e in enumerate(entries):
+            if e is None and leaf.shape[d] % n == 0:
+                entries[d] = mesh_lib.DATA
+                return P(*entries)
+        for d, e in enumerate(entries):
+            if e is not None and leaf.shape[d] % (math.prod(sizes[a] for a in _names(e)) * n) == 0:
+                entries[d] = (*_names(e), mesh_lib.DATA)
+                return P(*entries)
+        name = "/".join((what,) + path_keys(path))
+        raise ValueError(f"parallel.zero=1: {name} of shape {tuple(leaf.shape)} (sharded {s}) "
+                         f"has no dimension divisible by the data axis, data={n}: pick a "
+                         "parallel.data that divides it, or parallel.zero=0")
+
+    return jax.tree_util.tree_map_with_path(one, specs, abstract_tree, is_leaf=_is_spec)
+
+
 def _is_spec(x: Any) -> bool:
     return isinstance(x, P)
 

@@ -26,6 +26,7 @@ from deepseek_jax.model import config as config_lib
 from deepseek_jax.model import dispatch
 from deepseek_jax.model import losses
 from deepseek_jax.model import moe as moe_lib
+from deepseek_jax.parallel import config as parallel_config
 from deepseek_jax.parallel.pipeline import executor, schedules, stages, ticks
 from deepseek_jax.train import config as train_config
 from deepseek_jax.train import optim
@@ -67,9 +68,11 @@ class Pipeline:
 def build(schedule: schedules.Schedule, pp: int, microbatches: int, graphdef,
           cfg: config_lib.ModelConfig, layout: executor.Layout | None = None, *,
           experts: dispatch.ExpertFn = dispatch.dropless_experts,
-          objective: losses.Objective = losses.objective) -> Pipeline:
+          objective: losses.Objective = losses.objective,
+          split: parallel_config.BackwardSplit = parallel_config.BackwardSplit.EXACT
+          ) -> Pipeline:
     orders = schedules.build(schedule, pp, microbatches)
-    table = ticks.build(orders)
+    table = ticks.build(orders, split)
     layout = layout or executor.Layout.of(table, num_stages=orders.num_stages)
     stage = stages.Stage(graphdef, cfg, microbatches, experts, objective)
     return Pipeline(schedules.Schedule(schedule), pp, microbatches, table, layout, stage)

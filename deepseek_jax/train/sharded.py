@@ -35,7 +35,8 @@ from deepseek_jax.train import step as step_lib
 def state_specs(plan: plan_lib.Plan, model_cfg: model_config.ModelConfig,
                 abstract: state_lib.TrainState) -> state_lib.TrainState:
     """PartitionSpecs of the train state: parameters and biases by the plan's rules, optimizer
-    state mirroring its parameters; under a pipeline each rank keeps its stages' layers."""
+    state mirroring its parameters (and split over `data` with parallel.zero=1); under a
+    pipeline each rank keeps its stages' layers."""
     logical_params, logical_bias = state_lib.logical_axes(model_cfg)
     sizes = plan.sizes
     params = sharding_lib.tree_specs(plan.rules, logical_params, abstract.params, sizes, "params")
@@ -44,6 +45,8 @@ def state_specs(plan: plan_lib.Plan, model_cfg: model_config.ModelConfig,
     if plan.cfg.pipeline is not parallel_config.Schedule.NONE:
         params, bias = stages.stack_over_pipe(params), stages.stack_over_pipe(bias)
     opt = sharding_lib.mirror_specs(params, abstract.params, abstract.opt_state)
+    if plan.cfg.zero == 1:  # ZeRO-1: the optimizer state is also split over `data`
+        opt = sharding_lib.zero1_specs(opt, abstract.opt_state, sizes)
     return state_lib.TrainState(step=P(), params=params, expert_bias=bias, opt_state=opt)
 
 
@@ -94,7 +97,8 @@ def train_step(plan: plan_lib.Plan, model_cfg: model_config.ModelConfig,
                                       objective=objective)
         return jit_train_step(plan, fn, model_cfg, tx)
     pipe = pipeline_step.build(par.pipeline, par.pipe, par.num_microbatches, graphdef,
-                               model_cfg, experts=experts, objective=objective)
+                               model_cfg, experts=experts, objective=objective,
+                               split=par.backward_split)
     step = pipeline_step.make_train_step(pipe, plan.mesh, train_cfg, tx)
     tbl = pipe.tables()
     return jit_train_step(plan, lambda state, batch: step(state, batch, tbl), model_cfg, tx)

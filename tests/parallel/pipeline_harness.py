@@ -24,6 +24,7 @@ from deepseek_jax.batch import Batch
 from deepseek_jax.model import config as config_lib
 from deepseek_jax.parallel import config as parallel_config
 from deepseek_jax.parallel import plan as plan_lib
+from deepseek_jax.parallel.config import BackwardSplit
 from deepseek_jax.parallel.pipeline import executor, schedules, ticks
 from deepseek_jax.parallel.pipeline.schedules import Schedule
 from deepseek_jax.train import config as train_config
@@ -37,6 +38,7 @@ from deepseek_jax.train import step as step_lib
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 BATCH, SEQ, MICROBATCHES = 32, 8, 8  # 4 rows per micro-batch: split over up to 4 batch shards
 TOL = {"float32": 1e-5, "float64": 1e-10}
+EXACT = BackwardSplit.EXACT  # the default split; every schedule runs with it
 # (schedule, pp): the executor groups that share one compiled program (same mesh and layout).
 GROUPS = {4: (Schedule.DUALPIPE, Schedule.ONE_F_ONE_B, Schedule.GPIPE)}
 # The float32 runs double as the composition tests: the same equality on a mesh with more axes
@@ -45,7 +47,9 @@ GROUPS = {4: (Schedule.DUALPIPE, Schedule.ONE_F_ONE_B, Schedule.GPIPE)}
 Preset = parallel_config.Preset
 MESHES = {
     (Schedule.DUALPIPE, 4, "float32"): dict(pipe=4, data=2),
-    (Schedule.DUALPIPE, 2, "float32"): dict(pipe=2, expert=2, data=2, preset=Preset.DATA_EXPERT),
+    # ... with ZeRO-1: the optimizer state also split over `data` (the V3 paper's layout).
+    (Schedule.DUALPIPE, 2, "float32"): dict(pipe=2, expert=2, data=2, preset=Preset.DATA_EXPERT,
+                                            zero=1),
 }
 
 
@@ -151,13 +155,14 @@ def _group(schedule: Schedule, pp: int) -> tuple[Schedule, ...]:
     return GROUPS[pp] if schedule in GROUPS.get(pp, ()) else (schedule,)
 
 
-def _lower_pipeline(schedule: Schedule, pp: int, dtype: str):
+def _lower_pipeline(schedule: Schedule, pp: int, dtype: str, split: BackwardSplit = EXACT):
     """The pipelined step of the group `schedule` heads, lowered from placed inputs."""
-    tables = [ticks.build(schedules.build(s, pp, MICROBATCHES)) for s in _group(schedule, pp)]
+    tables = [ticks.build(schedules.build(s, pp, MICROBATCHES), split)
+              for s in _group(schedule, pp)]
     num_stages = schedules.build(schedule, pp, MICROBATCHES).num_stages
     layout = executor.Layout.of(*tables, num_stages=num_stages)
     plan = plan_for(schedule, pp, dtype)
-    pipe = _pipe(schedule, pp, dtype, layout, plan.experts())
+    pipe = _pipe(schedule, pp, dtype, layout, plan.experts(), split)
     run = executor.build(pipe.stage, layout, plan.mesh)
     graphdef = pipe.stage.graphdef
 
@@ -171,6 +176,9 @@ def _lower_pipeline(schedule: Schedule, pp: int, dtype: str):
 
 
 BASES = ((Schedule.DUALPIPE, 2), (Schedule.DUALPIPE, 4), (Schedule.DUALPIPEV, 2))
+# The recompute split (parallel.backward_split=recompute) on one program: its Bi/W are the only
+# ops that differ from the exact split's, and DualPipe PP=2 runs both kinds on every rank.
+RECOMPUTE = ((Schedule.DUALPIPE, 2, "float64"),)
 
 
 @functools.cache
@@ -181,10 +189,11 @@ def programs() -> dict:
     the time, single-threaded each) run in a pool, one per core.
     """
     keys = [("reference", d) for d in TOL] + [(s, pp, d) for s, pp in BASES for d in TOL]
+    keys += [(s, pp, d, BackwardSplit.RECOMPUTE) for s, pp, d in RECOMPUTE]
     with concurrent.futures.ThreadPoolExecutor(max(2, min(4, os.cpu_count() or 1))) as pool:
         jobs = {}
         for key in keys:
-            with jax.enable_x64(key[-1] == "float64"):
+            with jax.enable_x64("float64" in key):
                 lowered, extra = (_lower_reference(key[1]) if key[0] == "reference"
                                   else _lower_pipeline(*key))
             jobs[key] = (pool.submit(lowered.compile, FAST_COMPILE), extra)
@@ -200,21 +209,22 @@ def reference(dtype: str):
 
 
 @functools.cache
-def compiled(schedule: Schedule, pp: int, dtype: str) -> Compiled:
-    """The pipelined step of `schedule` (its group's program) for `dtype`."""
+def compiled(schedule: Schedule, pp: int, dtype: str, split: BackwardSplit = EXACT) -> Compiled:
+    """The pipelined step of `schedule` (its group's program) for `dtype` and `split`."""
     base = _group(schedule, pp)[0]
-    exe, (pipe, plan) = programs()[(base, pp, dtype)]
+    key = (base, pp, dtype) + (() if split is EXACT else (split,))
+    exe, (pipe, plan) = programs()[key]
     if schedule is not base:
-        pipe = _pipe(schedule, pp, dtype, pipe.layout, pipe.stage.experts)
+        pipe = _pipe(schedule, pp, dtype, pipe.layout, pipe.stage.experts, split)
     return Compiled(pipe, exe, dtype, plan)
 
 
-def _pipe(schedule, pp, dtype, layout, experts) -> pipeline_step.Pipeline:
+def _pipe(schedule, pp, dtype, layout, experts, split=EXACT) -> pipeline_step.Pipeline:
     cfg = model_config(dtype)
     with jax.enable_x64(dtype == "float64"):
         graphdef, _, _ = state_lib.abstract_model(cfg)
     return pipeline_step.build(schedule, pp, MICROBATCHES, graphdef, cfg, layout,
-                               experts=experts)
+                               experts=experts, split=split)
 
 
 def max_rel(a, b) -> float:

@@ -5,10 +5,13 @@ import pathlib
 
 import jax
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from deepseek_jax import config as config_lib
 from deepseek_jax.parallel import plan as plan_lib
-from deepseek_jax.parallel.config import ParallelConfig, Schedule
+from deepseek_jax.parallel.config import BackwardSplit, ParallelConfig, Schedule
+from deepseek_jax.train import optim, sharded
+from deepseek_jax.train import state as state_lib
 
 TINY = str(pathlib.Path(__file__).parents[2] / "configs" / "tiny.py")
 # tiny.py: 3 layers, first_k_dense_replace=1 -> 2 MoE layers; global batch 16.
@@ -65,3 +68,37 @@ def test_micro_batch_rows_must_split_over_the_batch_shards():
 def test_pipe_without_pipeline_is_refused_by_the_config():
     with pytest.raises(ValueError, match=r"parallel\.pipe=2 needs a parallel\.pipeline"):
         ParallelConfig(pipe=2)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"parallel__backward_split": "fused"}, r"parallel\.backward_split: unknown value"),
+    ({"parallel__zero": 2}, r"parallel\.zero: must be 0 .* or 1"),
+])
+def test_bad_split_and_zero_settings_fail_at_config_time(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        load(**overrides)
+
+
+def test_backward_split_override_is_an_enum():
+    assert load().parallel.backward_split is BackwardSplit.EXACT
+    exp = load(parallel__backward_split="recompute")
+    assert exp.parallel.backward_split is BackwardSplit.RECOMPUTE
+
+
+def test_zero1_layout_that_cannot_divide_the_state_fails_naming_the_axis():
+    # pipe=2 x data=3: tiny.py's arrays have no dimension that 3 divides (d_model 64, ...);
+    # the plan is abstract (6 devices) and nothing is allocated or compiled.
+    exp = load(parallel__data=3, parallel__zero=1, parallel__microbatches=4)
+    tx = optim.optimizer(exp.train)
+    plan = plan_lib.make_abstract_plan(exp.parallel, exp.model, 48, 6)
+    with pytest.raises(ValueError, match=r"parallel\.zero=1: opt_state/.* has no dimension "
+                                         r"divisible by the data axis, data=3"):
+        sharded.state_specs(plan, exp.model, state_lib.abstract_state(exp.model, tx))
+    # data=2 divides every non-scalar moment: all of them are split over `data`.
+    exp = load(parallel__data=2, parallel__zero=1)
+    plan = plan_lib.make_abstract_plan(exp.parallel, exp.model, 16, 4)
+    specs = sharded.state_specs(plan, exp.model, state_lib.abstract_state(exp.model, tx))
+    abstract = state_lib.abstract_state(exp.model, tx)
+    for spec, leaf in zip(jax.tree.leaves(specs.opt_state, is_leaf=lambda x: isinstance(x, P)),
+                          jax.tree.leaves(abstract.opt_state), strict=True):
+        assert leaf.ndim == 0 or "data" in str(spec), (spec, leaf.shape)

@@ -5,12 +5,15 @@ one update equal the unpipelined step's (float32 within 1e-5, float64 within 1e-
 max|a - b| / max|b|; float64 on a stage-only mesh, float32 also composed with the other mesh axes
 where pipeline_harness.MESHES says so), the expert loads are identical, and the ops each rank
 executed (logged inside the tick loop) are the schedule's. A table with one W removed or two
-receive slots swapped, run on the same compiled program, must break the equality.
+receive slots swapped, or two Ws reading each other's residual slots, run on the same compiled
+program, must break the equality.
 """
 
+import jax
 import numpy as np
 import pytest
 
+from deepseek_jax.parallel.config import BackwardSplit
 from deepseek_jax.parallel.pipeline import schedules, stages, ticksim
 from deepseek_jax.parallel.pipeline.schedules import Op, OpKind, Schedule
 from deepseek_jax.parallel.pipeline.ticks import Channel, Code
@@ -50,6 +53,15 @@ def test_pipelined_step_equals_unpipelined(schedule, pp, dtype):
           + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
 
 
+@pytest.mark.parametrize("schedule,pp,dtype", h.RECOMPUTE)
+def test_recompute_split_equals_unpipelined(schedule, pp, dtype):
+    comp = h.compiled(schedule, pp, dtype, BackwardSplit.RECOMPUTE)
+    assert comp.pipe.table.wres_slots == 0 and comp.pipe.layout.split is BackwardSplit.RECOMPUTE
+    errors = _check_equal(comp.run(), h.reference(dtype), h.TOL[dtype])
+    print(f"{schedule.value} pp={pp} {dtype} recompute split: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+
+
 @pytest.mark.parametrize("schedule,pp", CASES, ids=IDS)
 def test_executed_ops_equal_the_schedule(schedule, pp):
     comp = h.compiled(schedule, pp, "float64")
@@ -85,16 +97,35 @@ def test_dualpipe_copies_both_contribute_and_stay_identical():
         np.testing.assert_array_equal(pipe["ffn"]["w1"][r, 0], pipe["ffn"]["w1"][pp - 1 - r, 1])
 
 
-@pytest.mark.parametrize("broken", ["drop_w", "swap_act_recv", "swap_grd_recv"])
+# With the exact split every DualPipe PP=4 rank needs one grd slot, so no gradient receive can be
+# misrouted between slots; the residual slots (Bi -> W) are the buffer a W can misread instead.
+@pytest.mark.parametrize("broken", ["drop_w", "swap_act_recv", "swap_wres"])
 def test_broken_table_breaks_equality(broken):
     comp = h.compiled(Schedule.DUALPIPE, 4, "float64")
     table = comp.pipe.table
     bad = {"drop_w": lambda: ticksim.drop_op(table, OpKind.W),
            "swap_act_recv": lambda: ticksim.swap_recv(table, Channel.ACT1),
-           "swap_grd_recv": lambda: ticksim.swap_recv(table, Channel.GRD0)}[broken]()
+           "swap_wres": lambda: ticksim.swap_wres(table)}[broken]()
     with pytest.raises(ValueError):
         ticksim.check(bad)
     grads = comp.run(bad)[0]
     err, where = h.worst(grads, h.reference("float64")[0])
     print(f"{broken}: gradient error {err:.2e} at {where}")
     assert err > 1e-3, (err, where)
+
+
+def test_zero1_state_is_split_over_data():
+    # The float32 DualPipe PP=2 equality runs on pipe=2 x expert=2 x data=2 with parallel.zero=1:
+    # every optimizer-state moment is split over `data` (and the MoE stack's over `pipe` too).
+    plan = h.compiled(Schedule.DUALPIPE, 2, "float32").plan
+    assert plan.cfg.zero == 1 and plan.mesh.shape["data"] == 2
+    st, _ = h.placed(plan, "float32")
+    for path, leaf in jax.tree_util.tree_leaves_with_path(st.opt_state):
+        if leaf.ndim:
+            spec = leaf.sharding.spec
+            names = {a for e in spec if e for a in ((e,) if isinstance(e, str) else e)}
+            assert "data" in names, (jax.tree_util.keystr(path), spec)
+            assert leaf.addressable_shards[0].data.size * 2 <= leaf.size
+    for leaf in jax.tree.leaves(st.params):  # parameters are not split over data
+        assert all("data" not in ((e,) if isinstance(e, str) else (e or ()))
+                   for e in leaf.sharding.spec)

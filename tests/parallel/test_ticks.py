@@ -8,6 +8,7 @@ import pathlib
 import numpy as np
 import pytest
 
+from deepseek_jax.parallel.config import BackwardSplit
 from deepseek_jax.parallel.pipeline import schedules, ticks, ticksim
 from deepseek_jax.parallel.pipeline.schedules import Op, OpKind, OpOrders, Schedule
 from deepseek_jax.parallel.pipeline.ticks import Channel, Code
@@ -53,7 +54,7 @@ def test_every_table_simulates_and_keeps_each_rank_order(tables):
 def test_arrays_are_static_int32_and_consistent(tables):
     for orders, table in tables:
         T, P, K = table.num_ticks, orders.pp, orders.chunks
-        for name in ("code", "c", "m", "c2", "m2", "act", "grd", "act2", "grd2"):
+        for name in ("code", "c", "m", "c2", "m2", "act", "grd", "act2", "grd2", "wres"):
             a = getattr(table, name)
             assert a.shape == (T, P) and a.dtype == np.int32 and not a.flags.writeable, name
         assert table.send.shape == table.recv.shape == (T, P, 4)
@@ -62,7 +63,12 @@ def test_arrays_are_static_int32_and_consistent(tables):
         assert (table.c[idle] == -1).all() and (table.act[idle] == -1).all()
         fb = table.code == Code.FB
         assert ((table.c2 >= 0) == fb).all() and ((table.act2 >= 0) == fb).all()
-        assert (table.act[~idle] >= 0).all() and (table.act[~idle] < table.act_slots).all()
+        w = table.code == Code.W  # the exact split's W reads only its residual slot
+        reads = ~idle & ~w
+        assert (table.act[reads] >= 0).all() and (table.act[reads] < table.act_slots).all()
+        assert (table.act[w] == -1).all() and (table.grd[w] == -1).all()
+        bi_w = (table.code == Code.BI) | w
+        assert ((table.wres >= 0) == bi_w).all() and (table.wres < table.wres_slots).all()
         assert table.recv.max() < max(table.act_slots, table.grd_slots)
         # Every flagged send has exactly one receive slot somewhere at the same tick.
         assert table.send.sum() == (table.recv >= 0).sum()
@@ -135,15 +141,26 @@ def _max_overlap(intervals):
     return int(counts.max())
 
 
+@pytest.mark.parametrize("split", list(BackwardSplit), ids=lambda s: s.value)
 @pytest.mark.parametrize("pp,m", [(4, 8), (4, 20), (8, 16), (8, 20), (16, 32)])
-def test_buffer_slots(pp, m):
-    table = ticks.build(schedules.dualpipe(pp, m))
+def test_buffer_slots(pp, m, split):
+    table = ticks.build(schedules.dualpipe(pp, m), split)
     # Stage inputs that arrived but wait for their F take one slot beyond the F..B peak of PP+1.
     expected = [pp + 1, pp + 2, pp + 2, pp + 1] if pp == 4 else [pp + 2] * pp
     assert table.act_peak.tolist() == expected
-    assert table.grd_peak.tolist() == [min(r, pp - 1 - r) + 1 for r in range(pp)]
-    one = ticks.build(schedules.one_f_one_b(pp, m))
-    assert one.act_slots == pp
+    deferred = [min(r, pp - 1 - r) + 1 for r in range(pp)]  # the h+1 Ws of DualPipe's step 6
+    if split is BackwardSplit.EXACT:
+        # W reads only its residuals: h+1 residual sets per rank, and an output gradient is
+        # freed at its Bi (at most 2 live: one in use, one already arrived for the next B).
+        assert table.wres_peak.tolist() == deferred
+        assert table.grd_peak.max() <= 2
+    else:
+        assert table.grd_peak.tolist() == deferred
+        assert table.wres_slots == 0
+    for build in (schedules.one_f_one_b, schedules.gpipe):  # no Bi/W: no residual buffers
+        one = ticks.build(build(pp, m), split)
+        assert one.act_slots == (pp if build is schedules.one_f_one_b else m)
+        assert one.wres_slots == 0
 
 
 def test_colouring_is_tight(tables):
@@ -189,6 +206,12 @@ def test_broken_tables_are_rejected():
     act[t, r] = (act[t, r] + 1) % table.act_slots
     with pytest.raises(ValueError, match="holds"):
         ticksim.check(ticksim._replace(table, act=act))
+    # A W pointed at another Bi's residual slot (rank 1 holds two residual sets at a time).
+    wres = table.wres.copy()
+    t = np.flatnonzero(table.code[:, 1] == Code.W)[0]
+    wres[t, 1] = (wres[t, 1] + 1) % table.wres_slots
+    with pytest.raises(ValueError, match="wres slot .* holds"):
+        ticksim.check(ticksim._replace(table, wres=wres))
     # An op moved one tick before its input arrives.
     code = table.code.copy()
     cols = {k: getattr(table, k).copy() for k in ("c", "m", "act", "grd")}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from deepseek_jax.parallel import config as parallel_config
 from deepseek_jax.parallel.pipeline import schedules, ticks
 from deepseek_jax.parallel.pipeline.schedules import Op, OpKind, OpOrders, Schedule
 
@@ -148,6 +149,7 @@ class Summary:
     peak_live: tuple[int, ...]  # per rank, stage inputs from F to B/Bi (the paper's measure)
     act_slots: tuple[int, ...]  # per rank, stage-input buffer slots the tick table needs
     grd_slots: tuple[int, ...]
+    wres_slots: tuple[int, ...] = ()  # per rank, W residual sets (exact split; 0 otherwise)
 
     def to_json(self) -> dict:
         return {
@@ -159,11 +161,14 @@ class Summary:
                          "bubble": self.lockstep.bubble},
             "formula": self.formula, "peak_live": self.peak_live,
             "act_slots": self.act_slots, "grd_slots": self.grd_slots,
+            "wres_slots": self.wres_slots,
         }
 
 
-def summarize(orders: OpOrders, costs: Costs = Costs()) -> Summary:
-    table = ticks.build(orders)
+def summarize(orders: OpOrders, costs: Costs = Costs(),
+              split: parallel_config.BackwardSplit = parallel_config.BackwardSplit.EXACT
+              ) -> Summary:
+    table = ticks.build(orders, split)
     idle_cells = int((table.code == ticks.Code.IDLE).sum())
     return Summary(
         schedule=orders.schedule, pp=orders.pp, microbatches=orders.microbatches,
@@ -173,4 +178,5 @@ def summarize(orders: OpOrders, costs: Costs = Costs()) -> Summary:
         peak_live=tuple(schedules.peak_live(orders)),
         act_slots=tuple(int(x) for x in table.act_peak),
         grd_slots=tuple(int(x) for x in table.grd_peak),
+        wres_slots=tuple(int(x) for x in table.wres_peak),
     )

@@ -30,7 +30,7 @@ from deepseek_jax.parallel.pipeline import stages, ticks
 Channel, Code, TickTable = ticks.Channel, ticks.Code, ticks.TickTable
 
 AXIS = mesh_lib.PIPE
-ROWS = ("branch", "c", "m", "mb", "act", "grd", "c2", "m2", "mb2", "act2", "grd2")
+ROWS = ("branch", "c", "m", "mb", "act", "grd", "c2", "m2", "mb2", "act2", "grd2", "wres")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,20 +45,25 @@ class Layout:
     act_slots: int
     grd_slots: int
     codes: tuple[Code, ...]  # the switch branches, IDLE first
+    wres_slots: int = 0  # residual sets the exact split keeps from Bi to W
+    split: config_lib.BackwardSplit = config_lib.BackwardSplit.EXACT
 
     @classmethod
     def of(cls, *tables: TickTable, num_stages: int | None = None) -> Layout:
         """The smallest layout that runs every table (they must agree on PP and micro-batches)."""
         t0 = tables[0]
-        if any((t.pp, t.microbatches) != (t0.pp, t0.microbatches) for t in tables):
-            raise ValueError("tables of one layout must have the same pp and microbatches")
+        if any((t.pp, t.microbatches, t.split) != (t0.pp, t0.microbatches, t0.split)
+               for t in tables):
+            raise ValueError("tables of one layout must have the same pp, microbatches and "
+                             "backward split")
         codes = {Code.IDLE} | {Code(int(x)) for t in tables for x in np.unique(t.code)}
         return cls(pp=t0.pp, chunks=max(t.chunks for t in tables),
                    num_stages=num_stages or max(int(t.stage.max()) + 1 for t in tables),
                    microbatches=t0.microbatches, ticks=max(t.num_ticks for t in tables),
                    act_slots=max(t.act_slots for t in tables),
                    grd_slots=max(1, max(t.grd_slots for t in tables)),
-                   codes=tuple(sorted(codes)))
+                   codes=tuple(sorted(codes)), split=t0.split,
+                   wres_slots=max(t.wres_slots for t in tables))
 
 
 def encode(table: TickTable, layout: Layout) -> dict[str, np.ndarray]:
@@ -69,7 +74,8 @@ def encode(table: TickTable, layout: Layout) -> dict[str, np.ndarray]:
     chunk the schedule does not use).
     """
     T, Pn, K = layout.ticks, layout.pp, layout.chunks
-    if (table.pp, table.microbatches) != (Pn, layout.microbatches) or table.num_ticks > T:
+    if ((table.pp, table.microbatches, table.split) != (Pn, layout.microbatches, layout.split)
+            or table.num_ticks > T or table.wres_slots > layout.wres_slots):
         raise ValueError("table does not fit the executor layout")
     missing = {Code(int(x)) for x in np.unique(table.code)} - set(layout.codes)
     if missing:
@@ -79,7 +85,7 @@ def encode(table: TickTable, layout: Layout) -> dict[str, np.ndarray]:
     out = {k: np.full((Pn, T), -1, np.int32) for k in ROWS}
     out["branch"][:] = 0  # IDLE
     out["branch"][:, :table.num_ticks] = branch[table.code.T]
-    for name in ("c", "m", "act", "grd", "c2", "m2", "act2", "grd2"):
+    for name in ("c", "m", "act", "grd", "c2", "m2", "act2", "grd2", "wres"):
         out[name][:, :table.num_ticks] = getattr(table, name).T
     half = table.per_chunk if table.schedule is config_lib.Schedule.DUALPIPE else 0
     for sfx in ("", "2"):
@@ -141,8 +147,9 @@ def build(stage: stages.Stage, layout: Layout, mesh: jax.sharding.Mesh) -> Calla
         tbl = {k: v[0] for k, v in tbl.items()}
         env = pipeline_ops.make_env(stack, stack_bias, glob, glob_bias, mbs, norms, weights,
                                     tbl["is_first"], tbl["is_last"])
-        carry = pipeline_ops.init_carry(stage, env, layout.act_slots, layout.grd_slots)
-        ops = pipeline_ops.Ops(stage, env)
+        ops = pipeline_ops.Ops(stage, env, layout.split)
+        carry = pipeline_ops.init_carry(stage, env, layout.act_slots, layout.grd_slots,
+                                        ops.residuals, layout.wres_slots)
         branches = [ops.branch(code) for code in layout.codes]
         loopback = tbl["loopback"]
 

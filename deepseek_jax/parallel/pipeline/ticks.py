@@ -14,6 +14,7 @@ import enum
 
 import numpy as np
 
+from deepseek_jax.parallel import config as parallel_config
 from deepseek_jax.parallel.pipeline import schedules
 from deepseek_jax.parallel.pipeline.schedules import Op, OpKind, OpOrders
 
@@ -69,6 +70,8 @@ class TickTable:
                downstream: read by B and BI, and by W as the stored cotangent. -1 for F, and for
                any op at a last stage (`is_last`), where the cotangent comes from the loss.
       act2, grd2  the same for FB's backward half (c2, m2); -1 otherwise.
+      wres     with the exact split: slot of the `wres` buffers (the residuals W needs) that BI
+               writes and its W reads; -1 for every other op and with the recompute split.
     Communication, after the op, every rank, every tick:
       send     [T, P, 4] 0/1: the op's output that goes out on channel `Channel` k this tick:
                F at a non-last stage sends its output on act_channel(c); B/BI at a non-first stage
@@ -85,10 +88,13 @@ class TickTable:
       stage    the model stage each (rank, chunk) runs (index into a [num_stages] stage stack).
       is_first 1 where the chunk is a first stage (F reads micro-batch m from the step input).
       is_last  1 where the chunk is a last stage (F computes the loss, B/BI start from it).
-    Sizes: act_slots / grd_slots are the buffer lengths (max over ranks of the peaks act_peak[P]
-    and grd_peak[P]); per_chunk micro-batches per chunk. m indexes the chunk's micro-batches: for
-    DualPipe chunk 0's m is the step's micro-batch m and chunk 1's is per_chunk + m (the second
-    half, fed at rank P-1); for the other schedules both chunks' m is the step's micro-batch m.
+    Sizes: act_slots / grd_slots / wres_slots are the buffer lengths (max over ranks of the peaks
+    act_peak[P], grd_peak[P], wres_peak[P]). With the exact split W reads only its `wres` slot,
+    so a stage input and its output gradient are live to the BI; with the recompute split W
+    reads both, so they are live to the W and there is no `wres` buffer. per_chunk: micro-batches
+    per chunk. m indexes the chunk's micro-batches: for DualPipe chunk 0's m is the step's
+    micro-batch m and chunk 1's is per_chunk + m (the second half, fed at rank P-1); for the
+    other schedules both chunks' m is the step's micro-batch m.
     Gradients: B and W add chunk c's weight gradient; BI adds none (its later W does), so every
     (c, m) contributes exactly once.
     """
@@ -107,6 +113,7 @@ class TickTable:
     grd: np.ndarray
     act2: np.ndarray
     grd2: np.ndarray
+    wres: np.ndarray
     send: np.ndarray
     recv: np.ndarray
     stage: np.ndarray
@@ -114,6 +121,8 @@ class TickTable:
     is_last: np.ndarray
     act_peak: np.ndarray
     grd_peak: np.ndarray
+    wres_peak: np.ndarray
+    split: parallel_config.BackwardSplit
     perms: tuple[tuple[tuple[int, int], ...], ...]
     loopback: tuple[tuple[int, int, int], ...]
 
@@ -128,6 +137,10 @@ class TickTable:
     @property
     def grd_slots(self) -> int:
         return int(self.grd_peak.max())
+
+    @property
+    def wres_slots(self) -> int:
+        return int(self.wres_peak.max())
 
     def op(self, t: int, r: int) -> Op | None:
         """The op at (tick, rank), or None when idle."""
@@ -193,13 +206,17 @@ def _colour(intervals: dict) -> tuple[dict, int]:
     return slots, len(free_from)
 
 
-def _slots(orders: OpOrders, grid: list[list[Op | None]]) -> tuple[list[dict], list[dict]]:
-    """Per rank, {(chunk, mb): slot} for stage inputs (`act`) and output gradients (`grd`).
+def _slots(orders: OpOrders, grid: list[list[Op | None]], split: parallel_config.BackwardSplit
+           ) -> tuple[list[dict], list[dict], list[dict]]:
+    """Per rank, {(chunk, mb): slot} for stage inputs (`act`), output gradients (`grd`) and W
+    residuals (`wres`).
 
     A stage input is live from the tick it is written (its own F at a first stage, else the end
-    of the upstream F's tick) to its last reader: B, or W after a Bi (W recomputes from it). An
-    output gradient is live from its arrival to its B, or to its W (the stored cotangent).
+    of the upstream F's tick) to its last reader: B or Bi, and with the recompute split W after
+    a Bi (W recomputes from it). An output gradient is live from its arrival to its B or Bi (or
+    W with recompute). With the exact split a Bi's residuals are live from the Bi to its W.
     """
+    exact = split is parallel_config.BackwardSplit.EXACT
     when: dict[tuple[int, int, int, OpKind], int] = {}  # (rank, chunk, mb, kind) -> tick
     for r, row in enumerate(grid):
         for t, op in enumerate(row):
@@ -210,10 +227,13 @@ def _slots(orders: OpOrders, grid: list[list[Op | None]]) -> tuple[list[dict], l
         return when.get((r, c, m, OpKind.B), when.get((r, c, m, OpKind.BI)))
 
     def last_use(r: int, c: int, m: int) -> int:
+        if exact:
+            return backward_tick(r, c, m)
         return when.get((r, c, m, OpKind.W), backward_tick(r, c, m))
 
     act_iv: list[dict] = [{} for _ in range(orders.pp)]  # [first tick held, last tick read]
     grd_iv: list[dict] = [{} for _ in range(orders.pp)]
+    wres_iv: list[dict] = [{} for _ in range(orders.pp)]
     for r, c in orders.cells():
         src, dst = orders.upstream(r, c), orders.downstream(r, c)
         for m in range(orders.per_chunk):
@@ -221,19 +241,24 @@ def _slots(orders: OpOrders, grid: list[list[Op | None]]) -> tuple[list[dict], l
             act_iv[r][(c, m)] = (start, last_use(r, c, m))
             if dst is not None:
                 grd_iv[r][(c, m)] = (backward_tick(*dst, m) + 1, last_use(r, c, m))
-    return [_colour(iv)[0] for iv in act_iv], [_colour(iv)[0] for iv in grd_iv]
+            if exact and (r, c, m, OpKind.W) in when:
+                wres_iv[r][(c, m)] = (when[(r, c, m, OpKind.BI)], when[(r, c, m, OpKind.W)])
+    return tuple([_colour(iv)[0] for iv in ivs] for ivs in (act_iv, grd_iv, wres_iv))
 
 
-def build(orders: OpOrders) -> TickTable:
-    """The tick table of `orders` with buffer slots; `schedules.check_order` is run first."""
+def build(orders: OpOrders,
+          split: parallel_config.BackwardSplit = parallel_config.BackwardSplit.EXACT
+          ) -> TickTable:
+    """The tick table of `orders` with buffer slots for `split`; `schedules.check_order` is run
+    first."""
     schedules.check_order(orders)
     grid = assign_ticks(orders)
     T, P = len(grid[0]), orders.pp
-    act_slot, grd_slot = _slots(orders, grid)
-    act_peak = [max(s.values(), default=-1) + 1 for s in act_slot]
-    grd_peak = [max(s.values(), default=-1) + 1 for s in grd_slot]
+    act_slot, grd_slot, wres_slot = _slots(orders, grid, split)
+    act_peak, grd_peak, wres_peak = ([max(s.values(), default=-1) + 1 for s in slots]
+                                     for slots in (act_slot, grd_slot, wres_slot))
 
-    names = ("c", "m", "c2", "m2", "act", "grd", "act2", "grd2")
+    names = ("c", "m", "c2", "m2", "act", "grd", "act2", "grd2", "wres")
     cols = {k: np.full((T, P), -1, np.int32) for k in names}
     code = np.zeros((T, P), np.int32)
     send = np.zeros((T, P, 4), np.int32)
@@ -254,9 +279,14 @@ def build(orders: OpOrders) -> TickTable:
             for i, (kind, c, m) in enumerate(op.parts()):
                 sfx = "2" if i else ""
                 cols["c" + sfx][t, r], cols["m" + sfx][t, r] = c, m
+                if kind is OpKind.W and split is parallel_config.BackwardSplit.EXACT:
+                    cols["wres"][t, r] = wres_slot[r][(c, m)]  # W reads nothing else
+                    continue
                 cols["act" + sfx][t, r] = act_slot[r][(c, m)]
                 if kind is not OpKind.F and (c, m) in grd_slot[r]:
                     cols["grd" + sfx][t, r] = grd_slot[r][(c, m)]
+                if kind is OpKind.BI and (c, m) in wres_slot[r]:
+                    cols["wres"][t, r] = wres_slot[r][(c, m)]
                 if kind is OpKind.F and (dst := orders.downstream(r, c)) is not None:
                     send[t, r, act_channel(c)] = 1
                     deliver(dst[0], t, act_channel(dst[1]), act_slot[dst[0]][(dst[1], m)])
@@ -277,8 +307,9 @@ def build(orders: OpOrders) -> TickTable:
                     (P - 1, int(Channel.GRD1), int(Channel.GRD0)))
     arrays = dict(code=code, **cols, send=send, recv=recv, stage=placement, is_first=is_first,
                   is_last=is_last, act_peak=np.array(act_peak, np.int32),
-                  grd_peak=np.array(grd_peak, np.int32))
+                  grd_peak=np.array(grd_peak, np.int32), wres_peak=np.array(wres_peak, np.int32))
     for a in arrays.values():
         a.setflags(write=False)
     return TickTable(schedule=orders.schedule, pp=P, chunks=K, microbatches=orders.microbatches,
-                     per_chunk=orders.per_chunk, perms=perms, loopback=loopback, **arrays)
+                     per_chunk=orders.per_chunk, split=split, perms=perms, loopback=loopback,
+                     **arrays)

@@ -16,6 +16,7 @@ import dataclasses
 
 import numpy as np
 
+from deepseek_jax.parallel import config as parallel_config
 from deepseek_jax.parallel.pipeline import schedules, ticks
 from deepseek_jax.parallel.pipeline.schedules import OpKind
 from deepseek_jax.parallel.pipeline.ticks import Channel, TickTable
@@ -28,6 +29,10 @@ def _stream(table: TickTable, c: int) -> int:
     return c if table.schedule is schedules.Schedule.DUALPIPE else 0
 
 
+def _exact(table: TickTable) -> bool:
+    return table.split is parallel_config.BackwardSplit.EXACT
+
+
 def _reads(table: TickTable) -> list[collections.Counter]:
     """Per rank, how many times each (buffer, chunk, micro-batch) value will be read."""
     reads = [collections.Counter() for _ in range(table.pp)]
@@ -35,6 +40,9 @@ def _reads(table: TickTable) -> list[collections.Counter]:
         for op in table.rank_ops(r):
             for kind, c, m in op.parts():
                 first, last = table.is_first[r, c], table.is_last[r, c]
+                if kind is OpKind.W and _exact(table):
+                    reads[r]["wres", c, m] += 1  # the exact W reads only Bi's residuals
+                    continue
                 if kind is not OpKind.F or not first:
                     reads[r]["act", c, m] += 1
                 if kind is not OpKind.F and not last:
@@ -46,7 +54,8 @@ def check(table: TickTable) -> None:
     """Run `table` symbolically; raise ValueError at the first inconsistency."""
     P = table.pp
     bufs = {"act": [[None] * table.act_slots for _ in range(P)],
-            "grd": [[None] * table.grd_slots for _ in range(P)]}
+            "grd": [[None] * table.grd_slots for _ in range(P)],
+            "wres": [[None] * table.wres_slots for _ in range(P)]}
     owner: dict[tuple[str, int, int], tuple[int, int]] = {}  # (buffer, rank, slot) -> (c, m)
     pending = _reads(table)
     executed: list[set] = [set() for _ in range(P)]
@@ -88,6 +97,13 @@ def check(table: TickTable) -> None:
                 need = ("F", c, m) if kind is not OpKind.W else ("Bi", c, m)
                 if need not in executed[r]:
                     raise ValueError(f"{where(t, r)}: {kind.value}({c},{m}) before its {need[0]}")
+                wres, res = int(table.wres[t, r]), ("wres", s, stage, m)
+                if kind is OpKind.W and _exact(table):
+                    read(t, r, "wres", wres, res, (c, m))
+                    executed[r].add(("W", c, m))
+                    continue
+                if kind is OpKind.BI and _exact(table):
+                    write(t, r, "wres", wres, res, (c, m))
                 read(t, r, "act", act, own, (c, m))
                 if last:
                     if grd != -1:
@@ -136,7 +152,7 @@ def drop_op(table: TickTable, kind: OpKind = OpKind.W, index: int = 0) -> TickTa
     """The table with the `index`-th op of `kind` (in tick, then rank order) made idle."""
     hits = np.argwhere(table.code == ticks.Code[kind.name])
     t, r = hits[index]
-    cols = ("c", "m", "c2", "m2", "act", "grd", "act2", "grd2")
+    cols = ("c", "m", "c2", "m2", "act", "grd", "act2", "grd2", "wres")
     arrays = {k: getattr(table, k).copy() for k in ("code", "send") + cols}
     arrays["code"][t, r] = ticks.Code.IDLE
     arrays["send"][t, r] = 0
@@ -156,3 +172,16 @@ def swap_recv(table: TickTable, channel: Channel = Channel.ACT0) -> TickTable:
                 recv[[a, b], r, channel] = recv[[b, a], r, channel]
                 return _replace(table, recv=recv)
     raise ValueError(f"no two distinct receive slots on {channel.name}")
+
+
+def swap_wres(table: TickTable) -> TickTable:
+    """The table with the residual slots of the first two Ws at one rank swapped, where they
+    differ: each W would read the other Bi's residuals (exact split)."""
+    for r in range(table.pp):
+        ts = np.flatnonzero(table.code[:, r] == ticks.Code.W)
+        for a, b in zip(ts, ts[1:]):
+            if table.wres[a, r] != table.wres[b, r]:
+                wres = table.wres.copy()
+                wres[[a, b], r] = wres[[b, a], r]
+                return _replace(table, wres=wres)
+    raise ValueError("no two Ws with distinct residual slots")
