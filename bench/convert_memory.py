@@ -30,10 +30,25 @@ from deepseek_jax.convert import safetensors_io as st
 from deepseek_jax.model import config as config_lib
 
 WIDE = config_lib.ModelConfig(
-    vocab_size=32000, d_model=2048, n_layers=6, first_k_dense_replace=1, intermediate_size=5632,
-    n_heads=16, q_lora_rank=768, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
-    v_head_dim=128, n_routed_experts=32, n_shared_experts=1, moe_intermediate_size=1024,
-    num_experts_per_tok=4, n_group=4, topk_group=2, mtp_depth=1)
+    vocab_size=32000,
+    d_model=2048,
+    n_layers=6,
+    first_k_dense_replace=1,
+    intermediate_size=5632,
+    n_heads=16,
+    q_lora_rank=768,
+    kv_lora_rank=512,
+    qk_nope_head_dim=128,
+    qk_rope_head_dim=64,
+    v_head_dim=128,
+    n_routed_experts=32,
+    n_shared_experts=1,
+    moe_intermediate_size=1024,
+    num_experts_per_tok=4,
+    n_group=4,
+    topk_group=2,
+    mtp_depth=1,
+)
 TINY = config_lib.ModelConfig(mtp_depth=1)
 BF16 = np.dtype(ml_dtypes.bfloat16)
 
@@ -53,8 +68,13 @@ def write_checkpoint(cfg: config_lib.ModelConfig, out: pathlib.Path, shard_size:
         seed_name = spec.copy_of or spec.hf_name  # copies hold the same values
         if quantized:
             planned.append(st.Planned(spec.hf_name, spec.hf_shape, fp8.E4M3))
-            planned.append(st.Planned(fp8.scale_name(spec.hf_name),
-                                      fp8.scale_shape(spec.hf_shape), np.dtype(np.float32)))
+            planned.append(
+                st.Planned(
+                    fp8.scale_name(spec.hf_name),
+                    fp8.scale_shape(spec.hf_shape),
+                    np.dtype(np.float32),
+                )
+            )
             source[fp8.scale_name(spec.hf_name)] = (seed_name, "scale")
             source[spec.hf_name] = (seed_name, "q")
         else:
@@ -80,8 +100,12 @@ def write_checkpoint(cfg: config_lib.ModelConfig, out: pathlib.Path, shard_size:
 
     st.write_sharded(out, planned, shard_size, produce)
     hf = hf_config.to_hf_config(cfg, torch_dtype="bfloat16")
-    hf["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
-                                 "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    hf["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [128, 128],
+    }
     (out / "config.json").write_text(json.dumps(hf, indent=2))
 
 
@@ -92,8 +116,10 @@ def run(argv: list[str], work: pathlib.Path) -> tuple[int, float]:
     (big) one would count the pages it shared with us before exec."""
     report = work / "time.txt"
     start = time.perf_counter()
-    proc = subprocess.run(["/usr/bin/time", "-o", str(report), "-f", "%M"] + argv,
-                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    proc = subprocess.run(
+        ["/usr/bin/time", "-o", str(report), "-f", "%M"] + argv,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
     if proc.returncode:
         raise SystemExit(f"failed ({proc.returncode}): {' '.join(argv)}")
     return int(report.read_text().split()[-1]) * 1024, time.perf_counter() - start
@@ -119,24 +145,35 @@ def main() -> None:
         write_checkpoint(TINY, tiny_dir, shard_size)
     shards = sorted(hf_dir.glob("*.safetensors"))
     sizes = [s.stat().st_size for s in shards]
-    n_params = sum(int(np.prod(s.hf_shape)) for s in mapping.tensor_specs(WIDE)
-                   if s.copy_of is None)
+    n_params = sum(
+        int(np.prod(s.hf_shape)) for s in mapping.tensor_specs(WIDE) if s.copy_of is None
+    )
     cli = [sys.executable, "-m", "deepseek_jax.convert"]
     for d in ("step", "step_tiny", "hf_back"):
         shutil.rmtree(work / d, ignore_errors=True)
-    fixed, _ = run(cli + ["from-hf", f"--hf-dir={tiny_dir}", f"--out={work / 'step_tiny'}"],
-                   work)
+    fixed, _ = run(cli + ["from-hf", f"--hf-dir={tiny_dir}", f"--out={work / 'step_tiny'}"], work)
     peak, wall = run(cli + ["from-hf", f"--hf-dir={hf_dir}", f"--out={work / 'step'}"], work)
-    back_peak, back_wall = run(cli + ["to-hf", f"--checkpoint={work / 'step'}",
-                                      f"--out={work / 'hf_back'}",
-                                      f"--shard-size={args.shard_size}"], work)
+    back_peak, back_wall = run(
+        cli
+        + [
+            "to-hf",
+            f"--checkpoint={work / 'step'}",
+            f"--out={work / 'hf_back'}",
+            f"--shard-size={args.shard_size}",
+        ],
+        work,
+    )
     out_bytes = sum(f.stat().st_size for f in (work / "step").rglob("*") if f.is_file())
-    print(f"checkpoint: {len(shards)} shards, {gb(sum(sizes))} total, largest {gb(max(sizes))}; "
-          f"{n_params / 1e9:.2f} B params -> {gb(out_bytes)} float32 orbax output")
+    print(
+        f"checkpoint: {len(shards)} shards, {gb(sum(sizes))} total, largest {gb(max(sizes))}; "
+        f"{n_params / 1e9:.2f} B params -> {gb(out_bytes)} float32 orbax output"
+    )
     print(f"fixed cost (from-hf of a tiny model): peak RSS {gb(fixed)}")
-    print(f"from-hf: peak RSS {gb(peak)} in {wall:.0f}s; 1.5 x largest shard + fixed = "
-          f"{gb(1.5 * max(sizes) + fixed)}; over fixed: {gb(peak - fixed)} "
-          f"= {(peak - fixed) / max(sizes):.2f} x largest shard")
+    print(
+        f"from-hf: peak RSS {gb(peak)} in {wall:.0f}s; 1.5 x largest shard + fixed = "
+        f"{gb(1.5 * max(sizes) + fixed)}; over fixed: {gb(peak - fixed)} "
+        f"= {(peak - fixed) / max(sizes):.2f} x largest shard"
+    )
     print(f"to-hf (bf16): peak RSS {gb(back_peak)} in {back_wall:.0f}s")
 
 

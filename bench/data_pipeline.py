@@ -33,9 +33,14 @@ def _train_bpe(path: str) -> None:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=4096, special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(
+            vocab_size=4096,
+            special_tokens=["<|endoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tok.save(path)
 
 
@@ -58,8 +63,9 @@ def main() -> None:
         vocab = 4096
     cfg = data.DataConfig(cache_dir=args.cache_dir, num_threads=args.threads, **kw)
     t = time.perf_counter()
-    it = data.make_train_iterator(cfg, seq_len=args.seq_len, global_batch_size=args.batch,
-                                  model_vocab_size=vocab, seed=0)
+    it = data.make_train_iterator(
+        cfg, seq_len=args.seq_len, global_batch_size=args.batch, model_vocab_size=vocab, seed=0
+    )
     next(it)
     t_build = time.perf_counter() - t
     t = time.perf_counter()
@@ -67,9 +73,11 @@ def main() -> None:
         next(it)
     dt = time.perf_counter() - t
     print(f"import {T_IMPORT:.2f}s, index+first batch {t_build:.2f}s; {it.info}")
-    print(f"{args.batches / dt:.0f} batches/s, "
-          f"{args.batches * args.batch * args.seq_len / dt / 1e6:.2f}M tokens/s "
-          f"(B={args.batch}, S={args.seq_len}, threads={args.threads})")
+    print(
+        f"{args.batches / dt:.0f} batches/s, "
+        f"{args.batches * args.batch * args.seq_len / dt / 1e6:.2f}M tokens/s "
+        f"(B={args.batch}, S={args.seq_len}, threads={args.threads})"
+    )
 
 
 if __name__ == "__main__":

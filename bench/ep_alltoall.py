@@ -23,15 +23,14 @@ import time
 import jax
 import jax.numpy as jnp
 
-from deepseek_jax.model import config as model_config
 from deepseek_jax.batch import Batch
+from deepseek_jax.model import config as model_config
 from deepseek_jax.parallel import config as parallel_config
 from deepseek_jax.parallel import hlo_stats
 from deepseek_jax.parallel import plan as plan_lib
 from deepseek_jax.train import config as train_config
-from deepseek_jax.train import optim
+from deepseek_jax.train import optim, sharded
 from deepseek_jax.train import state as state_lib
-from deepseek_jax.train import sharded
 
 Preset = parallel_config.Preset
 LAYOUTS = [
@@ -42,38 +41,53 @@ LAYOUTS = [
 ]
 
 
-def measure(model: model_config.ModelConfig, train: train_config.TrainConfig,
-            cfg: parallel_config.ParallelConfig) -> dict:
+def measure(
+    model: model_config.ModelConfig,
+    train: train_config.TrainConfig,
+    cfg: parallel_config.ParallelConfig,
+) -> dict:
     tx = optim.optimizer(train)
     graphdef, _, _ = state_lib.abstract_model(model)
     plan = plan_lib.make_plan(cfg, model, train.global_batch_size)
     step = sharded.train_step(plan, model, train, graphdef, tx)
-    batch_struct = jax.ShapeDtypeStruct((train.global_batch_size, train.seq_len), jnp.int32,
-                                        sharding=plan.batch_sharding())
-    batch = Batch(inputs=batch_struct, targets=batch_struct, target_bytes=batch_struct,
-                  loss_mask=jax.ShapeDtypeStruct(batch_struct.shape, jnp.float32,
-                                                 sharding=plan.batch_sharding()))
+    batch_struct = jax.ShapeDtypeStruct(
+        (train.global_batch_size, train.seq_len), jnp.int32, sharding=plan.batch_sharding()
+    )
+    batch = Batch(
+        inputs=batch_struct,
+        targets=batch_struct,
+        target_bytes=batch_struct,
+        loss_mask=jax.ShapeDtypeStruct(
+            batch_struct.shape, jnp.float32, sharding=plan.batch_sharding()
+        ),
+    )
     t0 = time.perf_counter()
     hlo = step.lower(sharded.abstract_state(plan, model, tx), batch).compile().as_text()
     compile_s = time.perf_counter() - t0
-    ops = [c for c in hlo_stats.collectives(hlo)
-           if c.kind == "all-to-all" and "shard_map" in c.op_name]
+    ops = [
+        c for c in hlo_stats.collectives(hlo) if c.kind == "all-to-all" and "shard_map" in c.op_name
+    ]
     itemsize = model.compute_dtype.jnp.itemsize
     data_ops = [c for c in ops if "s32[" not in c.result_type]  # not the per-expert counts
     sizes = plan.sizes
-    x_local = train.global_batch_size * train.seq_len // (
-        sizes["data"] * sizes["fsdp"] * sizes["expert"])
+    x_local = (
+        train.global_batch_size * train.seq_len // (sizes["data"] * sizes["fsdp"] * sizes["expert"])
+    )
     calls = model.n_moe_layers + (model.mtp_depth if model.mtp_is_moe else 0)
     minimum = calls * 2 * 2 * x_local * model.num_experts_per_tok * model.d_model * itemsize
     moved = sum(c.bytes * c.count for c in data_ops)
     ep, e_local = sizes["expert"], model.n_routed_experts // sizes["expert"]
     k = model.num_experts_per_tok
-    return dict(layout=f"{cfg.preset.value} " + " ".join(f"{a}={v}" for a, v in sizes.items()
-                                                         if v > 1),
-                ops=sum(c.count for c in data_ops),
-                count_bytes=sum(c.bytes * c.count for c in ops) - moved,
-                moved=moved, minimum=minimum, ratio=moved / minimum,
-                formula=ep * min(k, e_local) / k, compile_s=compile_s)
+    return dict(
+        layout=f"{cfg.preset.value} " + " ".join(f"{a}={v}" for a, v in sizes.items() if v > 1),
+        ops=sum(c.count for c in data_ops),
+        count_bytes=sum(c.bytes * c.count for c in ops) - moved,
+        moved=moved,
+        minimum=minimum,
+        ratio=moved / minimum,
+        formula=ep * min(k, e_local) / k,
+        compile_s=compile_s,
+    )
 
 
 def main():
@@ -83,24 +97,45 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     args = ap.parse_args()
     model = model_config.ModelConfig(
-        vocab_size=1024, d_model=args.d_model, n_layers=3, first_k_dense_replace=1,
-        intermediate_size=4 * args.d_model, n_heads=4, q_lora_rank=64, kv_lora_rank=64,
-        qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16,
-        n_shared_experts=1, moe_intermediate_size=args.d_model // 2, num_experts_per_tok=4,
-        n_group=8, topk_group=4, mtp_depth=1)
+        vocab_size=1024,
+        d_model=args.d_model,
+        n_layers=3,
+        first_k_dense_replace=1,
+        intermediate_size=4 * args.d_model,
+        n_heads=4,
+        q_lora_rank=64,
+        kv_lora_rank=64,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        n_routed_experts=16,
+        n_shared_experts=1,
+        moe_intermediate_size=args.d_model // 2,
+        num_experts_per_tok=4,
+        n_group=8,
+        topk_group=4,
+        mtp_depth=1,
+    )
     train = train_config.TrainConfig(global_batch_size=args.batch, seq_len=args.seq)
-    print(f"model: d_model={model.d_model}, {model.n_moe_layers} MoE layers + "
-          f"{model.mtp_depth} MoE MTP depth, E={model.n_routed_experts}, "
-          f"top_k={model.num_experts_per_tok}, float32; batch {args.batch} x {args.seq} tokens")
-    print("| layout | all-to-alls run | bytes moved / device / step | analytic minimum | ratio | "
-          "EP*min(k,E_l)/k | count bytes | compile s |")
+    print(
+        f"model: d_model={model.d_model}, {model.n_moe_layers} MoE layers + "
+        f"{model.mtp_depth} MoE MTP depth, E={model.n_routed_experts}, "
+        f"top_k={model.num_experts_per_tok}, float32; batch {args.batch} x {args.seq} tokens"
+    )
+    print(
+        "| layout | all-to-alls run | bytes moved / device / step | analytic minimum | ratio | "
+        "EP*min(k,E_l)/k | count bytes | compile s |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for preset, sizes in LAYOUTS:
         cfg = parallel_config.ParallelConfig(preset=preset, **sizes)
         r = measure(model, train, cfg)
-        print(f"| {r['layout']} | {r['ops']} | {r['moved']:,} | {r['minimum']:,} | "
-              f"{r['ratio']:.2f} | {r['formula']:.2f} | {r['count_bytes']} | "
-              f"{r['compile_s']:.0f} |", flush=True)
+        print(
+            f"| {r['layout']} | {r['ops']} | {r['moved']:,} | {r['minimum']:,} | "
+            f"{r['ratio']:.2f} | {r['formula']:.2f} | {r['count_bytes']} | "
+            f"{r['compile_s']:.0f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -15,16 +15,16 @@ import argparse
 import math
 
 import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from deepseek_jax import config as experiment_config
 from deepseek_jax.parallel import config as parallel_config
 from deepseek_jax.parallel import plan as plan_lib
-from deepseek_jax.train import sharded
-from deepseek_jax.train import optim
+from deepseek_jax.train import optim, sharded
 from deepseek_jax.train import state as state_lib
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-GIB = 2 ** 30
+GIB = 2**30
 
 
 def per_device_bytes(abstract, specs, mesh) -> tuple[int, int]:
@@ -44,8 +44,10 @@ def report(exp, cfg: parallel_config.ParallelConfig, n_devices: int) -> dict[str
     abstract = state_lib.abstract_state(exp.model, tx)
     plan = plan_lib.make_abstract_plan(cfg, exp.model, exp.train.global_batch_size, n_devices)
     specs = sharded.state_specs(plan, exp.model, abstract)
-    return {part: per_device_bytes(getattr(abstract, part), getattr(specs, part), plan.mesh)
-            for part in ("params", "opt_state", "expert_bias")}
+    return {
+        part: per_device_bytes(getattr(abstract, part), getattr(specs, part), plan.mesh)
+        for part in ("params", "opt_state", "expert_bias")
+    }
 
 
 def main():
@@ -58,14 +60,24 @@ def main():
     args = ap.parse_args()
     exp = experiment_config.load(args.config)
     cfg = parallel_config.ParallelConfig(
-        preset=parallel_config.Preset(args.preset), data=args.data, fsdp=args.fsdp,
-        expert=args.expert, tensor=args.tensor)
+        preset=parallel_config.Preset(args.preset),
+        data=args.data,
+        fsdp=args.fsdp,
+        expert=args.expert,
+        tensor=args.tensor,
+    )
     parts = report(exp, cfg, args.devices)
-    n_params = sum(x.size for x in jax.tree.leaves(
-        state_lib.abstract_state(exp.model, optim.optimizer(exp.train)).params))
-    print(f"{args.config}: {n_params / 1e9:.1f}B parameters ({exp.model.param_dtype.value}), "
-          f"preset {args.preset}, {args.devices} devices (data={args.data} fsdp={args.fsdp} "
-          f"expert={args.expert} tensor={args.tensor})")
+    n_params = sum(
+        x.size
+        for x in jax.tree.leaves(
+            state_lib.abstract_state(exp.model, optim.optimizer(exp.train)).params
+        )
+    )
+    print(
+        f"{args.config}: {n_params / 1e9:.1f}B parameters ({exp.model.param_dtype.value}), "
+        f"preset {args.preset}, {args.devices} devices (data={args.data} fsdp={args.fsdp} "
+        f"expert={args.expert} tensor={args.tensor})"
+    )
     print("| part | per device | unsharded |")
     print("|---|---|---|")
     for part, (local, total) in parts.items():

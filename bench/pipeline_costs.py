@@ -33,7 +33,8 @@ from deepseek_jax import config as config_lib
 from deepseek_jax.batch import Batch
 from deepseek_jax.model import losses
 from deepseek_jax.parallel.config import BackwardSplit
-from deepseek_jax.parallel.pipeline import costmodel, ops as pipeline_ops, schedules, stages
+from deepseek_jax.parallel.pipeline import costmodel, schedules, stages
+from deepseek_jax.parallel.pipeline import ops as pipeline_ops
 from deepseek_jax.parallel.pipeline.schedules import Schedule
 from deepseek_jax.parallel.pipeline.ticks import Code
 from deepseek_jax.train import optim
@@ -44,8 +45,9 @@ RESIDUALS: dict = {}  # (layers, split) -> what one Bi stores for its W, per mic
 OPS = {"F": Code.F, "B": Code.B, "Bi": Code.BI, "W": Code.W, "FB": Code.FB}
 
 
-def compile_ops(exp, layers: int, microbatch: int,
-                split: BackwardSplit = BackwardSplit.EXACT) -> dict:
+def compile_ops(
+    exp, layers: int, microbatch: int, split: BackwardSplit = BackwardSplit.EXACT
+) -> dict:
     """{op: (jitted fn, args)} for a middle stage of `layers` MoE layers, holding two chunks as
     DualPipe does (F&B runs the forward of chunk 0 and the backward of chunk 1)."""
     cfg = dataclasses.replace(exp.model, n_layers=exp.model.n_dense_layers + 2 * layers)
@@ -59,27 +61,39 @@ def compile_ops(exp, layers: int, microbatch: int,
     ids = jnp.asarray(rng.integers(0, cfg.vocab_size, (M, microbatch, seq)), jnp.int32)
     mbs = Batch(inputs=ids, targets=ids, loss_mask=jnp.ones_like(ids))
     acc = jnp.promote_types(cfg.compute_dtype.jnp, jnp.float32)
-    norms = losses.Norms(jnp.asarray(M * microbatch * seq, acc),
-                         jnp.full((cfg.mtp_depth,), M * microbatch * seq, acc), M)
+    norms = losses.Norms(
+        jnp.asarray(M * microbatch * seq, acc),
+        jnp.full((cfg.mtp_depth,), M * microbatch * seq, acc),
+        M,
+    )
     weights = losses.Weights(jnp.asarray(0.3, acc), exp.train.balance_alpha)
     zero = jnp.zeros((2,), jnp.int32)  # both chunks are middle stages
     stage = stages.Stage(graphdef, cfg, M)
-    row = {k: jnp.int32(v) for k, v in dict(c=0, m=0, mb=0, act=0, grd=0, c2=1, m2=1, mb2=1,
-                                             act2=1, grd2=1, wres=0).items()}
+    row = {
+        k: jnp.int32(v)
+        for k, v in dict(
+            c=0, m=0, mb=0, act=0, grd=0, c2=1, m2=1, mb2=1, act2=1, grd2=1, wres=0
+        ).items()
+    }
     out, wres = {}, None
     for name, code in OPS.items():  # Bi before W: W is timed on the residuals Bi stored
+
         def op(stack, stack_bias, row, wres, code=code):
-            env = pipeline_ops.make_env(stack, stack_bias, glob, glob_bias, mbs, norms, weights,
-                                        zero, zero)
+            env = pipeline_ops.make_env(
+                stack, stack_bias, glob, glob_bias, mbs, norms, weights, zero, zero
+            )
             ops = pipeline_ops.Ops(stage, env, split)
             x_bytes = microbatch * seq * cfg.d_model * jnp.dtype(cfg.compute_dtype.jnp).itemsize
             RESIDUALS[(layers, split.value)] = dict(
                 residual_bytes=ops.split.residual_bytes if ops.split else 0,
-                residual_arrays=len(ops.residuals), stage_input_bytes=x_bytes)
+                residual_arrays=len(ops.residuals),
+                stage_input_bytes=x_bytes,
+            )
             carry = pipeline_ops.init_carry(stage, env, 2, 2, ops.residuals, 1)
             x = jax.random.normal(jax.random.key(1), carry.act.shape, carry.act.dtype)
-            carry = dataclasses.replace(carry, act=x, grd=1e-3 * x,
-                                        wres=carry.wres if wres is None else wres)
+            carry = dataclasses.replace(
+                carry, act=x, grd=1e-3 * x, wres=carry.wres if wres is None else wres
+            )
             carry, outbox, _ = ops.branch(code)(carry, row)
             return carry.d_stack, outbox, carry.wres if code is Code.BI else ()
 
@@ -112,8 +126,9 @@ def time_unpipelined(exp, layers: int, batch: int, reps: int) -> float:
     graphdef, _, _ = state_lib.abstract_model(cfg)
     fn = jax.jit(step_lib.make_train_step(graphdef, exp.train, tx), donate_argnums=0)
     state = state_lib.init_state(cfg, tx, 0)
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size,
-                                                          (batch, exp.train.seq_len)), jnp.int32)
+    ids = jnp.asarray(
+        np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, exp.train.seq_len)), jnp.int32
+    )
     data = Batch(inputs=ids, targets=ids, loss_mask=jnp.ones_like(ids))
     state, m = fn(state, data)
     jax.block_until_ready(m)
@@ -135,12 +150,22 @@ def table(costs_by_schedule: dict, pps=(4, 8)) -> list[dict]:
                 costs = costs_by_schedule[schedule]
                 plan = schedules.build(schedule, pp, M)
                 s = costmodel.summarize(plan, costs)
-                rows.append(dict(schedule=schedule.value, pp=pp, microbatches=M, ticks=s.ticks,
-                                 lockstep=s.lockstep.makespan, lockstep_bubble=s.lockstep.bubble,
-                                 asynchronous=s.asynchronous.makespan,
-                                 async_bubble=s.asynchronous.bubble, formula=s.formula,
-                                 busy=max(s.lockstep.busy), act_slots=max(s.act_slots),
-                                 wres_slots=max(s.wres_slots)))
+                rows.append(
+                    dict(
+                        schedule=schedule.value,
+                        pp=pp,
+                        microbatches=M,
+                        ticks=s.ticks,
+                        lockstep=s.lockstep.makespan,
+                        lockstep_bubble=s.lockstep.bubble,
+                        asynchronous=s.asynchronous.makespan,
+                        async_bubble=s.asynchronous.bubble,
+                        formula=s.formula,
+                        busy=max(s.lockstep.busy),
+                        act_slots=max(s.act_slots),
+                        wres_slots=max(s.wres_slots),
+                    )
+                )
     return rows
 
 
@@ -149,18 +174,34 @@ def main():
     ap.add_argument("--config", default="configs/small.py")
     ap.add_argument("--layers", type=int, default=2, help="MoE layers per stage (DualPipe/1F1B)")
     ap.add_argument("--microbatch", type=int, default=1, help="sequences per micro-batch")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="config override, e.g. --set train.seq_len=128 (repeatable)")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. --set train.seq_len=128 (repeatable)",
+    )
     ap.add_argument("--reps", type=int, default=7)
-    ap.add_argument("--unpipelined-batch", type=int, default=0,
-                    help="also time the unpipelined train step of the 2*layers model on this "
-                         "many sequences (0: skip)")
-    ap.add_argument("--costs", default="", help="skip measuring: stage costs in seconds, "
-                    "'F=..,B=..,Bi=..,W=..,FB=..'; --half-costs likewise for DualPipeV")
+    ap.add_argument(
+        "--unpipelined-batch",
+        type=int,
+        default=0,
+        help="also time the unpipelined train step of the 2*layers model on this "
+        "many sequences (0: skip)",
+    )
+    ap.add_argument(
+        "--costs",
+        default="",
+        help="skip measuring: stage costs in seconds, "
+        "'F=..,B=..,Bi=..,W=..,FB=..'; --half-costs likewise for DualPipeV",
+    )
     ap.add_argument("--half-costs", default="")
     ap.add_argument("--json", action="store_true")
-    ap.add_argument("--splits", default="exact,recompute",
-                    help="backward splits to time, the first gives the table")
+    ap.add_argument(
+        "--splits",
+        default="exact,recompute",
+        help="backward splits to time, the first gives the table",
+    )
     args = ap.parse_args()
     exp = config_lib.load(args.config, config_lib.parse_overrides(args.set))
     if args.costs:
@@ -175,51 +216,86 @@ def main():
             if args.layers > 1:
                 compiled[("half", sp)] = compile_ops(exp, args.layers // 2, args.microbatch, sp)
         times = measure(compiled, args.reps)
-        by_split = {sp.value: {"stage": times[("stage", sp)],
-                               "half_stage": times.get(("half", sp), times[("stage", sp)])}
-                    for sp in splits}
+        by_split = {
+            sp.value: {
+                "stage": times[("stage", sp)],
+                "half_stage": times.get(("half", sp), times[("stage", sp)]),
+            }
+            for sp in splits
+        }
         full, half = by_split[splits[0].value]["stage"], by_split[splits[0].value]["half_stage"]
-    costs = {s: costmodel.Costs(**(half if s is Schedule.DUALPIPEV else full)) for s in schedules.SCHEDULES}
+    costs = {
+        s: costmodel.Costs(**(half if s is Schedule.DUALPIPEV else full))
+        for s in schedules.SCHEDULES
+    }
     rows = table(costs)
-    plain = (time_unpipelined(exp, args.layers, args.unpipelined_batch, args.reps)
-             if args.unpipelined_batch else None)
+    plain = (
+        time_unpipelined(exp, args.layers, args.unpipelined_batch, args.reps)
+        if args.unpipelined_batch
+        else None
+    )
     if args.json:
         ms = lambda t: {k: 1e3 * v for k, v in t.items()}  # noqa: E731
-        print(json.dumps({
-            "per_op_ms": {"stage": ms(full), "half_stage": ms(half)},
-            "by_split_ms": {k: {size: ms(t) for size, t in v.items()} for k, v in by_split.items()},
-            "bi_plus_w_over_b": {k: (v["stage"]["Bi"] + v["stage"]["W"]) / v["stage"]["B"]
-                                 for k, v in by_split.items()},
-            "residuals_per_microbatch": {f"{k[1]} {k[0]} layers": v
-                                         for k, v in RESIDUALS.items()},
-            "rows": rows, "unpipelined_step_s": plain}, indent=1))
+        print(
+            json.dumps(
+                {
+                    "per_op_ms": {"stage": ms(full), "half_stage": ms(half)},
+                    "by_split_ms": {
+                        k: {size: ms(t) for size, t in v.items()} for k, v in by_split.items()
+                    },
+                    "bi_plus_w_over_b": {
+                        k: (v["stage"]["Bi"] + v["stage"]["W"]) / v["stage"]["B"]
+                        for k, v in by_split.items()
+                    },
+                    "residuals_per_microbatch": {
+                        f"{k[1]} {k[0]} layers": v for k, v in RESIDUALS.items()
+                    },
+                    "rows": rows,
+                    "unpipelined_step_s": plain,
+                },
+                indent=1,
+            )
+        )
         return
-    print(f"{jax.devices()[0].device_kind}; {args.config}, seq {exp.train.seq_len}, "
-          f"micro-batch {args.microbatch}, {args.layers} MoE layers per stage")
+    print(
+        f"{jax.devices()[0].device_kind}; {args.config}, seq {exp.train.seq_len}, "
+        f"micro-batch {args.microbatch}, {args.layers} MoE layers per stage"
+    )
     labelled = [(f"{sp} {size}", t) for sp, v in by_split.items() for size, t in v.items()]
     for label, t in labelled or (("stage", full), ("half stage (dualpipev)", half)):
-        print(f"  {label}: " + "  ".join(f"{k}={1e3 * v:.1f}ms" for k, v in t.items())
-              + f"  (Bi+W)/B={(t['Bi'] + t['W']) / t['B']:.2f}  FB/(F+B)="
-              f"{t['FB'] / (t['F'] + t['B']):.2f}")
+        print(
+            f"  {label}: "
+            + "  ".join(f"{k}={1e3 * v:.1f}ms" for k, v in t.items())
+            + f"  (Bi+W)/B={(t['Bi'] + t['W']) / t['B']:.2f}  FB/(F+B)="
+            f"{t['FB'] / (t['F'] + t['B']):.2f}"
+        )
     for (layers, sp), v in RESIDUALS.items():
-        print(f"  {sp}, {layers} layers: a Bi stores {v['residual_bytes'] / 2**20:.2f} MiB for "
-              f"its W ({v['residual_arrays']} arrays) per micro-batch, "
-              f"{v['residual_bytes'] / v['stage_input_bytes']:.1f}x the stage input")
+        print(
+            f"  {sp}, {layers} layers: a Bi stores {v['residual_bytes'] / 2**20:.2f} MiB for "
+            f"its W ({v['residual_arrays']} arrays) per micro-batch, "
+            f"{v['residual_bytes'] / v['stage_input_bytes']:.1f}x the stage input"
+        )
     if plain is not None:
-        print(f"  unpipelined train step, {2 * args.layers} MoE layers + embedding, dense layers, "
-              f"head, MTP and AdamW, {args.unpipelined_batch} x {exp.train.seq_len} tokens: "
-              f"{1e3 * plain:.1f}ms; the two middle stages' F + B for as many tokens: "
-              f"{1e3 * 2 * args.unpipelined_batch / args.microbatch * (full['F'] + full['B']):.1f}"
-              "ms")
-    print("| schedule | PP | M | ticks | busy/rank (s) | lock-step step (s) | lock-step bubble "
-          "| async step (s) | async bubble | formula idle (s) | stored inputs/rank "
-          "| W residual sets/rank |")
+        print(
+            f"  unpipelined train step, {2 * args.layers} MoE layers + embedding, dense layers, "
+            f"head, MTP and AdamW, {args.unpipelined_batch} x {exp.train.seq_len} tokens: "
+            f"{1e3 * plain:.1f}ms; the two middle stages' F + B for as many tokens: "
+            f"{1e3 * 2 * args.unpipelined_batch / args.microbatch * (full['F'] + full['B']):.1f}"
+            "ms"
+        )
+    print(
+        "| schedule | PP | M | ticks | busy/rank (s) | lock-step step (s) | lock-step bubble "
+        "| async step (s) | async bubble | formula idle (s) | stored inputs/rank "
+        "| W residual sets/rank |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['schedule']} | {r['pp']} | {r['microbatches']} | {r['ticks']} | "
-              f"{r['busy']:.2f} | {r['lockstep']:.2f} | {100 * r['lockstep_bubble']:.1f}% | "
-              f"{r['asynchronous']:.2f} | {100 * r['async_bubble']:.1f}% | {r['formula']:.2f} | "
-              f"{r['act_slots']} | {r['wres_slots']} |")
+        print(
+            f"| {r['schedule']} | {r['pp']} | {r['microbatches']} | {r['ticks']} | "
+            f"{r['busy']:.2f} | {r['lockstep']:.2f} | {100 * r['lockstep_bubble']:.1f}% | "
+            f"{r['asynchronous']:.2f} | {100 * r['async_bubble']:.1f}% | {r['formula']:.2f} | "
+            f"{r['act_slots']} | {r['wres_slots']} |"
+        )
 
 
 if __name__ == "__main__":

@@ -21,12 +21,10 @@ import numpy as np
 
 from deepseek_jax import config as config_lib
 from deepseek_jax.batch import Batch
-from deepseek_jax.train import pipeline_step
-from deepseek_jax.train import sharded
 from deepseek_jax.parallel import plan as plan_lib
 from deepseek_jax.parallel.pipeline.schedules import Schedule
 from deepseek_jax.parallel.pipeline.ticks import Code
-from deepseek_jax.train import optim
+from deepseek_jax.train import optim, pipeline_step, sharded
 from deepseek_jax.train import state as state_lib
 
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*? ([a-z][\w\-]*)\((.*)$")
@@ -72,18 +70,27 @@ def main():
     ap.add_argument("--expert", type=int, default=1, help="expert-parallel ranks in a stage")
     args = ap.parse_args()
     base = config_lib.load(args.config)
-    exp = config_lib.load(args.config, {
-        "parallel.pipe": args.pipe, "parallel.pipeline": "dualpipe",
-        "parallel.microbatches": args.microbatches, "parallel.expert": args.expert,
-        "parallel.data": 1, "parallel.preset": "data_expert" if args.expert > 1 else "data",
-        "model.n_layers": base.model.n_dense_layers + args.pipe * args.layers_per_stage})
+    exp = config_lib.load(
+        args.config,
+        {
+            "parallel.pipe": args.pipe,
+            "parallel.pipeline": "dualpipe",
+            "parallel.microbatches": args.microbatches,
+            "parallel.expert": args.expert,
+            "parallel.data": 1,
+            "parallel.preset": "data_expert" if args.expert > 1 else "data",
+            "model.n_layers": base.model.n_dense_layers + args.pipe * args.layers_per_stage,
+        },
+    )
     graphdef, _, _ = state_lib.abstract_model(exp.model)
     tx = optim.optimizer(exp.train)
     n = args.pipe * args.expert
-    plan = plan_lib.make_plan(exp.parallel, exp.model, exp.train.global_batch_size,
-                              jax.devices()[:n])
-    pipe = pipeline_step.build(Schedule.DUALPIPE, args.pipe, args.microbatches, graphdef,
-                               exp.model, experts=plan.experts())
+    plan = plan_lib.make_plan(
+        exp.parallel, exp.model, exp.train.global_batch_size, jax.devices()[:n]
+    )
+    pipe = pipeline_step.build(
+        Schedule.DUALPIPE, args.pipe, args.microbatches, graphdef, exp.model, experts=plan.experts()
+    )
     step = pipeline_step.make_train_step(pipe, plan.mesh, exp.train, tx)
     state = sharded.abstract_state(plan, exp.model, tx)
     B, S = exp.train.global_batch_size, exp.train.seq_len
@@ -94,15 +101,22 @@ def main():
     seq = []
     for line in lines:
         m = _INSTR.match(line)
-        if not m or m.group(2) in ("parameter", "constant", "get-tuple-element", "tuple",
-                                   "bitcast"):
+        if not m or m.group(2) in (
+            "parameter",
+            "constant",
+            "get-tuple-element",
+            "tuple",
+            "bitcast",
+        ):
             continue
         seq.append((label(line), m.group(2), m.group(1)))
     halves = [s for s in seq if s[0] != "-"]
     switches = sum(1 for a, b in zip(halves, halves[1:]) if a[0] != b[0])
-    print(f"F&B branch: {len(seq)} scheduled instructions, {sum(s[0] == 'F' for s in seq)} from "
-          f"the forward half, {sum(s[0] == 'B' for s in seq)} from the backward half, "
-          f"{switches} alternations between halves")
+    print(
+        f"F&B branch: {len(seq)} scheduled instructions, {sum(s[0] == 'F' for s in seq)} from "
+        f"the forward half, {sum(s[0] == 'B' for s in seq)} from the backward half, "
+        f"{switches} alternations between halves"
+    )
     runs = []  # the schedule as runs of one half: F x12, B x3, ...
     for lab, _, _ in halves:
         if runs and runs[-1][0] == lab:

@@ -23,7 +23,9 @@ import numpy as np
 from deepseek_jax import config as config_lib
 from deepseek_jax.batch import Batch
 from deepseek_jax.model import counting
-from deepseek_jax.train import optim, state as state_lib, step as step_lib
+from deepseek_jax.train import optim
+from deepseek_jax.train import state as state_lib
+from deepseek_jax.train import step as step_lib
 
 
 def matmul_peak(dtype, n: int = 2048, seconds: float = 2.0) -> float:
@@ -34,17 +36,19 @@ def matmul_peak(dtype, n: int = 2048, seconds: float = 2.0) -> float:
     while time.perf_counter() - t0 < seconds:
         f(x, x).block_until_ready()
         reps += 1
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
 def synthetic_batch(exp, seed=0):
     t = exp.train
     rng = np.random.default_rng(seed)
     seq = rng.integers(0, exp.model.vocab_size, (t.global_batch_size, t.seq_len + 1))
-    return Batch(inputs=jnp.asarray(seq[:, :-1], jnp.int32),
-                 targets=jnp.asarray(seq[:, 1:], jnp.int32),
-                 loss_mask=jnp.ones((t.global_batch_size, t.seq_len), jnp.float32),
-                 target_bytes=jnp.ones((t.global_batch_size, t.seq_len), jnp.int32))
+    return Batch(
+        inputs=jnp.asarray(seq[:, :-1], jnp.int32),
+        targets=jnp.asarray(seq[:, 1:], jnp.int32),
+        loss_mask=jnp.ones((t.global_batch_size, t.seq_len), jnp.float32),
+        target_bytes=jnp.ones((t.global_batch_size, t.seq_len), jnp.int32),
+    )
 
 
 def build(exp):
@@ -95,13 +99,20 @@ def main():
         depth_rows[depth] = compile_seconds(deep)
 
     out = {
-        "config": args.config, "backend": jax.default_backend(),
-        "device": jax.devices()[0].device_kind, "devices": jax.device_count(),
-        "total_params": counts.total_params, "active_params": counts.active_params,
-        "mtp_params": counts.mtp_params, "train_flops_per_token": counts.train_flops_per_token,
-        "tokens_per_step": tokens, "first_step_s (compile+run)": round(first, 2),
-        "step_s": round(step_s, 4), "tokens_per_s": round(tps, 1),
-        "model_flops_per_s": model_flops, "matmul_peak_flops_per_s": peak,
+        "config": args.config,
+        "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
+        "devices": jax.device_count(),
+        "total_params": counts.total_params,
+        "active_params": counts.active_params,
+        "mtp_params": counts.mtp_params,
+        "train_flops_per_token": counts.train_flops_per_token,
+        "tokens_per_step": tokens,
+        "first_step_s (compile+run)": round(first, 2),
+        "step_s": round(step_s, 4),
+        "tokens_per_s": round(tps, 1),
+        "model_flops_per_s": model_flops,
+        "matmul_peak_flops_per_s": peak,
         "mfu": model_flops / peak,
         "compile_s_by_layers": {k: round(v, 2) for k, v in depth_rows.items()},
     }

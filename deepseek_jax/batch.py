@@ -17,7 +17,8 @@ fields (registered the same way) pass through every path too.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 
@@ -36,14 +37,18 @@ class Batch:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(fields) - names)
         if unknown:
-            raise ValueError(f"batch fields {unknown} are not fields of {cls.__name__} "
-                             f"({sorted(names)})")
+            raise ValueError(
+                f"batch fields {unknown} are not fields of {cls.__name__} ({sorted(names)})"
+            )
         return cls(**fields)
 
     def to_dict(self) -> dict[str, Any]:
         """The non-None fields by name."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if getattr(self, f.name) is not None}
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not None
+        }
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from absl import flags
 from ml_collections import config_flags
@@ -20,8 +20,11 @@ from deepseek_jax import config as config_lib
 from deepseek_jax import errors
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file (get_config()); override fields with --config.a.b=v.",
-    lock_config=True)
+    "config",
+    None,
+    "Experiment config file (get_config()); override fields with --config.a.b=v.",
+    lock_config=True,
+)
 
 FLAGS = flags.FLAGS
 
@@ -45,8 +48,9 @@ def check_argv(argv: Sequence[str]) -> None:
     if path is not None:
         file = path.split(":", 1)[0]  # config_flags allows `file.py:argument`
         if not os.path.isfile(file):
-            raise config_lib.ConfigError(f"--config={path}: no such file "
-                                         f"(working directory {os.getcwd()})")
+            raise config_lib.ConfigError(
+                f"--config={path}: no such file (working directory {os.getcwd()})"
+            )
     for arg in argv[1:]:
         if arg == "--":
             break

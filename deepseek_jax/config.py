@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import typing
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from deepseek_jax import dataclass_dict, errors
 from deepseek_jax.data import config as data_config
@@ -81,17 +82,19 @@ def check_field_path(path: str) -> None:
         names = dataclass_dict.field_types(cls)
         if part not in names:
             if not where:
-                raise ConfigError(f"--config.{path}: unknown config section {part!r}"
-                                  f"{errors.did_you_mean(part, names)}; sections: "
-                                  f"{', '.join(SECTIONS)}")
-            raise ConfigError("--config." + dataclass_dict.unknown_field(
-                ".".join(where), part, set(names)))
+                raise ConfigError(
+                    f"--config.{path}: unknown config section {part!r}"
+                    f"{errors.did_you_mean(part, names)}; sections: "
+                    f"{', '.join(SECTIONS)}"
+                )
+            raise ConfigError(
+                "--config." + dataclass_dict.unknown_field(".".join(where), part, set(names))
+            )
         where.append(part)
         cls = _dataclass_of(names[part])
         if cls is None:
             if len(where) < len(path.split(".")):
-                raise ConfigError(f"--config.{path}: {'.'.join(where)} is a value, not a "
-                                  "section")
+                raise ConfigError(f"--config.{path}: {'.'.join(where)} is a value, not a section")
             return
 
 
@@ -121,9 +124,11 @@ def from_config_dict(cd: Any) -> ExperimentConfig:
     d = _plain(cd)
     unknown = sorted(set(d) - set(SECTIONS))
     if unknown:
-        raise ConfigError(f"unknown config section {unknown[0]!r}"
-                          f"{errors.did_you_mean(unknown[0], SECTIONS)}; sections: "
-                          f"{', '.join(SECTIONS)}")
+        raise ConfigError(
+            f"unknown config section {unknown[0]!r}"
+            f"{errors.did_you_mean(unknown[0], SECTIONS)}; sections: "
+            f"{', '.join(SECTIONS)}"
+        )
     for name, cls in section_types().items():
         _check_keys(cls, d.get(name, {}), name)
     try:
@@ -139,10 +144,12 @@ def _convert(d: Mapping[str, Any]) -> ExperimentConfig:
         model=model_config.ModelConfig.from_dict(d.get("model", {})),
         train=dataclass_dict.from_dict(train_config.TrainConfig, d.get("train", {}), "train"),
         data=data_config.DataConfig.from_dict(d.get("data", {})),
-        parallel=dataclass_dict.from_dict(parallel_config.ParallelConfig, d.get("parallel", {}),
-                                          "parallel"),
-        checkpoint=dataclass_dict.from_dict(CheckpointConfig, d.get("checkpoint", {}),
-                                            "checkpoint"),
+        parallel=dataclass_dict.from_dict(
+            parallel_config.ParallelConfig, d.get("parallel", {}), "parallel"
+        ),
+        checkpoint=dataclass_dict.from_dict(
+            CheckpointConfig, d.get("checkpoint", {}), "checkpoint"
+        ),
     )
 
 
@@ -232,4 +239,5 @@ def default_config_dict():
     )
     sections = _tuples(default.to_dict())
     return ml_collections.ConfigDict(
-        {name: _typed(cls, sections[name]) for name, cls in section_types().items()})
+        {name: _typed(cls, sections[name]) for name, cls in section_types().items()}
+    )

@@ -10,7 +10,8 @@ import dataclasses
 import enum
 import types
 import typing
-from typing import Any, Mapping, TypeVar
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 from deepseek_jax import errors
 
@@ -19,8 +20,10 @@ T = TypeVar("T")
 
 def unknown_field(prefix: str, key: str, names: set[str] | list[str]) -> str:
     """The message for a key `prefix` does not have: the section, the closest name, all names."""
-    return (f"{prefix}.{key}: unknown field: section {prefix} has no field {key!r}"
-            f"{errors.did_you_mean(key, names)}; its fields: {', '.join(sorted(names))}")
+    return (
+        f"{prefix}.{key}: unknown field: section {prefix} has no field {key!r}"
+        f"{errors.did_you_mean(key, names)}; its fields: {', '.join(sorted(names))}"
+    )
 
 
 def _convert(tp: Any, value: Any, field: str) -> Any:

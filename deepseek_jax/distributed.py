@@ -29,7 +29,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 from deepseek_jax import errors
 
@@ -37,8 +37,10 @@ EXIT_LOST_PEER = 3
 DEFAULT_COORDINATOR_TIMEOUT_S = 300
 DEFAULT_HEARTBEAT_TIMEOUT_S = 100  # jax's default; a lost peer is detected within this
 
-_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?"
-                       r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?$")
+_HOSTNAME = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?"
+    r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]*[A-Za-z0-9_])?)*\.?$"
+)
 
 
 class DistributedError(errors.UserError):
@@ -80,32 +82,39 @@ def parse_address(text: str) -> tuple[str, int]:
         if not _HOSTNAME.match(host):
             raise DistributedError(f"{what}: {host!r} is not a hostname or IPv4 address")
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise DistributedError(f"{what}: the port must be a number in 1-65535, got "
-                               f"{port_text!r}")
+        raise DistributedError(f"{what}: the port must be a number in 1-65535, got {port_text!r}")
     return host, int(port_text)
 
 
-def check(coordinator: str | None, num_processes: int | None,
-          process_id: int | None) -> Cluster:
+def check(coordinator: str | None, num_processes: int | None, process_id: int | None) -> Cluster:
     """The three multi-process flags, validated together."""
-    given = {"--coordinator": coordinator, "--num_processes": num_processes,
-             "--process_id": process_id}
+    given = {
+        "--coordinator": coordinator,
+        "--num_processes": num_processes,
+        "--process_id": process_id,
+    }
     missing = [name for name, value in given.items() if value is None]
     if missing:
-        raise DistributedError(f"a multi-process run needs --coordinator, --num_processes and "
-                               f"--process_id; missing {', '.join(missing)}")
+        raise DistributedError(
+            f"a multi-process run needs --coordinator, --num_processes and "
+            f"--process_id; missing {', '.join(missing)}"
+        )
     host, port = parse_address(coordinator)
     if num_processes < 1:
         raise DistributedError(f"--num_processes must be >= 1, got {num_processes}")
     if not 0 <= process_id < num_processes:
-        raise DistributedError(f"--process_id must be in [0, {num_processes}) for "
-                               f"--num_processes={num_processes}, got {process_id}")
+        raise DistributedError(
+            f"--process_id must be in [0, {num_processes}) for "
+            f"--num_processes={num_processes}, got {process_id}"
+        )
     return Cluster(host, port, num_processes, process_id)
 
 
 def check_timeouts(coordinator_timeout_s: int, heartbeat_timeout_s: int) -> None:
-    for name, value in (("--coordinator_timeout_s", coordinator_timeout_s),
-                        ("--heartbeat_timeout_s", heartbeat_timeout_s)):
+    for name, value in (
+        ("--coordinator_timeout_s", coordinator_timeout_s),
+        ("--heartbeat_timeout_s", heartbeat_timeout_s),
+    ):
         if value < 1:
             raise DistributedError(f"{name} must be >= 1 second, got {value}")
 
@@ -120,7 +129,8 @@ def _check_bindable(cluster: Cluster) -> None:
         except OSError as e:
             raise DistributedError(
                 f"--coordinator={cluster.address}: process 0 cannot serve on port "
-                f"{cluster.port} ({e.strerror}); pick a free port") from None
+                f"{cluster.port} ({e.strerror}); pick a free port"
+            ) from None
 
 
 def _wait_reachable(cluster: Cluster, timeout_s: float) -> None:
@@ -129,8 +139,9 @@ def _wait_reachable(cluster: Cluster, timeout_s: float) -> None:
     last = "no attempt"
     while True:
         try:
-            with socket.create_connection((cluster.host, cluster.port),
-                                          timeout=min(5.0, max(timeout_s, 0.1))):
+            with socket.create_connection(
+                (cluster.host, cluster.port), timeout=min(5.0, max(timeout_s, 0.1))
+            ):
                 return
         except OSError as e:
             last = e.strerror or str(e)
@@ -139,13 +150,17 @@ def _wait_reachable(cluster: Cluster, timeout_s: float) -> None:
                 f"--coordinator={cluster.address}: process {cluster.process_id} of "
                 f"{cluster.num_processes} could not reach the coordinator (process 0) within "
                 f"{timeout_s:g} s (--coordinator_timeout_s); last attempt: {last}. Is process 0 "
-                "running, and is that its address?")
+                "running, and is that its address?"
+            )
         time.sleep(min(0.5, max(deadline - time.monotonic(), 0.0)))
 
 
-def initialize(cluster: Cluster | None, *,
-               coordinator_timeout_s: int = DEFAULT_COORDINATOR_TIMEOUT_S,
-               heartbeat_timeout_s: int = DEFAULT_HEARTBEAT_TIMEOUT_S) -> None:
+def initialize(
+    cluster: Cluster | None,
+    *,
+    coordinator_timeout_s: int = DEFAULT_COORDINATOR_TIMEOUT_S,
+    heartbeat_timeout_s: int = DEFAULT_HEARTBEAT_TIMEOUT_S,
+) -> None:
     """jax.distributed.initialize with bounded waits; `cluster=None`: detect it (TPU/GKE/SLURM).
 
     Call before anything asks JAX for its backend.
@@ -153,9 +168,11 @@ def initialize(cluster: Cluster | None, *,
     import jax
 
     check_timeouts(coordinator_timeout_s, heartbeat_timeout_s)
-    timeouts = {"initialization_timeout": coordinator_timeout_s,
-                "heartbeat_timeout_seconds": heartbeat_timeout_s,
-                "shutdown_timeout_seconds": heartbeat_timeout_s}
+    timeouts = {
+        "initialization_timeout": coordinator_timeout_s,
+        "heartbeat_timeout_seconds": heartbeat_timeout_s,
+        "shutdown_timeout_seconds": heartbeat_timeout_s,
+    }
     if cluster is None:
         jax.distributed.initialize(**timeouts)
         return
@@ -174,8 +191,12 @@ def initialize(cluster: Cluster | None, *,
     watchdog.daemon = True
     watchdog.start()
     try:
-        jax.distributed.initialize(cluster.address, cluster.num_processes, cluster.process_id,
-                                   **{**timeouts, "initialization_timeout": round(remaining) + 5})
+        jax.distributed.initialize(
+            cluster.address,
+            cluster.num_processes,
+            cluster.process_id,
+            **{**timeouts, "initialization_timeout": round(remaining) + 5},
+        )
     finally:
         watchdog.cancel()
 
@@ -198,17 +219,29 @@ def lost_peer_is_one_paragraph(active: bool) -> Iterator[None]:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if not active or not _LOST_PEER.search(str(e)):
             raise
-        print(f"error: lost contact with another process of this job ({first}). Every process "
-              "stops; the coordination service names the lost one within "
-              "--heartbeat_timeout_s. Relaunch all processes to resume from the last "
-              "checkpoint.", file=sys.stderr, flush=True)
+        print(
+            f"error: lost contact with another process of this job ({first}). Every process "
+            "stops; the coordination service names the lost one within "
+            "--heartbeat_timeout_s. Relaunch all processes to resume from the last "
+            "checkpoint.",
+            file=sys.stderr,
+            flush=True,
+        )
         sys.exit(EXIT_LOST_PEER)
 
 
 def _join_timed_out(cluster: Cluster, timeout_s: float) -> None:
-    print(errors.message(DistributedError(
-        f"--coordinator={cluster.address}: not all {cluster.num_processes} processes joined "
-        f"within {timeout_s:g} s (--coordinator_timeout_s); this is process "
-        f"{cluster.process_id}. Check that every process was started, with the same "
-        "--coordinator and --num_processes.")), file=sys.stderr, flush=True)
+    print(
+        errors.message(
+            DistributedError(
+                f"--coordinator={cluster.address}: not all {cluster.num_processes} processes "
+                f"joined "
+                f"within {timeout_s:g} s (--coordinator_timeout_s); this is process "
+                f"{cluster.process_id}. Check that every process was started, with the same "
+                "--coordinator and --num_processes."
+            )
+        ),
+        file=sys.stderr,
+        flush=True,
+    )
     os._exit(errors.EXIT_BAD_INPUT)  # the main thread is blocked inside jax.distributed

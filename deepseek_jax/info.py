@@ -59,8 +59,7 @@ def main(argv):
         (f"train FLOPs / token (S={r['seq_len']})", _fmt(r["train_flops_per_token"])),
         ("  without MTP", _fmt(r["train_flops_per_token_no_mtp"])),
         ("  of which attention", _fmt(r["attention_flops_per_token"])),
-        (f"KV cache / token, MLA ({r['compute_dtype']})",
-         f"{r['kv_cache_bytes_per_token']:,} B"),
+        (f"KV cache / token, MLA ({r['compute_dtype']})", f"{r['kv_cache_bytes_per_token']:,} B"),
         ("KV cache / token, MHA equivalent", f"{r['mha_kv_cache_bytes_per_token']:,} B"),
         ("MHA / MLA", f"{r['kv_cache_ratio_mha_over_mla']:.1f}x"),
     ]

@@ -12,7 +12,8 @@ Reads `<workdir>/metrics.jsonl` (names in docs/metrics.md) and writes PNGs:
   step, and layers x steps of max/mean load.
 
 A plot whose metrics are absent is skipped with a message; a missing or empty metrics file is an
-error (one `error:` line, exit status 2). Uses matplotlib's object API (no pyplot), so no display is ever touched.
+error (one `error:` line, exit status 2). Uses matplotlib's object API (no pyplot), so no display
+is ever touched.
 """
 
 from __future__ import annotations
@@ -57,8 +58,12 @@ def _line_panel(ax: Any, records: Records, keys: Sequence[tuple[str, str | None,
 
 
 def plot_loss(records: Records, out_dir: str, dpi: int) -> str | None:
-    curves = [("loss", "train", "train loss"), ("lm_loss", "train", "LM loss"),
-              ("mtp_loss", "train", "MTP loss"), ("eval_loss", "eval", "eval loss")]
+    curves = [
+        ("loss", "train", "train loss"),
+        ("lm_loss", "train", "LM loss"),
+        ("mtp_loss", "train", "MTP loss"),
+        ("eval_loss", "eval", "eval loss"),
+    ]
     if not any(metrics.series(records, k, s)[0].size for k, s, _ in curves):
         return None
     has_balance = metrics.series(records, "balance_loss", "train")[0].size > 0
@@ -85,10 +90,16 @@ def plot_lr(records: Records, out_dir: str, dpi: int) -> str | None:
 
 
 def plot_diagnostics(records: Records, out_dir: str, dpi: int) -> str | None:
-    panels = [(k, t) for k, t in (("grad_norm", "gradient norm (before clipping)"),
-                                  ("tokens_per_s", "tokens / s"), ("mfu", "MFU"),
-                                  ("skipped_steps", "skipped steps (cumulative)"))
-              if metrics.series(records, k, "train")[0].size]
+    panels = [
+        (k, t)
+        for k, t in (
+            ("grad_norm", "gradient norm (before clipping)"),
+            ("tokens_per_s", "tokens / s"),
+            ("mfu", "MFU"),
+            ("skipped_steps", "skipped steps (cumulative)"),
+        )
+        if metrics.series(records, k, "train")[0].size
+    ]
     if not panels:
         return None
     fig = Figure(figsize=(8, 2.6 * len(panels)), layout="constrained")
@@ -152,8 +163,13 @@ def plot_expert_load(records: Records, out_dir: str, dpi: int) -> list[str]:
         if layer >= num_layers:
             ax.set_visible(False)
             continue
-        mesh = ax.pcolormesh(_edges(steps[keep]), np.arange(num_experts + 1),
-                             clipped_ILE[keep, layer].T, norm=norm, cmap="RdBu_r")
+        mesh = ax.pcolormesh(
+            _edges(steps[keep]),
+            np.arange(num_experts + 1),
+            clipped_ILE[keep, layer].T,
+            norm=norm,
+            cmap="RdBu_r",
+        )
         ax.set_title(f"layer {ids[layer]}", fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.set_ylabel("expert", fontsize=8)
@@ -164,15 +180,21 @@ def plot_expert_load(records: Records, out_dir: str, dpi: int) -> list[str]:
 
     fig = Figure(figsize=(11, 4.5), layout="constrained")
     final_ax, ratio_ax = fig.subplots(1, 2)
-    image = final_ax.pcolormesh(np.arange(num_experts + 1), np.arange(num_layers + 1),
-                                clipped_ILE[-1], norm=norm, cmap="RdBu_r")
+    image = final_ax.pcolormesh(
+        np.arange(num_experts + 1),
+        np.arange(num_layers + 1),
+        clipped_ILE[-1],
+        norm=norm,
+        cmap="RdBu_r",
+    )
     final_ax.set_yticks(np.arange(num_layers) + 0.5, [str(i) for i in ids], fontsize=7)
     final_ax.set(xlabel="expert", ylabel="layer", title=f"load / uniform at step {steps[-1]}")
     fig.colorbar(image, ax=final_ax)
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio_TL = rel_ILE.max(axis=2) / rel_ILE.mean(axis=2)
-    image = ratio_ax.pcolormesh(_edges(steps[keep]), np.arange(num_layers + 1), ratio_TL[keep].T,
-                                cmap="magma")
+    image = ratio_ax.pcolormesh(
+        _edges(steps[keep]), np.arange(num_layers + 1), ratio_TL[keep].T, cmap="magma"
+    )
     ratio_ax.set_yticks(np.arange(num_layers) + 0.5, [str(i) for i in ids], fontsize=7)
     ratio_ax.set(xlabel="step", ylabel="layer", title="max / mean expert load")
     fig.colorbar(image, ax=ratio_ax)
@@ -180,8 +202,7 @@ def plot_expert_load(records: Records, out_dir: str, dpi: int) -> list[str]:
     return paths
 
 
-def plot_all(records: Records, out_dir: str, *, dpi: int = 120,
-             log: Any = print) -> list[str]:
+def plot_all(records: Records, out_dir: str, *, dpi: int = 120, log: Any = print) -> list[str]:
     """Writes every plot whose metrics exist; returns the paths written, reports skips via `log`."""
     os.makedirs(out_dir, exist_ok=True)
     written: list[str] = []
@@ -206,8 +227,9 @@ def plot_all(records: Records, out_dir: str, *, dpi: int = 120,
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deepseek_jax.plot", description=__doc__.split(
-        "\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m deepseek_jax.plot", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--workdir", required=True, help="run directory holding metrics.jsonl")
     parser.add_argument("--out", help="directory for the PNGs (default: <workdir>/plots)")
     parser.add_argument("--dpi", type=int, default=120)
@@ -225,7 +247,8 @@ def _plot(args: argparse.Namespace) -> int:
         raise errors.UserError(f"no {metrics.METRICS_FILE} in {args.workdir}") from None
     if not records:
         raise errors.UserError(
-            f"{os.path.join(args.workdir, metrics.METRICS_FILE)} holds no metrics records")
+            f"{os.path.join(args.workdir, metrics.METRICS_FILE)} holds no metrics records"
+        )
     out_dir = args.out or os.path.join(args.workdir, "plots")
     written = plot_all(records, out_dir, dpi=args.dpi)
     for path in written:

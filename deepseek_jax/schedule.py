@@ -23,16 +23,26 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m deepseek_jax.schedule",
         description="Pipeline schedule bubbles, per-rank op orders and timeline pictures.",
     )
-    p.add_argument("--schedule", choices=[s.value for s in schedules.SCHEDULES],
-                   help="one schedule (default: the bubble table of all of them)")
+    p.add_argument(
+        "--schedule",
+        choices=[s.value for s in schedules.SCHEDULES],
+        help="one schedule (default: the bubble table of all of them)",
+    )
     p.add_argument("--ranks", type=int, default=8, help="pipeline ranks (default 8)")
-    p.add_argument("--microbatches", type=int, default=20,
-                   help="micro-batches per step, in total (default 20)")
-    p.add_argument("--costs", default="",
-                   help="per-op costs, e.g. F=1,B=2,Bi=1,W=1,FB=3 (these are the defaults)")
+    p.add_argument(
+        "--microbatches", type=int, default=20, help="micro-batches per step, in total (default 20)"
+    )
+    p.add_argument(
+        "--costs",
+        default="",
+        help="per-op costs, e.g. F=1,B=2,Bi=1,W=1,FB=3 (these are the defaults)",
+    )
     p.add_argument("--png", help="write the timeline picture here (needs --schedule)")
-    p.add_argument("--json", action="store_true",
-                   help="print the per-rank order and bubble figures as JSON (needs --schedule)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the per-rank order and bubble figures as JSON (needs --schedule)",
+    )
     return p
 
 
@@ -54,8 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     if only and failed:
         parser.error(failed[0][1])
     if len(failed) == len(rows):
-        parser.error("no schedule accepts these arguments: "
-                     + "; ".join(f"{n}: {why}" for n, why in failed))
+        parser.error(
+            "no schedule accepts these arguments: " + "; ".join(f"{n}: {why}" for n, why in failed)
+        )
 
     if args.json:
         orders = schedules.build(only, args.ranks, args.microbatches)

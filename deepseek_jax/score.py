@@ -22,19 +22,32 @@ from deepseek_jax.model import config as config_lib
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m deepseek_jax.score", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m deepseek_jax.score",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--checkpoint", required=True, type=pathlib.Path)
     p.add_argument("--step", type=int, default=None)
     p.add_argument("--tokens", required=True, type=pathlib.Path)
     p.add_argument("--out", required=True, type=pathlib.Path)
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                   help="compute dtype (parameters stay float32)")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="compute dtype (parameters stay float32)",
+    )
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     try:
-        nll = score_lib.score(args.checkpoint, args.tokens, args.out, step=args.step,
-                    dtype=config_lib.DType(args.dtype), overwrite=args.overwrite)
+        nll = score_lib.score(
+            args.checkpoint,
+            args.tokens,
+            args.out,
+            step=args.step,
+            dtype=config_lib.DType(args.dtype),
+            overwrite=args.overwrite,
+        )
     except errors.UserError as e:
         return errors.report(e)
     print(f"mean next-token NLL: {nll:.6f} (perplexity {np.exp(nll):.4f})")

@@ -22,21 +22,27 @@ def build_hf_model(cfg: config_lib.ModelConfig, seed: int = 0, bias_std: float =
 
     d = hf_config.to_hf_config(cfg)
     d["num_nextn_predict_layers"] = 0  # DeepseekV3ForCausalLM has no MTP layers
-    cls_cfg = (transformers.DeepseekV3Config if d["model_type"] == "deepseek_v3"
-               else transformers.DeepseekV2Config)
+    cls_cfg = (
+        transformers.DeepseekV3Config
+        if d["model_type"] == "deepseek_v3"
+        else transformers.DeepseekV2Config
+    )
     hf_cfg = cls_cfg(**{k: v for k, v in d.items() if k not in ("architectures", "model_type")})
     torch.manual_seed(seed)
-    model_cls = (transformers.DeepseekV3ForCausalLM if d["model_type"] == "deepseek_v3"
-                 else transformers.DeepseekV2ForCausalLM)
+    model_cls = (
+        transformers.DeepseekV3ForCausalLM
+        if d["model_type"] == "deepseek_v3"
+        else transformers.DeepseekV2ForCausalLM
+    )
     model = model_cls._from_config(hf_cfg, attn_implementation="eager", dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for _, p in model.named_parameters():
             if p.ndim == 1:
                 p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
             else:
                 fan_in = p.shape[-1]
-                p.copy_(torch.randn(p.shape, generator=gen) / fan_in ** 0.5)
+                p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.copy_(bias_std * torch.randn(b.shape, generator=gen))

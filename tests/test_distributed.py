@@ -16,31 +16,37 @@ from deepseek_jax import distributed, errors
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("text,host,port", [
-    ("10.0.0.2:1234", "10.0.0.2", 1234),
-    ("node-0.svc.cluster.local:8476", "node-0.svc.cluster.local", 8476),
-    ("[::1]:65535", "::1", 65535),
-    ("localhost:1", "localhost", 1),
-])
+@pytest.mark.parametrize(
+    "text,host,port",
+    [
+        ("10.0.0.2:1234", "10.0.0.2", 1234),
+        ("node-0.svc.cluster.local:8476", "node-0.svc.cluster.local", 8476),
+        ("[::1]:65535", "::1", 65535),
+        ("localhost:1", "localhost", 1),
+    ],
+)
 def test_good_addresses(text, host, port):
     assert distributed.parse_address(text) == (host, port)
     cluster = distributed.check(text, 2, 1)
     assert cluster.address == text and (cluster.host, cluster.port) == (host, port)
 
 
-@pytest.mark.parametrize("text,why", [
-    ("host:notaport", "the port must be a number in 1-65535, got 'notaport'"),
-    ("nocolon", "expected HOST:PORT"),
-    (":::", "an IPv6 host needs brackets"),
-    ("::1:80", "an IPv6 host needs brackets"),
-    (":1234", "the host is empty"),
-    ("host:0", "got '0'"),
-    ("host:65536", "got '65536'"),
-    ("host:", "got ''"),
-    ("[::1]1234", "expected [IPV6]:PORT"),
-    ("[nothex]:80", "'nothex' is not an IPv6 address"),
-    ("bad host:80", "'bad host' is not a hostname"),
-])
+@pytest.mark.parametrize(
+    "text,why",
+    [
+        ("host:notaport", "the port must be a number in 1-65535, got 'notaport'"),
+        ("nocolon", "expected HOST:PORT"),
+        (":::", "an IPv6 host needs brackets"),
+        ("::1:80", "an IPv6 host needs brackets"),
+        (":1234", "the host is empty"),
+        ("host:0", "got '0'"),
+        ("host:65536", "got '65536'"),
+        ("host:", "got ''"),
+        ("[::1]1234", "expected [IPV6]:PORT"),
+        ("[nothex]:80", "'nothex' is not an IPv6 address"),
+        ("bad host:80", "'bad host' is not a hostname"),
+    ],
+)
 def test_bad_addresses_name_the_flag(text, why):
     with pytest.raises(distributed.DistributedError) as e:
         distributed.parse_address(text)
@@ -48,13 +54,16 @@ def test_bad_addresses_name_the_flag(text, why):
     assert isinstance(e.value, errors.UserError)
 
 
-@pytest.mark.parametrize("n,i,why", [
-    (None, 0, "missing --num_processes"),
-    (2, None, "missing --process_id"),
-    (0, 0, "--num_processes must be >= 1, got 0"),
-    (2, -1, "--process_id must be in [0, 2)"),
-    (2, 2, "--process_id must be in [0, 2)"),
-])
+@pytest.mark.parametrize(
+    "n,i,why",
+    [
+        (None, 0, "missing --num_processes"),
+        (2, None, "missing --process_id"),
+        (0, 0, "--num_processes must be >= 1, got 0"),
+        (2, -1, "--process_id must be in [0, 2)"),
+        (2, 2, "--process_id must be in [0, 2)"),
+    ],
+)
 def test_process_flags(n, i, why):
     with pytest.raises(distributed.DistributedError, match=None) as e:
         distributed.check("localhost:1234", n, i)
@@ -72,8 +81,9 @@ def test_taken_port_is_named_before_jax_starts():
         s.listen()
         port = s.getsockname()[1]
         with pytest.raises(distributed.DistributedError, match=f"cannot serve on port {port}"):
-            distributed.initialize(distributed.check(f"localhost:{port}", 2, 0),
-                                   coordinator_timeout_s=1)
+            distributed.initialize(
+                distributed.check(f"localhost:{port}", 2, 0), coordinator_timeout_s=1
+            )
 
 
 def test_process_0_alone_stops_with_a_message_at_the_timeout(tmp_path):
@@ -82,13 +92,19 @@ def test_process_0_alone_stops_with_a_message_at_the_timeout(tmp_path):
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
-    code = ("from deepseek_jax import distributed; distributed.initialize("
-            f"distributed.check('localhost:{port}', 2, 0), coordinator_timeout_s=2)")
+    code = (
+        "from deepseek_jax import distributed; distributed.initialize("
+        f"distributed.check('localhost:{port}', 2, 0), coordinator_timeout_s=2)"
+    )
     start = time.monotonic()
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
-                            text=True, timeout=120,
-                            env={"PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
-                                 "PATH": "/usr/bin:/bin"})
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
+    )
     took = time.monotonic() - start
     assert result.returncode == errors.EXIT_BAD_INPUT, result.stderr
     assert "error: --coordinator=localhost:" in result.stderr

@@ -20,23 +20,37 @@ from deepseek_jax import errors
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m deepseek_jax.convert", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m deepseek_jax.convert",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="command", required=True)
     to = sub.add_parser("to-hf", help="our checkpoint -> Hugging Face safetensors directory")
-    to.add_argument("--checkpoint", required=True, type=pathlib.Path,
-                    help="a workdir (latest step under checkpoints/) or one step directory")
+    to.add_argument(
+        "--checkpoint",
+        required=True,
+        type=pathlib.Path,
+        help="a workdir (latest step under checkpoints/) or one step directory",
+    )
     to.add_argument("--step", type=int, default=None, help="step to export from a workdir")
     to.add_argument("--out", required=True, type=pathlib.Path)
     to.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     to.add_argument("--shard-size", default="5GB", help="max bytes per shard (5GB, 500MB, 2GiB)")
-    to.add_argument("--no-mtp", action="store_true",
-                    help="leave out the MTP layers and write num_nextn_predict_layers=0")
+    to.add_argument(
+        "--no-mtp",
+        action="store_true",
+        help="leave out the MTP layers and write num_nextn_predict_layers=0",
+    )
     to.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     frm = sub.add_parser("from-hf", help="Hugging Face / official checkpoint -> our checkpoint")
     frm.add_argument("--hf-dir", required=True, type=pathlib.Path)
-    frm.add_argument("--out", required=True, type=pathlib.Path,
-                     help="the step directory to create (state/ and config/ items, step 0)")
+    frm.add_argument(
+        "--out",
+        required=True,
+        type=pathlib.Path,
+        help="the step directory to create (state/ and config/ items, step 0)",
+    )
     frm.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     return p
 
@@ -49,17 +63,26 @@ def main(argv: list[str] | None = None) -> int:
             from deepseek_jax.convert import safetensors_io, to_hf
 
             names = to_hf.convert(
-                args.checkpoint, args.out, step=args.step, dtype=to_hf.ExportDType(args.dtype),
+                args.checkpoint,
+                args.out,
+                step=args.step,
+                dtype=to_hf.ExportDType(args.dtype),
                 shard_size=safetensors_io.parse_size(args.shard_size),
-                with_mtp=not args.no_mtp, overwrite=args.overwrite)
-            print(f"wrote {args.out}: config.json + {len(names)} shard(s) "
-                  f"({time.perf_counter() - start:.1f}s)")
+                with_mtp=not args.no_mtp,
+                overwrite=args.overwrite,
+            )
+            print(
+                f"wrote {args.out}: config.json + {len(names)} shard(s) "
+                f"({time.perf_counter() - start:.1f}s)"
+            )
         else:
             from deepseek_jax.convert import from_hf
 
             src = from_hf.convert(args.hf_dir, args.out, overwrite=args.overwrite)
-            print(f"wrote {args.out}: {len(src.specs)} HF tensors -> step 0 "
-                  f"(mtp_depth={src.cfg.mtp_depth}) ({time.perf_counter() - start:.1f}s)")
+            print(
+                f"wrote {args.out}: {len(src.specs)} HF tensors -> step 0 "
+                f"(mtp_depth={src.cfg.mtp_depth}) ({time.perf_counter() - start:.1f}s)"
+            )
     except errors.UserError as e:
         return errors.report(e)
     return 0

@@ -20,7 +20,8 @@ import collections
 import dataclasses
 import json
 import pathlib
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 import orbax.checkpoint as ocp
@@ -53,13 +54,16 @@ def resolve_step_dir(checkpoint: pathlib.Path, step: int | None = None) -> pathl
     checkpoint = pathlib.Path(checkpoint)
     if is_step_dir(checkpoint):
         if step is not None:
-            raise ConversionError(f"{checkpoint}: is a step directory; --step only applies to a "
-                                  "workdir")
+            raise ConversionError(
+                f"{checkpoint}: is a step directory; --step only applies to a workdir"
+            )
         return checkpoint
     root = checkpoint / "checkpoints"
     if not root.is_dir():
-        raise ConversionError(f"{checkpoint}: neither a checkpoint step directory (with {STATE}/ "
-                              "and config/) nor a workdir with checkpoints/")
+        raise ConversionError(
+            f"{checkpoint}: neither a checkpoint step directory (with {STATE}/ "
+            "and config/) nor a workdir with checkpoints/"
+        )
     # Only complete steps: orbax renames "<step>.orbax-checkpoint-tmp-*" to "<step>" at the end.
     steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and is_step_dir(p))
     if not steps:
@@ -74,8 +78,9 @@ def resolve_step_dir(checkpoint: pathlib.Path, step: int | None = None) -> pathl
 def read_config(step_dir: pathlib.Path) -> dict[str, Any]:
     ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
     try:
-        out = ckptr.restore(epath.Path(step_dir), args=ocp.args.Composite(
-            **{CONFIG: ocp.args.JsonRestore()}))[CONFIG]
+        out = ckptr.restore(
+            epath.Path(step_dir), args=ocp.args.Composite(**{CONFIG: ocp.args.JsonRestore()})
+        )[CONFIG]
     except (FileNotFoundError, ValueError) as e:
         raise ConversionError(f"{step_dir / CONFIG}: cannot read the config item ({e})") from None
     if not isinstance(out, dict) or "model" not in out:
@@ -109,9 +114,11 @@ class StateReader:
         self.dir = epath.Path(step_dir) / STATE
         try:
             meta = json.loads((self.dir / "_METADATA").read_text())
-            entries = [tuple(str(k["key"]) for k in e["key_metadata"])
-                       + (e["value_metadata"]["value_type"],)
-                       for e in meta["tree_metadata"].values()]
+            entries = [
+                tuple(str(k["key"]) for k in e["key_metadata"])
+                + (e["value_metadata"]["value_type"],)
+                for e in meta["tree_metadata"].values()
+            ]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ConversionError(f"{self.dir}: not a readable orbax PyTree item ({e})") from None
         self.use_zarr3 = bool(meta.get("use_zarr3", False))
@@ -129,10 +136,14 @@ class StateReader:
                     continue
                 t = self._store(".".join(keys))
                 self.leaves[collection][tuple(keys[1:])] = Leaf(
-                    tuple(t.shape), np.dtype(t.dtype.numpy_dtype), ".".join(keys))
+                    tuple(t.shape), np.dtype(t.dtype.numpy_dtype), ".".join(keys)
+                )
 
-    def check(self, want: Mapping[str, Mapping[Path, tuple[tuple[int, ...], Any]]],
-              allow_missing: tuple[str, ...] = ()) -> None:
+    def check(
+        self,
+        want: Mapping[str, Mapping[Path, tuple[tuple[int, ...], Any]]],
+        allow_missing: tuple[str, ...] = (),
+    ) -> None:
         """The state must hold exactly the leaves (and shapes) the model config implies; leaves
         under a top-level key in `allow_missing` (e.g. "mtp") may be absent."""
         for collection, leaves in want.items():
@@ -142,26 +153,35 @@ class StateReader:
                 if path not in have:
                     if path[0] in allow_missing:
                         continue
-                    raise ConversionError(f"{self.dir}: missing leaf {name} that the model "
-                                          "config implies")
+                    raise ConversionError(
+                        f"{self.dir}: missing leaf {name} that the model config implies"
+                    )
                 if have[path].shape != tuple(shape):
-                    raise ConversionError(f"{self.dir}: leaf {name} has shape "
-                                          f"{list(have[path].shape)}, the model config implies "
-                                          f"{list(shape)}")
+                    raise ConversionError(
+                        f"{self.dir}: leaf {name} has shape "
+                        f"{list(have[path].shape)}, the model config implies "
+                        f"{list(shape)}"
+                    )
             extra = sorted(".".join((collection,) + p) for p in set(have) - set(leaves))
             if extra:
-                raise ConversionError(f"{self.dir}: leaves not in the model config: "
-                                      f"{', '.join(extra[:5])}")
+                raise ConversionError(
+                    f"{self.dir}: leaves not in the model config: {', '.join(extra[:5])}"
+                )
 
     def _store(self, name: str):
         if name not in self._open:
-            info = ocp_types.ParamInfo(name=name, parent_dir=self.dir,
-                                       is_ocdbt_checkpoint=self.use_ocdbt,
-                                       use_zarr3=self.use_zarr3, ts_context=self._context)
+            info = ocp_types.ParamInfo(
+                name=name,
+                parent_dir=self.dir,
+                is_ocdbt_checkpoint=self.use_ocdbt,
+                use_zarr3=self.use_zarr3,
+                ts_context=self._context,
+            )
             spec = ts_utils.build_array_read_spec(info, use_ocdbt=self.use_ocdbt)
             self._open[name] = self._result(
                 ts.open(ts.Spec(spec.json), open=True, read=True, context=self._context),
-                f"open leaf {name}")
+                f"open leaf {name}",
+            )
         return self._open[name]
 
     def _result(self, future, what: str):
@@ -179,13 +199,16 @@ class StateReader:
         if not index:
             return np.asarray(self._result(t.read(), f"read leaf {leaf.name}"))
         chunk = t.chunk_layout.read_chunk.shape
-        bounds = tuple((i // c * c, min(i // c * c + c, n))
-                       for i, c, n in zip(index, chunk, leaf.shape))
+        bounds = tuple(
+            (i // c * c, min(i // c * c + c, n)) for i, c, n in zip(index, chunk, leaf.shape)
+        )
         key = (leaf.name, bounds)
         if self._cache is None or self._cache[0] != key:
             self._cache = None  # drop the old block before reading the next
-            block = self._result(t[tuple(slice(a, b) for a, b in bounds)].read(),
-                                 f"read leaf {leaf.name}{list(index)}")
+            block = self._result(
+                t[tuple(slice(a, b) for a, b in bounds)].read(),
+                f"read leaf {leaf.name}{list(index)}",
+            )
             self._cache = (key, np.asarray(block))
         local = tuple(i - a for i, (a, _) in zip(index, bounds))
         return self._cache[1][local]
@@ -216,8 +239,9 @@ class LazyLeaf:
     def regions(self):
         grid = [-(-n // c) for n, c in zip(self.shape, self.chunk)]
         for cell in np.ndindex(*grid):
-            yield tuple(slice(i * c, min((i + 1) * c, n))
-                        for i, c, n in zip(cell, self.chunk, self.shape))
+            yield tuple(
+                slice(i * c, min((i + 1) * c, n)) for i, c, n in zip(cell, self.chunk, self.shape)
+            )
 
 
 class _LazyLeafHandler(ocp_handlers.NumpyHandler):
@@ -225,20 +249,30 @@ class _LazyLeafHandler(ocp_handlers.NumpyHandler):
 
     async def serialize(self, values, infos, args=None):
         args = args or [ocp_types.SaveArgs()] * len(values)
-        return [ocp_future.CommitFutureAwaitingContractedSignals(
-            self._write_all(values, infos, args), name="lazy_leaf")]
+        return [
+            ocp_future.CommitFutureAwaitingContractedSignals(
+                self._write_all(values, infos, args), name="lazy_leaf"
+            )
+        ]
 
     async def _write_all(self, values, infos, args):
         opens = []
         for leaf, info, arg in zip(values, infos, args):
             await info.await_path_creation()
             spec = ts_utils.build_array_write_spec(
-                info=info, arg=arg, global_shape=leaf.shape, local_shape=leaf.chunk,
-                dtype=leaf.dtype, use_ocdbt=info.is_ocdbt_checkpoint,
+                info=info,
+                arg=arg,
+                global_shape=leaf.shape,
+                local_shape=leaf.chunk,
+                dtype=leaf.dtype,
+                use_ocdbt=info.is_ocdbt_checkpoint,
                 process_index=ocdbt_utils.get_process_index_for_subdir(
-                    use_ocdbt=info.is_ocdbt_checkpoint))
-            opens.append(ts.open(ts.Spec(spec.json), create=True, open=True,
-                                 context=info.ts_context))
+                    use_ocdbt=info.is_ocdbt_checkpoint
+                ),
+            )
+            opens.append(
+                ts.open(ts.Spec(spec.json), create=True, open=True, context=info.ts_context)
+            )
         stores = await asyncio.gather(*opens)
         # Writes run concurrently up to a byte budget: each one committed alone costs a storage
         # round trip (~17 ms with OCDBT); concurrent ones are committed together. TensorStore
@@ -263,19 +297,34 @@ class _LazyLeafHandler(ocp_handlers.NumpyHandler):
 
 
 _REGISTRY = ocp_registry.create_type_handler_registry(
-    *ocp_registry._DEFAULT_TYPE_HANDLERS, (LazyLeaf, _LazyLeafHandler()))
+    *ocp_registry._DEFAULT_TYPE_HANDLERS, (LazyLeaf, _LazyLeafHandler())
+)
 
 
-def write_step(out_dir: pathlib.Path, config: Mapping[str, Any],
-               params: Mapping[str, Any], expert_bias: Mapping[str, Any], step: int = 0) -> None:
+def write_step(
+    out_dir: pathlib.Path,
+    config: Mapping[str, Any],
+    params: Mapping[str, Any],
+    expert_bias: Mapping[str, Any],
+    step: int = 0,
+) -> None:
     """Writes a step directory (no opt_state). `out_dir` must not exist; the caller makes the
     write atomic by writing to a temporary name and renaming."""
-    state = {"step": np.asarray(step, np.int32), PARAMS: dict(params),
-             EXPERT_BIAS: dict(expert_bias)}
-    handler = ocp.CompositeCheckpointHandler(**{
-        STATE: ocp.PyTreeCheckpointHandler(type_handler_registry=_REGISTRY),
-        CONFIG: ocp.JsonCheckpointHandler(),
-    })
+    state = {
+        "step": np.asarray(step, np.int32),
+        PARAMS: dict(params),
+        EXPERT_BIAS: dict(expert_bias),
+    }
+    handler = ocp.CompositeCheckpointHandler(
+        **{
+            STATE: ocp.PyTreeCheckpointHandler(type_handler_registry=_REGISTRY),
+            CONFIG: ocp.JsonCheckpointHandler(),
+        }
+    )
     with ocp.Checkpointer(handler) as ckptr:
-        ckptr.save(epath.Path(out_dir), args=ocp.args.Composite(**{
-            STATE: ocp.args.PyTreeSave(state), CONFIG: ocp.args.JsonSave(dict(config))}))
+        ckptr.save(
+            epath.Path(out_dir),
+            args=ocp.args.Composite(
+                **{STATE: ocp.args.PyTreeSave(state), CONFIG: ocp.args.JsonSave(dict(config))}
+            ),
+        )

@@ -12,7 +12,8 @@ operation as the official `weight_dequant` kernel, so results match it bit for b
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -41,12 +42,15 @@ def block_size(hf_config: Mapping[str, Any]) -> int | None:
         return None
     method, fmt = q.get("quant_method"), q.get("fmt", "e4m3")
     if method != "fp8" or fmt != "e4m3":
-        raise ConversionError(f"config.json: unsupported quantization_config (quant_method "
-                              f"{method!r}, fmt {fmt!r}); only the official fp8/e4m3 is read")
+        raise ConversionError(
+            f"config.json: unsupported quantization_config (quant_method "
+            f"{method!r}, fmt {fmt!r}); only the official fp8/e4m3 is read"
+        )
     bs = q.get("weight_block_size", [DEFAULT_BLOCK, DEFAULT_BLOCK])
     if len(bs) != 2 or bs[0] != bs[1] or int(bs[0]) <= 0:
-        raise ConversionError(f"config.json: unsupported weight_block_size {bs} (square blocks "
-                              "only)")
+        raise ConversionError(
+            f"config.json: unsupported weight_block_size {bs} (square blocks only)"
+        )
     return int(bs[0])
 
 
@@ -57,7 +61,7 @@ def dequantize(q: np.ndarray, scale_inv: np.ndarray, block: int = DEFAULT_BLOCK)
     s = scale_inv.astype(np.float32, copy=False)
     for i in range(s.shape[0]):
         s_row = np.repeat(s[i], block)[:cols]
-        out[i * block:(i + 1) * block] *= s_row[None, :]
+        out[i * block : (i + 1) * block] *= s_row[None, :]
     return out
 
 

@@ -66,15 +66,18 @@ def open_source(hf_dir: pathlib.Path) -> Source:
     try:
         cfg = hf_config.from_hf_config(hf)
     except (ValueError, TypeError) as e:  # TypeError: a value of the wrong JSON type
-        raise ConversionError(f"{hf_dir / 'config.json'}: "
-                              f"{str(e).removeprefix('config.json: ')}") from None
+        raise ConversionError(
+            f"{hf_dir / 'config.json'}: {str(e).removeprefix('config.json: ')}"
+        ) from None
     block = fp8.block_size(hf) or fp8.DEFAULT_BLOCK
     files = st.HFDirectory(hf_dir)
     notes = []
     mtp_prefix = f"model.layers.{cfg.n_layers}."
     if cfg.mtp_depth and not any(n.startswith(mtp_prefix) for n in files.where):
-        notes.append(f"config.json says num_nextn_predict_layers={cfg.mtp_depth} but there are "
-                     f"no {mtp_prefix}* tensors: importing without MTP")
+        notes.append(
+            f"config.json says num_nextn_predict_layers={cfg.mtp_depth} but there are "
+            f"no {mtp_prefix}* tensors: importing without MTP"
+        )
         cfg = dataclasses.replace(cfg, mtp_depth=0)
     specs = mapping.tensor_specs(cfg)
     _validate(files, specs, block)
@@ -91,19 +94,24 @@ def _validate(files: st.HFDirectory, specs: list[mapping.TensorSpec], block: int
     extra = present - expected.keys() - scales
     if extra:
         where = sorted({files.where[n].path.name for n in extra})
-        raise ConversionError(f"{files.path}: unexpected tensors {first_few(extra)} (in "
-                              f"{first_few(where, 3)}); they are not part of this config")
+        raise ConversionError(
+            f"{files.path}: unexpected tensors {first_few(extra)} (in "
+            f"{first_few(where, 3)}); they are not part of this config"
+        )
     for name, spec in expected.items():
         info, file = files.info(name), files.where[name].path.name
         if info.shape != spec.hf_shape:
-            raise ConversionError(f"tensor {name} in {file}: shape {list(info.shape)}, expected "
-                                  f"{list(spec.hf_shape)}")
+            raise ConversionError(
+                f"tensor {name} in {file}: shape {list(info.shape)}, expected {list(spec.hf_shape)}"
+            )
         if info.dtype == "F8_E4M3":
             _validate_scale(files, name, info, block)
         elif info.dtype not in WEIGHT_DTYPES:
-            raise ConversionError(f"tensor {name} in {file}: dtype {info.dtype} is not a "
-                                  f"floating-point weight ({', '.join(WEIGHT_DTYPES)}, or "
-                                  "F8_E4M3 with a _scale_inv)")
+            raise ConversionError(
+                f"tensor {name} in {file}: dtype {info.dtype} is not a "
+                f"floating-point weight ({', '.join(WEIGHT_DTYPES)}, or "
+                "F8_E4M3 with a _scale_inv)"
+            )
 
 
 def _validate_scale(files: st.HFDirectory, name: str, info: st.TensorInfo, block: int) -> None:
@@ -116,9 +124,11 @@ def _validate_scale(files: st.HFDirectory, name: str, info: st.TensorInfo, block
     s = files.info(sname)
     want = fp8.scale_shape(info.shape, block)
     if s.dtype != "F32" or s.shape != want:
-        raise ConversionError(f"tensor {sname} in {files.where[sname].path.name}: "
-                              f"{s.dtype}{list(s.shape)}, expected F32{list(want)} for "
-                              f"{block}x{block} blocks of {list(info.shape)}")
+        raise ConversionError(
+            f"tensor {sname} in {files.where[sname].path.name}: "
+            f"{s.dtype}{list(s.shape)}, expected F32{list(want)} for "
+            f"{block}x{block} blocks of {list(info.shape)}"
+        )
 
 
 def read_float32(src: Source, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
@@ -127,17 +137,25 @@ def read_float32(src: Source, name: str, rows: tuple[int, int] | None = None) ->
     if src.files.info(name).dtype == "F8_E4M3":
         scale = src.files.read(fp8.scale_name(name))
         if rows is not None:
-            scale = scale[rows[0] // src.block: -(-rows[1] // src.block)]
+            scale = scale[rows[0] // src.block : -(-rows[1] // src.block)]
         return fp8.dequantize(arr, scale, src.block)
     return arr.astype(np.float32)
 
 
-def _leaf(src: Source, shape: tuple[int, ...], dtype: np.dtype,
-          by_index: dict[tuple[int, ...], mapping.TensorSpec]) -> ckpt_io.LazyLeaf:
+def _leaf(
+    src: Source,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    by_index: dict[tuple[int, ...], mapping.TensorSpec],
+) -> ckpt_io.LazyLeaf:
     lead = len(next(iter(by_index)))
     spec = next(iter(by_index.values()))
-    if (lead == 0 and len(shape) == 2 and spec.in_rank in (None, 1)
-            and math.prod(shape) * 4 > ROW_BLOCK_BYTES):
+    if (
+        lead == 0
+        and len(shape) == 2
+        and spec.in_rank in (None, 1)
+        and math.prod(shape) * 4 > ROW_BLOCK_BYTES
+    ):
         # Embedding / output head: written in blocks of HF rows, read as byte ranges, so neither
         # the HF tensor nor our float32 leaf is ever whole in memory. HF rows are our rows for
         # the embedding and our columns for a [in, out] kernel.
@@ -195,13 +213,21 @@ def convert(hf_dir: pathlib.Path, out: pathlib.Path, *, overwrite: bool = False)
     state = lazy_leaves(src)
     config = {
         "model": src.cfg.to_dict(),
-        "source": {"format": "huggingface", "path": str(pathlib.Path(hf_dir).resolve()),
-                   "model_type": src.hf.get("model_type"),
-                   "fp8": any(f.dtype == "F8_E4M3" for f in _all_infos(src))},
+        "source": {
+            "format": "huggingface",
+            "path": str(pathlib.Path(hf_dir).resolve()),
+            "model_type": src.hf.get("model_type"),
+            "fp8": any(f.dtype == "F8_E4M3" for f in _all_infos(src)),
+        },
     }
     with outdir.atomic_path(out, overwrite) as tmp:
-        ckpt_io.write_step(tmp, config, ckpt_io.nest(state[ckpt_io.PARAMS]),
-                           ckpt_io.nest(state[ckpt_io.EXPERT_BIAS]), step=0)
+        ckpt_io.write_step(
+            tmp,
+            config,
+            ckpt_io.nest(state[ckpt_io.PARAMS]),
+            ckpt_io.nest(state[ckpt_io.EXPERT_BIAS]),
+            step=0,
+        )
     return src
 
 

@@ -7,7 +7,8 @@ transformers' class defaults for absent keys and rejects features our model does
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from deepseek_jax.model import config as config_lib
 
@@ -19,13 +20,20 @@ def model_type(cfg: config_lib.ModelConfig) -> str:
     return "deepseek_v3" if cfg.topk_method is config_lib.TopkMethod.NOAUX_TC else "deepseek_v2"
 
 
-def to_hf_config(cfg: config_lib.ModelConfig, *, torch_dtype: str = "float32",
-                 max_position_embeddings: int | None = None) -> dict[str, Any]:
+def to_hf_config(
+    cfg: config_lib.ModelConfig,
+    *,
+    torch_dtype: str = "float32",
+    max_position_embeddings: int | None = None,
+) -> dict[str, Any]:
     mt = model_type(cfg)
     rope = cfg.rope
     if max_position_embeddings is None:
-        max_position_embeddings = (int(rope.original_max_position * rope.factor)
-                                   if rope.scaling is config_lib.RopeScaling.YARN else 4096)
+        max_position_embeddings = (
+            int(rope.original_max_position * rope.factor)
+            if rope.scaling is config_lib.RopeScaling.YARN
+            else 4096
+        )
     rope_scaling = None
     rope_parameters: dict[str, Any] = {"rope_theta": rope.theta, "rope_type": "default"}
     if rope.scaling is config_lib.RopeScaling.YARN:
@@ -38,11 +46,15 @@ def to_hf_config(cfg: config_lib.ModelConfig, *, torch_dtype: str = "float32",
             "mscale": rope.mscale,
             "mscale_all_dim": rope.mscale_all_dim,
         }
-        rope_parameters = {**{k: v for k, v in rope_scaling.items() if k != "type"},
-                           "rope_theta": rope.theta, "rope_type": "yarn"}
+        rope_parameters = {
+            **{k: v for k, v in rope_scaling.items() if k != "type"},
+            "rope_theta": rope.theta,
+            "rope_type": "yarn",
+        }
     out = {
-        "architectures": ["DeepseekV3ForCausalLM" if mt == "deepseek_v3"
-                          else "DeepseekV2ForCausalLM"],
+        "architectures": [
+            "DeepseekV3ForCausalLM" if mt == "deepseek_v3" else "DeepseekV2ForCausalLM"
+        ],
         "model_type": mt,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
@@ -90,14 +102,30 @@ def to_hf_config(cfg: config_lib.ModelConfig, *, torch_dtype: str = "float32",
 # without them means what it means to transformers (DeepseekV3Config defaults to 3 dense layers,
 # 8 groups of which 4 are kept, and one MTP layer).
 _DEFAULTS: dict[str, dict[str, Any]] = {
-    "deepseek_v3": dict(first_k_dense_replace=3, n_group=8, topk_group=4, num_experts_per_tok=8,
-                        norm_topk_prob=True, routed_scaling_factor=2.5, n_shared_experts=1,
-                        scoring_func="sigmoid", topk_method="noaux_tc",
-                        num_nextn_predict_layers=1),
-    "deepseek_v2": dict(first_k_dense_replace=0, n_group=None, topk_group=None,
-                        num_experts_per_tok=None, norm_topk_prob=False,
-                        routed_scaling_factor=1.0, n_shared_experts=2, scoring_func="softmax",
-                        topk_method="greedy", num_nextn_predict_layers=0),
+    "deepseek_v3": dict(
+        first_k_dense_replace=3,
+        n_group=8,
+        topk_group=4,
+        num_experts_per_tok=8,
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
+        n_shared_experts=1,
+        scoring_func="sigmoid",
+        topk_method="noaux_tc",
+        num_nextn_predict_layers=1,
+    ),
+    "deepseek_v2": dict(
+        first_k_dense_replace=0,
+        n_group=None,
+        topk_group=None,
+        num_experts_per_tok=None,
+        norm_topk_prob=False,
+        routed_scaling_factor=1.0,
+        n_shared_experts=2,
+        scoring_func="softmax",
+        topk_method="greedy",
+        num_nextn_predict_layers=0,
+    ),
 }
 
 
@@ -110,20 +138,26 @@ def _check_supported(d: Mapping[str, Any]) -> None:
         if d.get(key):
             raise ValueError(f"config.json: {key}=true is not supported (DeepSeek has no biases)")
     if d.get("rope_interleave") is False:
-        raise ValueError("config.json: rope_interleave=false is not supported (the official "
-                         "weights use interleaved RoPE pairs)")
+        raise ValueError(
+            "config.json: rope_interleave=false is not supported (the official "
+            "weights use interleaved RoPE pairs)"
+        )
     kv_heads, heads = d.get("num_key_value_heads"), d.get("num_attention_heads")
     if kv_heads is not None and kv_heads != heads:
-        raise ValueError(f"config.json: num_key_value_heads={kv_heads} differs from "
-                         f"num_attention_heads={heads}; MLA needs them equal")
+        raise ValueError(
+            f"config.json: num_key_value_heads={kv_heads} differs from "
+            f"num_attention_heads={heads}; MLA needs them equal"
+        )
 
 
 def from_hf_config(d: Mapping[str, Any], **overrides: Any) -> config_lib.ModelConfig:
     """ModelConfig from an HF or official config.json; unknown model types are rejected."""
     mt = d.get("model_type")
     if mt not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"config.json: unsupported model_type {mt!r} "
-                         f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+        raise ValueError(
+            f"config.json: unsupported model_type {mt!r} "
+            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+        )
     _check_supported(d)
     defaults = _DEFAULTS[mt]
 
@@ -139,8 +173,9 @@ def from_hf_config(d: Mapping[str, Any], **overrides: Any) -> config_lib.ModelCo
     params = d.get("rope_parameters") or {}
     rope_type = scaling.get("type") or scaling.get("rope_type") or params.get("rope_type")
     src = scaling if scaling else params
-    rope: dict[str, Any] = {"theta": float(d.get("rope_theta") or params.get("rope_theta")
-                                           or 10000.0)}
+    rope: dict[str, Any] = {
+        "theta": float(d.get("rope_theta") or params.get("rope_theta") or 10000.0)
+    }
     if rope_type == "yarn":
         if "factor" not in src:
             raise ValueError("config.json: YaRN rope scaling without a 'factor'")

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -41,8 +42,11 @@ class TensorSpec:
     def fp8_quantized(self) -> bool:
         """Whether the official FP8 checkpoints store it as e4m3 + scales (reference §4): every
         linear weight except the router, eh_proj and the output heads."""
-        return (self.in_rank is not None and self.copy_of is None
-                and not self.hf_name.endswith(_NOT_QUANTIZED))
+        return (
+            self.in_rank is not None
+            and self.copy_of is None
+            and not self.hf_name.endswith(_NOT_QUANTIZED)
+        )
 
     def to_hf(self, ours: np.ndarray) -> np.ndarray:
         if self.in_rank is None:
@@ -56,16 +60,24 @@ class TensorSpec:
         return theirs.T.reshape(our_shape)
 
 
-def _block_specs(cfg: config_lib.ModelConfig, hf_prefix: str, path: Path, index: tuple[int, ...],
-                 moe: bool) -> list[TensorSpec]:
+def _block_specs(
+    cfg: config_lib.ModelConfig, hf_prefix: str, path: Path, index: tuple[int, ...], moe: bool
+) -> list[TensorSpec]:
     D, H = cfg.d_model, cfg.n_heads
     N, R, V, C = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
     out: list[TensorSpec] = []
 
-    def add(hf: str, shape, sub: Path, in_rank: int | None, extra: tuple[int, ...] = (),
-            bias: bool = False):
-        out.append(TensorSpec(f"{hf_prefix}.{hf}", tuple(shape), path + sub, index + extra,
-                              in_rank, bias))
+    def add(
+        hf: str,
+        shape,
+        sub: Path,
+        in_rank: int | None,
+        extra: tuple[int, ...] = (),
+        bias: bool = False,
+    ):
+        out.append(
+            TensorSpec(f"{hf_prefix}.{hf}", tuple(shape), path + sub, index + extra, in_rank, bias)
+        )
 
     add("input_layernorm.weight", (D,), ("attn_norm", "weight"), None)
     if cfg.q_lora_rank is None:
@@ -125,24 +137,40 @@ def tensor_specs(cfg: config_lib.ModelConfig, *, with_mtp: bool = True) -> list[
             TensorSpec(f"{pre}.enorm.weight", (D,), mtp + ("enorm", "weight"), (k,), None),
             TensorSpec(f"{pre}.hnorm.weight", (D,), mtp + ("hnorm", "weight"), (k,), None),
             TensorSpec(f"{pre}.eh_proj.weight", (D, 2 * D), mtp + ("eh_proj", "kernel"), (k,), 1),
-            TensorSpec(f"{pre}.shared_head.norm.weight", (D,), mtp + ("head_norm", "weight"),
-                       (k,), None),
-            TensorSpec(f"{pre}.embed_tokens.weight", (Y, D), ("embed", "embedding"), (), None,
-                       copy_of="model.embed_tokens.weight"),
-            TensorSpec(f"{pre}.shared_head.head.weight", (Y, D), head, (), head_in_rank,
-                       copy_of="lm_head.weight" if not cfg.tie_embeddings
-                       else "model.embed_tokens.weight"),
+            TensorSpec(
+                f"{pre}.shared_head.norm.weight", (D,), mtp + ("head_norm", "weight"), (k,), None
+            ),
+            TensorSpec(
+                f"{pre}.embed_tokens.weight",
+                (Y, D),
+                ("embed", "embedding"),
+                (),
+                None,
+                copy_of="model.embed_tokens.weight",
+            ),
+            TensorSpec(
+                f"{pre}.shared_head.head.weight",
+                (Y, D),
+                head,
+                (),
+                head_in_rank,
+                copy_of="lm_head.weight" if not cfg.tie_embeddings else "model.embed_tokens.weight",
+            ),
         ]
         specs += _block_specs(cfg, pre, mtp + ("block",), (k,), cfg.mtp_is_moe)
     return specs
 
 
-def export_tensors(cfg: config_lib.ModelConfig, arrays: Mapping[Path, Any], *,
-                   with_mtp: bool = True) -> Iterator[tuple[str, np.ndarray]]:
+def export_tensors(
+    cfg: config_lib.ModelConfig, arrays: Mapping[Path, Any], *, with_mtp: bool = True
+) -> Iterator[tuple[str, np.ndarray]]:
     """(hf_name, numpy array) for every tensor, from flat {path: array} of params and biases."""
     for spec in tensor_specs(cfg, with_mtp=with_mtp):
-        ours = np.asarray(arrays[spec.path])[spec.index] if spec.index else np.asarray(
-            arrays[spec.path])
+        ours = (
+            np.asarray(arrays[spec.path])[spec.index]
+            if spec.index
+            else np.asarray(arrays[spec.path])
+        )
         theirs = spec.to_hf(ours)
         if theirs.shape != spec.hf_shape:
             raise AssertionError(f"{spec.hf_name}: produced {theirs.shape}, want {spec.hf_shape}")
@@ -163,10 +191,11 @@ def import_tensors(
             continue
         theirs = read(spec.hf_name)
         if tuple(theirs.shape) != spec.hf_shape:
-            raise ValueError(f"tensor {spec.hf_name}: shape {tuple(theirs.shape)}, expected "
-                             f"{spec.hf_shape}")
+            raise ValueError(
+                f"tensor {spec.hf_name}: shape {tuple(theirs.shape)}, expected {spec.hf_shape}"
+            )
         target = out[spec.path]
-        slot_shape = target.shape[len(spec.index):]
+        slot_shape = target.shape[len(spec.index) :]
         target[spec.index] = spec.from_hf(np.asarray(theirs), slot_shape)
     return out
 
@@ -207,8 +236,9 @@ def leaf_slots(specs: list[TensorSpec], leaves: Leaves, *, complete: bool = True
             raise AssertionError(f"{spec.hf_name}: no leaf {key} in our state")
         slots = out.setdefault(key, {})
         if spec.index in slots:
-            raise AssertionError(f"{spec.hf_name} and {slots[spec.index].hf_name} both fill "
-                                 f"{key}{list(spec.index)}")
+            raise AssertionError(
+                f"{spec.hf_name} and {slots[spec.index].hf_name} both fill {key}{list(spec.index)}"
+            )
         slots[spec.index] = spec
     for collection, paths in leaves.items():
         for path, (shape, _) in paths.items():
@@ -220,6 +250,5 @@ def leaf_slots(specs: list[TensorSpec], leaves: Leaves, *, complete: bool = True
             lead = len(next(iter(out[key])))
             want = set(np.ndindex(*shape[:lead]))
             if set(out[key]) != want:
-                raise AssertionError(f"{key}: HF tensors fill {len(out[key])} of {len(want)} "
-                                     "slots")
+                raise AssertionError(f"{key}: HF tensors fill {len(out[key])} of {len(want)} slots")
     return out

@@ -10,7 +10,7 @@ import contextlib
 import os
 import pathlib
 import shutil
-from typing import Iterator
+from collections.abc import Iterator
 
 from deepseek_jax.convert.errors import ConversionError
 

@@ -17,7 +17,8 @@ import os
 import pathlib
 import re
 import sys
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -95,8 +96,10 @@ def _read_header(path: pathlib.Path) -> tuple[dict[str, TensorInfo], dict[str, s
                 raise ConversionError(f"{path}: truncated ({size} bytes; not a safetensors file)")
             n = int.from_bytes(prefix, "little")
             if n > MAX_HEADER_BYTES or n > size - 8:
-                raise ConversionError(f"{path}: corrupt or truncated safetensors file (header "
-                                      f"length {n} does not fit in {size} bytes)")
+                raise ConversionError(
+                    f"{path}: corrupt or truncated safetensors file (header "
+                    f"length {n} does not fit in {size} bytes)"
+                )
             raw = f.read(n)
     except OSError as e:
         raise ConversionError(f"{path}: cannot read ({e.strerror})") from None
@@ -122,22 +125,29 @@ def _read_header(path: pathlib.Path) -> tuple[dict[str, TensorInfo], dict[str, s
             raise ConversionError(f"{path}: tensor {name} has unknown dtype {dtype!r}")
         expected = math.prod(shape) * DTYPES[dtype].itemsize
         if end - begin != expected or begin < 0:
-            raise ConversionError(f"{path}: corrupt header, tensor {name} spans bytes "
-                                  f"[{begin}, {end}) but {dtype}{list(shape)} needs {expected}")
+            raise ConversionError(
+                f"{path}: corrupt header, tensor {name} spans bytes "
+                f"[{begin}, {end}) but {dtype}{list(shape)} needs {expected}"
+            )
         spans.append((begin, end, name))
         tensors[name] = TensorInfo(name, dtype, shape, data_start + begin, expected)
     pos = 0
     for begin, end, name in sorted(spans):
         if begin != pos:
-            raise ConversionError(f"{path}: corrupt header, tensor {name} starts at byte {begin}, "
-                                  f"expected {pos} (holes or overlaps)")
+            raise ConversionError(
+                f"{path}: corrupt header, tensor {name} starts at byte {begin}, "
+                f"expected {pos} (holes or overlaps)"
+            )
         pos = end
     if pos > data_len:
-        raise ConversionError(f"{path}: truncated, the header describes {pos} bytes of tensor "
-                              f"data but the file holds {data_len}")
+        raise ConversionError(
+            f"{path}: truncated, the header describes {pos} bytes of tensor "
+            f"data but the file holds {data_len}"
+        )
     if pos < data_len:
-        raise ConversionError(f"{path}: corrupt, {data_len - pos} trailing bytes not described "
-                              "by the header")
+        raise ConversionError(
+            f"{path}: corrupt, {data_len - pos} trailing bytes not described by the header"
+        )
     return tensors, metadata
 
 
@@ -155,8 +165,12 @@ class HFDirectory:
             self._add(SafetensorsFile(self.path / SINGLE_NAME))
         else:
             pickles = [p.name for p in self.path.glob("*") if p.suffix in _PICKLE_SUFFIXES]
-            hint = (f"; found {first_few(pickles)}, which are pickle files and are never loaded"
-                    " (convert them to safetensors first)" if pickles else "")
+            hint = (
+                f"; found {first_few(pickles)}, which are pickle files and are never loaded"
+                " (convert them to safetensors first)"
+                if pickles
+                else ""
+            )
             raise ConversionError(f"{self.path}: no {INDEX_NAME} or {SINGLE_NAME}{hint}")
 
     def _open_indexed(self, index: pathlib.Path) -> None:
@@ -169,28 +183,34 @@ class HFDirectory:
         for shard in sorted(set(weight_map.values())):
             shard_path = self.path / shard
             if pathlib.PurePath(shard).name != shard or not shard.endswith(".safetensors"):
-                raise ConversionError(f"{index}: shard name {shard!r} is not a .safetensors file "
-                                      "in this directory")
+                raise ConversionError(
+                    f"{index}: shard name {shard!r} is not a .safetensors file in this directory"
+                )
             if not shard_path.exists():
                 raise ConversionError(f"{index}: names shard {shard}, which does not exist")
             self._add(SafetensorsFile(shard_path))
         for name, shard in weight_map.items():
             if name not in self.where:
-                raise ConversionError(f"tensor {name}: {index.name} maps it to {shard}, which "
-                                      "does not contain it")
+                raise ConversionError(
+                    f"tensor {name}: {index.name} maps it to {shard}, which does not contain it"
+                )
             if self.where[name].path.name != shard:
-                raise ConversionError(f"tensor {name}: {index.name} maps it to {shard} but it is "
-                                      f"in {self.where[name].path.name}")
+                raise ConversionError(
+                    f"tensor {name}: {index.name} maps it to {shard} but it is "
+                    f"in {self.where[name].path.name}"
+                )
         unlisted = set(self.where) - set(weight_map)
         if unlisted:
-            raise ConversionError(f"{index}: tensors present in shards but not in the index: "
-                                  f"{first_few(unlisted)}")
+            raise ConversionError(
+                f"{index}: tensors present in shards but not in the index: {first_few(unlisted)}"
+            )
 
     def _add(self, f: SafetensorsFile) -> None:
         for name in f.tensors:
             if name in self.where:
-                raise ConversionError(f"tensor {name}: in both {self.where[name].path.name} and "
-                                      f"{f.path.name}")
+                raise ConversionError(
+                    f"tensor {name}: in both {self.where[name].path.name} and {f.path.name}"
+                )
             self.where[name] = f
         self.files.append(f)
 
@@ -244,15 +264,21 @@ def shard_file_names(n: int) -> list[str]:
     return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
-def write_file(path: pathlib.Path, tensors: list[Planned],
-               produce: Callable[[Planned], np.ndarray],
-               metadata: Mapping[str, str] | None = None) -> None:
+def write_file(
+    path: pathlib.Path,
+    tensors: list[Planned],
+    produce: Callable[[Planned], np.ndarray],
+    metadata: Mapping[str, str] | None = None,
+) -> None:
     """Writes the header for `tensors`, then each tensor's bytes as `produce` returns it."""
     header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
     pos = 0
     for t in tensors:
-        header[t.name] = {"dtype": CODES[t.dtype], "shape": list(t.shape),
-                          "data_offsets": [pos, pos + t.nbytes]}
+        header[t.name] = {
+            "dtype": CODES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [pos, pos + t.nbytes],
+        }
         pos += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-(8 + len(raw)) % 8)  # data starts 8-byte aligned, as the library writes it
@@ -264,13 +290,18 @@ def write_file(path: pathlib.Path, tensors: list[Planned],
             if not arr.flags.c_contiguous:  # (np.ascontiguousarray would make 0-d arrays 1-d)
                 arr = arr.copy(order="C")
             if arr.shape != t.shape or arr.dtype != t.dtype:
-                raise AssertionError(f"{t.name}: produced {arr.dtype}{arr.shape}, planned "
-                                     f"{t.dtype}{t.shape}")
+                raise AssertionError(
+                    f"{t.name}: produced {arr.dtype}{arr.shape}, planned {t.dtype}{t.shape}"
+                )
             f.write(memoryview(arr.reshape(-1).view(np.uint8)))
 
 
-def write_sharded(out_dir: pathlib.Path, tensors: list[Planned], max_bytes: int,
-                  produce: Callable[[Planned], np.ndarray]) -> list[str]:
+def write_sharded(
+    out_dir: pathlib.Path,
+    tensors: list[Planned],
+    max_bytes: int,
+    produce: Callable[[Planned], np.ndarray],
+) -> list[str]:
     """Shards + model.safetensors.index.json (written even for one shard); returns file names."""
     shards = plan_shards(tensors, max_bytes)
     names = shard_file_names(len(shards))
@@ -278,7 +309,6 @@ def write_sharded(out_dir: pathlib.Path, tensors: list[Planned], max_bytes: int,
     for name, shard in zip(names, shards):
         write_file(out_dir / name, shard, produce)
         weight_map.update({t.name: name for t in shard})
-    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)},
-             "weight_map": weight_map}
+    index = {"metadata": {"total_size": sum(t.nbytes for t in tensors)}, "weight_map": weight_map}
     (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     return names

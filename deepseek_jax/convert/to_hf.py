@@ -40,9 +40,16 @@ def export_order(specs: list[mapping.TensorSpec], slots: mapping.Slots) -> list[
     return ordered + [s for s in specs if s.copy_of is not None]
 
 
-def convert(checkpoint: pathlib.Path, out: pathlib.Path, *, step: int | None = None,
-            dtype: ExportDType = ExportDType.BFLOAT16, shard_size: int = 5 * 10**9,
-            with_mtp: bool = True, overwrite: bool = False) -> list[str]:
+def convert(
+    checkpoint: pathlib.Path,
+    out: pathlib.Path,
+    *,
+    step: int | None = None,
+    dtype: ExportDType = ExportDType.BFLOAT16,
+    shard_size: int = 5 * 10**9,
+    with_mtp: bool = True,
+    overwrite: bool = False,
+) -> list[str]:
     out = pathlib.Path(out)
     outdir.check_target(out, overwrite)
     step_dir = ckpt_io.resolve_step_dir(pathlib.Path(checkpoint), step)

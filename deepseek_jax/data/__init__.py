@@ -35,7 +35,19 @@ from deepseek_jax.data.sources import DataError
 from deepseek_jax.data.tokenizers import ByteTokenizer, Tokenizer, build_tokenizer, check_vocab
 
 __all__ = [
-    "ByteTokenizer", "DataConfig", "DataError", "DataIterator", "EvalBatches", "PipelineInfo",
-    "SourceKind", "Tokenizer", "TokenizerKind", "batch_spec", "bits_per_byte", "build_tokenizer",
-    "check_vocab", "make_eval_iterator", "make_train_iterator",
+    "ByteTokenizer",
+    "DataConfig",
+    "DataError",
+    "DataIterator",
+    "EvalBatches",
+    "PipelineInfo",
+    "SourceKind",
+    "Tokenizer",
+    "TokenizerKind",
+    "batch_spec",
+    "bits_per_byte",
+    "build_tokenizer",
+    "check_vocab",
+    "make_eval_iterator",
+    "make_train_iterator",
 ]

@@ -79,20 +79,24 @@ class DataConfig:
                 f"interpreter's standard library), got {self.paths!r}"
             )
         if self.source is not SourceKind.STDLIB and not self.paths:
-            raise ValueError(f"data.paths must name at least one path for data.source="
-                             f"{self.source.name}")
+            raise ValueError(
+                f"data.paths must name at least one path for data.source={self.source.name}"
+            )
         if any(not p for p in self.paths):
             raise ValueError(f"data.paths must not contain empty strings, got {self.paths!r}")
         if not isinstance(self.text_field, str) or not self.text_field:
             raise ValueError(f"data.text_field must be a non-empty string, got {self.text_field!r}")
         if self.tokenizer is TokenizerKind.HF and not self.tokenizer_path:
-            raise ValueError("data.tokenizer_path must name a local tokenizer.json for "
-                             "data.tokenizer=HF")
+            raise ValueError(
+                "data.tokenizer_path must name a local tokenizer.json for data.tokenizer=HF"
+            )
         if self.tokenizer is TokenizerKind.BYTE:
             for name in ("tokenizer_path", "eos_token", "pad_token"):
                 if getattr(self, name) is not None:
-                    raise ValueError(f"data.{name} is only used with data.tokenizer=HF, "
-                                     f"got {getattr(self, name)!r} with BYTE")
+                    raise ValueError(
+                        f"data.{name} is only used with data.tokenizer=HF, "
+                        f"got {getattr(self, name)!r} with BYTE"
+                    )
         for name in ("tokenizer_path", "eos_token", "pad_token", "cache_dir"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
@@ -167,20 +171,21 @@ def _parse_enum(name: str, value: Any, kind: type[enum.Enum]) -> enum.Enum:
         for member in kind:
             if value.lower() in (member.name.lower(), str(member.value).lower()):
                 return member
-    raise ValueError(
-        f"data.{name} must be one of {[m.name for m in kind]}, got {value!r}"
-    )
+    raise ValueError(f"data.{name} must be one of {[m.name for m in kind]}, got {value!r}")
 
 
 def _check_enum(name: str, value: Any, kind: type[enum.Enum]) -> None:
     if not isinstance(value, kind):
-        raise ValueError(f"data.{name} must be a {kind.__name__} (one of "
-                         f"{[m.name for m in kind]}), got {value!r}")
+        raise ValueError(
+            f"data.{name} must be a {kind.__name__} (one of "
+            f"{[m.name for m in kind]}), got {value!r}"
+        )
 
 
 def _check_number(name: str, value: Any, kind: type) -> None:
     # bool is an int subclass; True as a seed or a fraction is always a mistake.
     ok = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
     if not ok:
-        raise ValueError(f"data.{name} must be {'a number' if kind is float else 'an int'}, "
-                         f"got {value!r}")
+        raise ValueError(
+            f"data.{name} must be {'a number' if kind is float else 'an int'}, got {value!r}"
+        )

@@ -20,8 +20,7 @@ import time
 import numpy as np
 
 from deepseek_jax.data import config as config_lib
-from deepseek_jax.data import sources
-from deepseek_jax.data import tokenizers
+from deepseek_jax.data import sources, tokenizers
 
 _log = logging.getLogger(__name__)
 _ENCODE_CHUNK = 256  # documents per encode_batch call: parallel in Rust, bounded memory
@@ -67,11 +66,16 @@ def load_corpus(cfg: config_lib.DataConfig, tokenizer: tokenizers.Tokenizer) -> 
         start = time.perf_counter()
         corpus = _build(cfg, files, tokenizer, key)
         seconds = time.perf_counter() - start
-        _log.info("tokenised %d documents (%d tokens) in %.2fs", corpus.num_documents,
-                  corpus.tokens.size, seconds)
+        _log.info(
+            "tokenised %d documents (%d tokens) in %.2fs",
+            corpus.num_documents,
+            corpus.tokens.size,
+            seconds,
+        )
         if seconds > _SLOW_BUILD_S and not path:
-            _log.warning("tokenising the corpus took %.0fs; set data.cache_dir to reuse it",
-                         seconds)
+            _log.warning(
+                "tokenising the corpus took %.0fs; set data.cache_dir to reuse it", seconds
+            )
         if path:
             _write_cache(path, corpus)
     if corpus.skipped:
@@ -96,7 +100,8 @@ def split_documents(corpus: Corpus, eval_fraction: float, split_seed: int) -> Sp
     if n < 2:
         raise sources.DataError(
             f"the corpus has {n} document(s) ({corpus.skipped and 'skipped: ' + corpus.skipped[0]}"
-            f"); the held-out split is by document, so at least 2 are needed")
+            f"); the held-out split is by document, so at least 2 are needed"
+        )
     u = np.array([_unit_hash(split_seed, k) for k in corpus.keys])
     held = u < eval_fraction
     if not held.any():
@@ -114,7 +119,8 @@ def check_token_range(corpus: Corpus, model_vocab_size: int) -> None:
     doc = int(np.searchsorted(corpus.offsets, first, side="right")) - 1
     raise sources.DataError(
         f"document {corpus.keys[doc]} has token id {int(corpus.tokens[first])}, outside the "
-        f"model's vocab_size {model_vocab_size}")
+        f"model's vocab_size {model_vocab_size}"
+    )
 
 
 def _unit_hash(seed: int, key: str) -> float:
@@ -122,8 +128,12 @@ def _unit_hash(seed: int, key: str) -> float:
     return int.from_bytes(digest, "big") / 2.0**64
 
 
-def _build(cfg: config_lib.DataConfig, files: list[sources.SourceFile],
-           tokenizer: tokenizers.Tokenizer, key: str) -> Corpus:
+def _build(
+    cfg: config_lib.DataConfig,
+    files: list[sources.SourceFile],
+    tokenizer: tokenizers.Tokenizer,
+    key: str,
+) -> Corpus:
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.int32
     eos = np.array([tokenizer.eos_id], dtype=dtype)
     skipped: list[str] = []
@@ -158,8 +168,13 @@ def _read_cache(path: str, key: str) -> Corpus | None:
         return None
     try:
         with np.load(path, allow_pickle=False) as z:
-            corpus = Corpus(z["tokens"], z["offsets"], tuple(str(k) for k in z["keys"]),
-                            tuple(str(s) for s in z["skipped"]), key)
+            corpus = Corpus(
+                z["tokens"],
+                z["offsets"],
+                tuple(str(k) for k in z["keys"]),
+                tuple(str(s) for s in z["skipped"]),
+                key,
+            )
         if corpus.offsets[-1] != corpus.tokens.size or len(corpus.keys) + 1 != len(corpus.offsets):
             raise ValueError("inconsistent arrays")
         return corpus
@@ -172,6 +187,11 @@ def _write_cache(path: str, corpus: Corpus) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     # Write then rename: concurrent processes (one per host on a shared disk) never see a torn file.
     tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp.npz"
-    np.savez(tmp, tokens=corpus.tokens, offsets=corpus.offsets,
-             keys=np.array(corpus.keys, dtype=str), skipped=np.array(corpus.skipped, dtype=str))
+    np.savez(
+        tmp,
+        tokens=corpus.tokens,
+        offsets=corpus.offsets,
+        keys=np.array(corpus.keys, dtype=str),
+        skipped=np.array(corpus.skipped, dtype=str),
+    )
     os.replace(tmp, path)

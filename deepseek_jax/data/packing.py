@@ -37,8 +37,17 @@ class PackedStream:
     windows come in stream order. Without `repeat`, samples past the end are all padding.
     """
 
-    def __init__(self, corpus: corpus_lib.Corpus, doc_ids: np.ndarray, seq_len: int, *,
-                 pad_id: int, seed: int, shuffle: bool, repeat: bool) -> None:
+    def __init__(
+        self,
+        corpus: corpus_lib.Corpus,
+        doc_ids: np.ndarray,
+        seq_len: int,
+        *,
+        pad_id: int,
+        seed: int,
+        shuffle: bool,
+        repeat: bool,
+    ) -> None:
         if seq_len < 1:
             raise ValueError(f"seq_len must be >= 1, got {seq_len}")
         self._tokens = corpus.tokens
@@ -63,8 +72,8 @@ class PackedStream:
         chunk = position
         if self._shuffle and self.num_windows > 1:
             chunk = grain_experimental.index_shuffle(
-                position, max_index=self.num_windows - 1, seed=self._epoch_seed(epoch, 1),
-                rounds=4)
+                position, max_index=self.num_windows - 1, seed=self._epoch_seed(epoch, 1), rounds=4
+            )
         starts, lengths, ends = self._layout(epoch)
         begin = chunk * self.window
         stop = min(begin + self.window, self.num_tokens)
@@ -74,7 +83,7 @@ class PackedStream:
             doc_begin = int(ends[k] - lengths[k])
             a = begin + filled - doc_begin
             b = min(int(lengths[k]), stop - doc_begin)
-            out[filled:filled + b - a] = self._tokens[starts[k] + a:starts[k] + b]
+            out[filled : filled + b - a] = self._tokens[starts[k] + a : starts[k] + b]
             filled += b - a
             k += 1
         return out, filled
@@ -108,8 +117,12 @@ def make_example(window: np.ndarray, valid: int, token_bytes: np.ndarray) -> Bat
     # Target t is real iff window position t + 1 is: the padding tail is masked out of the loss.
     loss_mask = (np.arange(targets.size) < valid - 1).astype(np.float32)
     target_bytes = np.where(loss_mask > 0, token_bytes[targets], 0).astype(np.int32)
-    return {"inputs": inputs, "targets": targets, "loss_mask": loss_mask,
-            "target_bytes": target_bytes}
+    return {
+        "inputs": inputs,
+        "targets": targets,
+        "loss_mask": loss_mask,
+        "target_bytes": target_bytes,
+    }
 
 
 def batch_spec(batch_size: int, seq_len: int) -> dict[str, tuple[tuple[int, int], np.dtype]]:
@@ -123,9 +136,12 @@ def batch_spec(batch_size: int, seq_len: int) -> dict[str, tuple[tuple[int, int]
     bits per byte = sum(nll * loss_mask) / ln(2) / sum(target_bytes * loss_mask).
     """
     shape = (batch_size, seq_len)
-    return {"inputs": (shape, np.dtype(np.int32)), "targets": (shape, np.dtype(np.int32)),
-            "loss_mask": (shape, np.dtype(np.float32)),
-            "target_bytes": (shape, np.dtype(np.int32))}
+    return {
+        "inputs": (shape, np.dtype(np.int32)),
+        "targets": (shape, np.dtype(np.int32)),
+        "loss_mask": (shape, np.dtype(np.float32)),
+        "target_bytes": (shape, np.dtype(np.int32)),
+    }
 
 
 def bits_per_byte(nll: np.ndarray, batch: Batch) -> float:

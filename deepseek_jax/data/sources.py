@@ -61,8 +61,10 @@ def list_files(cfg: config_lib.DataConfig) -> list[SourceFile]:
                 continue
             seen_real.add(real)
             if f.key in seen_keys:
-                raise DataError(f"data.paths: {seen_keys[f.key]} and {f.path} share the "
-                                f"document key {f.key!r}; rename one of them")
+                raise DataError(
+                    f"data.paths: {seen_keys[f.key]} and {f.path} share the "
+                    f"document key {f.key!r}; rename one of them"
+                )
             seen_keys[f.key] = f.path
             files.append(f)
     files.sort(key=lambda f: f.key)
@@ -72,8 +74,11 @@ def list_files(cfg: config_lib.DataConfig) -> list[SourceFile]:
 def fingerprint(cfg: config_lib.DataConfig, files: list[SourceFile]) -> str:
     """Hash of everything that decides the documents' text: names, sizes, mtimes and options."""
     h = hashlib.sha256()
-    h.update(json.dumps([cfg.source.name, cfg.text_field, cfg.stdlib_include_tests,
-                         cfg.skip_bad_records]).encode())
+    h.update(
+        json.dumps(
+            [cfg.source.name, cfg.text_field, cfg.stdlib_include_tests, cfg.skip_bad_records]
+        ).encode()
+    )
     for f in files:
         try:
             st = os.stat(f.path)
@@ -83,8 +88,9 @@ def fingerprint(cfg: config_lib.DataConfig, files: list[SourceFile]) -> str:
     return h.hexdigest()
 
 
-def read_documents(cfg: config_lib.DataConfig, files: list[SourceFile],
-                   skipped: list[str]) -> Iterator[Document]:
+def read_documents(
+    cfg: config_lib.DataConfig, files: list[SourceFile], skipped: list[str]
+) -> Iterator[Document]:
     """Yields the documents of `files` in order; bad ones raise or are appended to `skipped`."""
     for f in files:
         if cfg.source is SourceKind.JSONL:
@@ -105,8 +111,9 @@ def read_documents(cfg: config_lib.DataConfig, files: list[SourceFile],
 
 def _bad(where: str, reason: str, skip: bool, skipped: list[str]) -> None:
     if not skip:
-        raise DataError(f"{where}: {reason} (set data.skip_bad_records=True to skip and count "
-                        f"such documents)")
+        raise DataError(
+            f"{where}: {reason} (set data.skip_bad_records=True to skip and count such documents)"
+        )
     skipped.append(f"{where}: {reason}")
 
 
@@ -131,8 +138,9 @@ def _decode(raw: bytes, where: str, skip: bool, skipped: list[str]) -> str | Non
         return None
 
 
-def _read_jsonl(cfg: config_lib.DataConfig, f: SourceFile,
-                skipped: list[str]) -> Iterator[Document]:
+def _read_jsonl(
+    cfg: config_lib.DataConfig, f: SourceFile, skipped: list[str]
+) -> Iterator[Document]:
     skip = cfg.skip_bad_records
     raw = _read_bytes(f.path, f.path, skip, skipped)
     if raw is None:
@@ -151,13 +159,18 @@ def _read_jsonl(cfg: config_lib.DataConfig, f: SourceFile,
             continue
         if not isinstance(obj, dict) or cfg.text_field not in obj:
             keys = sorted(obj)[:8] if isinstance(obj, dict) else type(obj).__name__
-            _bad(where, f"no field {cfg.text_field!r} (data.text_field); found {keys}",
-                 skip, skipped)
+            _bad(
+                where, f"no field {cfg.text_field!r} (data.text_field); found {keys}", skip, skipped
+            )
             continue
         value = obj[cfg.text_field]
         if not isinstance(value, str):
-            _bad(where, f"field {cfg.text_field!r} is {type(value).__name__}, not a string",
-                 skip, skipped)
+            _bad(
+                where,
+                f"field {cfg.text_field!r} is {type(value).__name__}, not a string",
+                skip,
+                skipped,
+            )
             continue
         if not value:
             _bad(where, f"field {cfg.text_field!r} is an empty string", skip, skipped)
@@ -165,8 +178,9 @@ def _read_jsonl(cfg: config_lib.DataConfig, f: SourceFile,
         yield Document(f"{f.key}:{lineno}", where, value)
 
 
-def _read_array_record(cfg: config_lib.DataConfig, f: SourceFile,
-                       skipped: list[str]) -> Iterator[Document]:
+def _read_array_record(
+    cfg: config_lib.DataConfig, f: SourceFile, skipped: list[str]
+) -> Iterator[Document]:
     from array_record.python import array_record_module  # only this source needs it
 
     skip = cfg.skip_bad_records

@@ -75,20 +75,24 @@ class ByteTokenizer(Tokenizer):
 class HFTokenizer(Tokenizer):
     """A local tokenizer.json via the `tokenizers` library (Rust; batch encoding is parallel)."""
 
-    def __init__(self, path: str, eos_token: str | None = None,
-                 pad_token: str | None = None) -> None:
+    def __init__(
+        self, path: str, eos_token: str | None = None, pad_token: str | None = None
+    ) -> None:
         import tokenizers  # imported here so the byte path does not pay for it
 
         if not os.path.isfile(path):
-            raise sources.DataError(f"data.tokenizer_path: no such file: {path!r} (tokenizers are "
-                                    f"never downloaded; give a local tokenizer.json)")
+            raise sources.DataError(
+                f"data.tokenizer_path: no such file: {path!r} (tokenizers are "
+                f"never downloaded; give a local tokenizer.json)"
+            )
         with open(path, "rb") as fh:
             raw = fh.read()
         try:
             self._tok = tokenizers.Tokenizer.from_str(raw.decode("utf-8"))
         except Exception as e:  # the Rust side raises a bare Exception for malformed files
-            raise sources.DataError(f"data.tokenizer_path: {path} is not a valid tokenizer.json "
-                                    f"({e})") from e
+            raise sources.DataError(
+                f"data.tokenizer_path: {path} is not a valid tokenizer.json ({e})"
+            ) from e
         self.path = path
         # A tokenizer.json may carry truncation/padding settings for inference; applied here they
         # would silently cut documents.
@@ -99,11 +103,15 @@ class HFTokenizer(Tokenizer):
         self.vocab_size = max(vocab.values()) + 1
         special = {t.content for t in self._tok.get_added_tokens_decoder().values() if t.special}
         self.eos_id = self._special_id(vocab, eos_token, "eos_token", _KNOWN_EOS)
-        self.pad_id = self.eos_id if pad_token is None else self._special_id(
-            vocab, pad_token, "pad_token", ())
+        self.pad_id = (
+            self.eos_id
+            if pad_token is None
+            else self._special_id(vocab, pad_token, "pad_token", ())
+        )
         spec = json.loads(self._tok.to_str())
         byte_level = _mentions_byte_level(spec.get("pre_tokenizer")) or _mentions_byte_level(
-            spec.get("decoder"))
+            spec.get("decoder")
+        )
         unicode_to_byte = {c: b for b, c in _bytes_to_unicode().items()}
         lengths = np.zeros(self.vocab_size, dtype=np.int32)
         for token, i in vocab.items():
@@ -111,21 +119,26 @@ class HFTokenizer(Tokenizer):
                 continue
             lengths[i] = _token_byte_length(token, byte_level, unicode_to_byte)
         self.token_bytes = lengths
-        self.fingerprint = "hf-" + hashlib.sha256(
-            raw + f"\0{self.eos_id}\0{self.pad_id}".encode()).hexdigest()
+        self.fingerprint = (
+            "hf-" + hashlib.sha256(raw + f"\0{self.eos_id}\0{self.pad_id}".encode()).hexdigest()
+        )
 
-    def _special_id(self, vocab: dict[str, int], token: str | None, field: str,
-                    known: Sequence[str]) -> int:
+    def _special_id(
+        self, vocab: dict[str, int], token: str | None, field: str, known: Sequence[str]
+    ) -> int:
         if token is not None:
             if token not in vocab:
-                raise sources.DataError(f"data.{field}: {token!r} is not in the vocabulary of "
-                                        f"{self.path}")
+                raise sources.DataError(
+                    f"data.{field}: {token!r} is not in the vocabulary of {self.path}"
+                )
             return vocab[token]
         for candidate in known:
             if candidate in vocab:
                 return vocab[candidate]
-        raise sources.DataError(f"{self.path} has none of the known end-of-document tokens "
-                                f"{list(known)}; set data.{field}")
+        raise sources.DataError(
+            f"{self.path} has none of the known end-of-document tokens "
+            f"{list(known)}; set data.{field}"
+        )
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         encodings = self._tok.encode_batch_fast(list(texts), add_special_tokens=False)
@@ -156,7 +169,8 @@ def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
         raise sources.DataError(
             f"tokenizer {name} has {tokenizer.vocab_size} token ids but the model's vocab_size "
             f"is {model_vocab_size}: ids >= {model_vocab_size} would have no embedding row; "
-            f"raise the model's vocab_size to at least {tokenizer.vocab_size}")
+            f"raise the model's vocab_size to at least {tokenizer.vocab_size}"
+        )
 
 
 def _mentions_byte_level(node: object) -> bool:
@@ -182,8 +196,11 @@ def _token_byte_length(token: str, byte_level: bool, unicode_to_byte: dict[str, 
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character table used by ByteLevel tokenizers."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     table = {b: chr(b) for b in printable}
     extra = 0
     for b in range(256):

@@ -26,14 +26,16 @@ def _without_mtp(cfg: config_lib.ModelConfig) -> config_lib.ModelConfig:
     return dataclasses.replace(cfg, mtp_depth=0)
 
 
-def load(checkpoint: pathlib.Path, step: int | None = None
-         ) -> tuple[config_lib.ModelConfig, Arrays]:
+def load(
+    checkpoint: pathlib.Path, step: int | None = None
+) -> tuple[config_lib.ModelConfig, Arrays]:
     """(config without MTP, {collection: {path: array}}) from our checkpoint or an HF dir."""
     checkpoint = pathlib.Path(checkpoint)
     if (checkpoint / "config.json").is_file():
         if step is not None:
-            raise ConversionError(f"{checkpoint}: --step does not apply to a Hugging Face "
-                                  "directory")
+            raise ConversionError(
+                f"{checkpoint}: --step does not apply to a Hugging Face directory"
+            )
         src = from_hf.open_source(checkpoint)  # validates every header, MTP included
         cfg = _without_mtp(src.cfg)
         src = dataclasses.replace(src, cfg=cfg, specs=mapping.tensor_specs(cfg))
@@ -43,8 +45,9 @@ def load(checkpoint: pathlib.Path, step: int | None = None
     reader = ckpt_io.StateReader(step_dir)
     reader.check(mapping.model_leaves(full))
     cfg = _without_mtp(full)
-    arrays = {c: {p: reader.read(c, p) for p in leaves}
-              for c, leaves in mapping.model_leaves(cfg).items()}
+    arrays = {
+        c: {p: reader.read(c, p) for p in leaves} for c, leaves in mapping.model_leaves(cfg).items()
+    }
     return cfg, arrays
 
 
@@ -54,19 +57,24 @@ def read_tokens(path: pathlib.Path, vocab_size: int | None = None) -> np.ndarray
     except (OSError, ValueError) as e:
         raise ConversionError(f"{path}: cannot read as a .npy array ({e})") from None
     if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-        raise ConversionError(f"{path}: need an integer array [batch, time], got "
-                              f"{tokens.dtype}{list(tokens.shape)}")
+        raise ConversionError(
+            f"{path}: need an integer array [batch, time], got {tokens.dtype}{list(tokens.shape)}"
+        )
     if tokens.shape[0] < 1 or tokens.shape[1] < 2:
-        raise ConversionError(f"{path}: need at least one row of two tokens, got "
-                              f"{list(tokens.shape)}")
+        raise ConversionError(
+            f"{path}: need at least one row of two tokens, got {list(tokens.shape)}"
+        )
     if vocab_size is not None and (tokens.min() < 0 or tokens.max() >= vocab_size):
-        raise ConversionError(f"{path}: token ids span [{tokens.min()}, {tokens.max()}], "
-                              f"outside the vocabulary [0, {vocab_size})")
+        raise ConversionError(
+            f"{path}: token ids span [{tokens.min()}, {tokens.max()}], "
+            f"outside the vocabulary [0, {vocab_size})"
+        )
     return tokens.astype(np.int32)
 
 
-def forward(cfg: config_lib.ModelConfig, arrays: Arrays, tokens: np.ndarray
-            ) -> tuple[np.ndarray, float]:
+def forward(
+    cfg: config_lib.ModelConfig, arrays: Arrays, tokens: np.ndarray
+) -> tuple[np.ndarray, float]:
     """(float32 logits [B, T, Y], mean next-token NLL)."""
     import jax
     import jax.numpy as jnp
@@ -89,9 +97,15 @@ def forward(cfg: config_lib.ModelConfig, arrays: Arrays, tokens: np.ndarray
     return np.asarray(logits), float(nll)
 
 
-def score(checkpoint: pathlib.Path, tokens_path: pathlib.Path, out: pathlib.Path, *,
-          step: int | None = None, dtype: config_lib.DType = config_lib.DType.FLOAT32,
-          overwrite: bool = False) -> float:
+def score(
+    checkpoint: pathlib.Path,
+    tokens_path: pathlib.Path,
+    out: pathlib.Path,
+    *,
+    step: int | None = None,
+    dtype: config_lib.DType = config_lib.DType.FLOAT32,
+    overwrite: bool = False,
+) -> float:
     out = pathlib.Path(out)
     outdir.check_target(out, overwrite)
     read_tokens(tokens_path)  # shape and dtype problems before the (slow) model load

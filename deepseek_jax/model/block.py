@@ -6,10 +6,7 @@ import jax
 from flax import nnx
 
 from deepseek_jax.model import config as config_lib
-from deepseek_jax.model import constraints
-from deepseek_jax.model import dispatch
-from deepseek_jax.model import layers
-from deepseek_jax.model import mla
+from deepseek_jax.model import constraints, dispatch, layers, mla
 from deepseek_jax.model import moe as moe_lib
 
 ACT_BSD = ("act_batch", "act_seq", "act_embed")
@@ -28,8 +25,13 @@ class Block(nnx.Module):
             self.ffn = layers.MLP(cfg.mlp, rngs=rngs)
         self.is_moe = cfg.moe is not None
 
-    def __call__(self, h_BSD: jax.Array, cos: jax.Array, sin: jax.Array,
-                 experts: dispatch.ExpertFn = dispatch.dropless_experts):
+    def __call__(
+        self,
+        h_BSD: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        experts: dispatch.ExpertFn = dispatch.dropless_experts,
+    ):
         """Returns (h, MoEStats | None); `experts` computes the routed experts of a MoE block."""
         h_BSD = constraints.constrain(h_BSD, ACT_BSD)
         h_BSD = h_BSD + self.attn(self.attn_norm(h_BSD), cos, sin).astype(h_BSD.dtype)

@@ -1,8 +1,9 @@
 """Typed model configuration.
 
 `ModelConfig` is the one source of truth for the architecture. Field names follow the Hugging Face
-`DeepseekV3Config` where one exists, so checkpoint conversion is a rename. Layers never see the whole
-config: they get the small derived views (`MLAConfig`, `MoEConfig`, `MLPConfig`, `BlockConfig`).
+`DeepseekV3Config` where one exists, so checkpoint conversion is a rename. Layers never see the
+whole config: they get the small derived views (`MLAConfig`, `MoEConfig`, `MLPConfig`,
+`BlockConfig`).
 `validate()` runs at construction and names the offending field.
 """
 
@@ -11,7 +12,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 
@@ -208,8 +210,11 @@ class ModelConfig:
 
     def dense_mlp(self) -> MLPConfig:
         return MLPConfig(
-            self.d_model, self.intermediate_size, self.init_std,
-            self.param_dtype.jnp, self.compute_dtype.jnp,
+            self.d_model,
+            self.intermediate_size,
+            self.init_std,
+            self.param_dtype.jnp,
+            self.compute_dtype.jnp,
         )
 
     def moe(self) -> MoEConfig:
@@ -244,8 +249,15 @@ class ModelConfig:
             raise ValueError(f"model.{field}: {msg}")
 
         positive = [
-            "vocab_size", "d_model", "n_layers", "intermediate_size", "n_heads", "kv_lora_rank",
-            "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "intermediate_size",
+            "n_heads",
+            "kv_lora_rank",
+            "qk_nope_head_dim",
+            "qk_rope_head_dim",
+            "v_head_dim",
         ]
         for name in positive:
             if getattr(self, name) <= 0:
@@ -267,42 +279,58 @@ class ModelConfig:
             if self.rope.factor < 1:
                 fail("rope.factor", f"must be >= 1 for YaRN, got {self.rope.factor}")
             if self.rope.original_max_position <= 0:
-                fail("rope.original_max_position",
-                     f"must be positive, got {self.rope.original_max_position}")
+                fail(
+                    "rope.original_max_position",
+                    f"must be positive, got {self.rope.original_max_position}",
+                )
         if self.n_moe_layers > 0 or self.mtp_depth > 0:
             if self.n_moe_layers > 0 and self.n_routed_experts <= 0:
-                fail("n_routed_experts", "must be positive when there are MoE layers "
-                     f"(n_layers={self.n_layers} > first_k_dense_replace="
-                     f"{self.first_k_dense_replace})")
+                fail(
+                    "n_routed_experts",
+                    "must be positive when there are MoE layers "
+                    f"(n_layers={self.n_layers} > first_k_dense_replace="
+                    f"{self.first_k_dense_replace})",
+                )
         if self.n_routed_experts > 0:
             for name in ["moe_intermediate_size", "num_experts_per_tok", "n_group", "topk_group"]:
                 if getattr(self, name) <= 0:
                     fail(name, f"must be positive, got {getattr(self, name)}")
             if self.n_routed_experts % self.n_group:
-                fail("n_group", f"n_routed_experts={self.n_routed_experts} is not divisible by "
-                     f"n_group={self.n_group}")
+                fail(
+                    "n_group",
+                    f"n_routed_experts={self.n_routed_experts} is not divisible by "
+                    f"n_group={self.n_group}",
+                )
             if self.topk_group > self.n_group:
                 fail("topk_group", f"topk_group={self.topk_group} > n_group={self.n_group}")
             reachable = self.topk_group * (self.n_routed_experts // self.n_group)
             if self.topk_method is TopkMethod.GREEDY:
                 reachable = self.n_routed_experts
             if self.num_experts_per_tok > reachable:
-                fail("num_experts_per_tok",
-                     f"top-k={self.num_experts_per_tok} exceeds the {reachable} experts the group "
-                     f"limit allows (topk_group={self.topk_group} of n_group={self.n_group} "
-                     f"groups of {self.n_routed_experts // self.n_group})")
+                fail(
+                    "num_experts_per_tok",
+                    f"top-k={self.num_experts_per_tok} exceeds the {reachable} experts the group "
+                    f"limit allows (topk_group={self.topk_group} of n_group={self.n_group} "
+                    f"groups of {self.n_routed_experts // self.n_group})",
+                )
             if self.topk_method is TopkMethod.NOAUX_TC and self.score_func is not ScoreFunc.SIGMOID:
                 fail("topk_method", "noaux_tc (bias-corrected selection) needs score_func=sigmoid")
-            if (self.topk_method is TopkMethod.NOAUX_TC
-                    and self.n_group > 1 and self.n_routed_experts // self.n_group < 2):
-                fail("n_group", "noaux_tc scores groups by their top-2 sum, so each group needs "
-                     f">= 2 experts; got {self.n_routed_experts // self.n_group}")
+            if (
+                self.topk_method is TopkMethod.NOAUX_TC
+                and self.n_group > 1
+                and self.n_routed_experts // self.n_group < 2
+            ):
+                fail(
+                    "n_group",
+                    "noaux_tc scores groups by their top-2 sum, so each group needs "
+                    f">= 2 experts; got {self.n_routed_experts // self.n_group}",
+                )
             if self.routed_scaling_factor <= 0:
                 fail("routed_scaling_factor", f"must be positive, got {self.routed_scaling_factor}")
 
     # -- construction from plain dicts (config files, HF config.json) -------------------------
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> ModelConfig:
         """Builds from a plain mapping; unknown keys and bad enum values fail naming the field."""
         return dataclass_dict.from_dict(cls, d, "model")
 

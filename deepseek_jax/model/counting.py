@@ -20,8 +20,7 @@ import math
 from flax import nnx
 
 from deepseek_jax.model import config as config_lib
-from deepseek_jax.model import transformer
-from deepseek_jax.model import tree
+from deepseek_jax.model import transformer, tree
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,16 +59,24 @@ def count(cfg: config_lib.ModelConfig, seq_len: int) -> Counts:
         return sum(n * frac if _is_routed(p) else n for p, n in group.items())
 
     def matmul_active(group: dict) -> float:
-        return sum(n * frac if _is_routed(p) else n for p, n in group.items()
-                   if len(shapes[p]) - (1 if p[0] in ("dense_layers", "moe_layers", "mtp")
-                                        else 0) > 1 and p != ("embed", "embedding"))
+        return sum(
+            n * frac if _is_routed(p) else n
+            for p, n in group.items()
+            if len(shapes[p]) - (1 if p[0] in ("dense_layers", "moe_layers", "mtp") else 0) > 1
+            and p != ("embed", "embedding")
+        )
 
     main_active = active(main)
     main_matmul = matmul_active(main)
     if cfg.tie_embeddings:
         main_matmul += embedding  # the tied head is a matmul against the embedding table
-    attn_per_layer = 6 * cfg.n_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
-                                        + cfg.v_head_dim) * seq_len / 2
+    attn_per_layer = (
+        6
+        * cfg.n_heads
+        * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
+        * seq_len
+        / 2
+    )
     attn = attn_per_layer * cfg.n_layers
     flops_main = 6 * main_matmul + attn
     flops_mtp = 0.0

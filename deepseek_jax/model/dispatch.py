@@ -1,8 +1,9 @@
 """Dropless routed-expert computation on one device: sort by expert, grouped matmul, unsort.
 
-Every (token, choice) pair is placed in a buffer sorted by expert id; `jax.lax.ragged_dot` multiplies
-each contiguous group with its expert's weights; results go back to their (token, choice) slots and
-are combined with the routing weights (in float32). No capacity, no token dropped.
+Every (token, choice) pair is placed in a buffer sorted by expert id; `jax.lax.ragged_dot`
+multiplies each contiguous group with its expert's weights (through model/precision.py); results go
+back to their (token, choice) slots and are combined with the routing weights (in float32). No
+capacity, no token dropped.
 """
 
 from __future__ import annotations
@@ -24,8 +25,15 @@ class ExpertFn(Protocol):
     that runs is the code the caller passed, never an ambient default.
     """
 
-    def __call__(self, x_XD: jax.Array, idx_Xk: jax.Array, weights_Xk: jax.Array,
-                 w1_EDF: jax.Array, w3_EDF: jax.Array, w2_EFD: jax.Array) -> jax.Array: ...
+    def __call__(
+        self,
+        x_XD: jax.Array,
+        idx_Xk: jax.Array,
+        weights_Xk: jax.Array,
+        w1_EDF: jax.Array,
+        w3_EDF: jax.Array,
+        w2_EFD: jax.Array,
+    ) -> jax.Array: ...
 
 
 def sort_by_expert(idx_Xk: jax.Array, n_experts: int):
@@ -38,7 +46,10 @@ def sort_by_expert(idx_Xk: jax.Array, n_experts: int):
 
 
 def grouped_swiglu(
-    x_ZD: jax.Array, group_sizes: jax.Array, w1_EDF: jax.Array, w3_EDF: jax.Array,
+    x_ZD: jax.Array,
+    group_sizes: jax.Array,
+    w1_EDF: jax.Array,
+    w3_EDF: jax.Array,
     w2_EFD: jax.Array,
 ) -> jax.Array:
     """SwiGLU of rows already sorted into contiguous expert groups."""

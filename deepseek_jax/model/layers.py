@@ -1,13 +1,14 @@
 """Basic layers: parameters with logical axes, RMSNorm, linear maps, embedding, SwiGLU MLP.
 
 Every parameter carries `logical_axes` metadata (one name per dimension); `parallel/sharding.py`
-maps those names to mesh axes. Kernels are stored [in..., out...] and cast to the compute dtype at use;
-parameters stay in `param_dtype` (float32 by default) — the mixed-precision policy.
+maps those names to mesh axes. Kernels are stored [in..., out...] and cast to the compute dtype at
+use; parameters stay in `param_dtype` (float32 by default) — the mixed-precision policy.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +33,9 @@ def param(
 ) -> nnx.Param:
     """A parameter ~ N(0, std) (or filled with `init_value` when std is None) with logical axes."""
     if len(shape) != len(logical_axes):
-        raise ValueError(f"shape {tuple(shape)} and logical axes {tuple(logical_axes)} differ in rank")
+        raise ValueError(
+            f"shape {tuple(shape)} and logical axes {tuple(logical_axes)} differ in rank"
+        )
     if std is None:
         value = jnp.full(shape, init_value, dtype)
     else:
@@ -79,9 +82,7 @@ class Linear(nnx.Module):
         self.in_rank = len(in_shape)
         self.out_rank = len(out_shape)
         self.compute_dtype = compute_dtype
-        self.kernel = param(
-            rngs, (*in_shape, *out_shape), logical_axes, std=std, dtype=param_dtype
-        )
+        self.kernel = param(rngs, (*in_shape, *out_shape), logical_axes, std=std, dtype=param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         w = self.kernel[...].astype(self.compute_dtype)
@@ -90,8 +91,16 @@ class Linear(nnx.Module):
 
 
 class Embed(nnx.Module):
-    def __init__(self, vocab: int, dim: int, *, std: float, param_dtype: Any, compute_dtype: Any,
-                 rngs: nnx.Rngs):
+    def __init__(
+        self,
+        vocab: int,
+        dim: int,
+        *,
+        std: float,
+        param_dtype: Any,
+        compute_dtype: Any,
+        rngs: nnx.Rngs,
+    ):
         self.compute_dtype = compute_dtype
         self.embedding = param(rngs, (vocab, dim), ("vocab", "embed"), std=std, dtype=param_dtype)
 
@@ -108,8 +117,12 @@ class MLP(nnx.Module):
     """SwiGLU MLP. w1 = gate, w3 = up, w2 = down (official DeepSeek names)."""
 
     def __init__(self, cfg: config_lib.MLPConfig, *, rngs: nnx.Rngs, mlp_axis: str = "mlp"):
-        kw = dict(std=cfg.init_std, param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype,
-                  rngs=rngs)
+        kw = dict(
+            std=cfg.init_std,
+            param_dtype=cfg.param_dtype,
+            compute_dtype=cfg.compute_dtype,
+            rngs=rngs,
+        )
         self.w1 = Linear((cfg.d_model,), (cfg.d_ff,), ("embed", mlp_axis), **kw)
         self.w3 = Linear((cfg.d_model,), (cfg.d_ff,), ("embed", mlp_axis), **kw)
         self.w2 = Linear((cfg.d_ff,), (cfg.d_model,), (mlp_axis, "embed"), **kw)

@@ -31,8 +31,11 @@ from deepseek_jax.model import transformer
 Metrics = dict[str, jax.Array]
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["tokens", "mtp_tokens"],
-                   meta_fields=["microbatches"])
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["tokens", "mtp_tokens"],
+    meta_fields=["microbatches"],
+)
 @dataclasses.dataclass(frozen=True)
 class Norms:
     """Whole-batch denominators."""
@@ -42,8 +45,9 @@ class Norms:
     microbatches: int = 1  # calls the batch is split into (balance statistics are per call)
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["mtp_lambda"],
-                   meta_fields=["balance_alpha"])
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["mtp_lambda"], meta_fields=["balance_alpha"]
+)
 @dataclasses.dataclass(frozen=True)
 class Weights:
     mtp_lambda: jax.Array  # this step's MTP weight (a schedule of the step)
@@ -54,8 +58,9 @@ class Objective(Protocol):
     """(outputs, batch, norms, weights) -> (loss, metrics), every value additive over
     micro-batches; metrics include "loss" and "balance_loss" (see `with_balance`)."""
 
-    def __call__(self, out: transformer.Outputs, batch: batch_lib.Batch, norms: Norms,
-                 weights: Weights) -> tuple[jax.Array, Metrics]: ...
+    def __call__(
+        self, out: transformer.Outputs, batch: batch_lib.Batch, norms: Norms, weights: Weights
+    ) -> tuple[jax.Array, Metrics]: ...
 
 
 def token_nll(logits_BSY: jax.Array, targets_BS: jax.Array) -> jax.Array:
@@ -74,8 +79,9 @@ def norms(batch: batch_lib.Batch, mtp_depth: int, dtype, microbatches: int = 1) 
     """The denominators of `batch` as a whole (tokens counted in `dtype`)."""
     mask_BS = batch.loss_mask.astype(dtype)
     _, m_JBS = mtp_targets(batch.targets, mask_BS, mtp_depth)
-    return Norms(jnp.maximum(mask_BS.sum(), 1.0), jnp.maximum(m_JBS.sum(axis=(1, 2)), 1.0),
-                 microbatches)
+    return Norms(
+        jnp.maximum(mask_BS.sum(), 1.0), jnp.maximum(m_JBS.sum(axis=(1, 2)), 1.0), microbatches
+    )
 
 
 def balance_term(stats: moe_lib.MoEStats | None, norms: Norms) -> jax.Array:
@@ -93,8 +99,9 @@ def with_balance(metrics: Metrics, balance: jax.Array, weights: Weights) -> Metr
     return out
 
 
-def objective(out: transformer.Outputs, batch: batch_lib.Batch, norms: Norms,
-              weights: Weights) -> tuple[jax.Array, Metrics]:
+def objective(
+    out: transformer.Outputs, batch: batch_lib.Batch, norms: Norms, weights: Weights
+) -> tuple[jax.Array, Metrics]:
     """The pre-training objective (an `Objective`)."""
     mask_BS = batch.loss_mask.astype(out.logits_BSY.dtype)
     lm = jnp.sum(token_nll(out.logits_BSY, batch.targets) * mask_BS) / norms.tokens
@@ -103,8 +110,12 @@ def objective(out: transformer.Outputs, batch: batch_lib.Batch, norms: Norms,
     if out.mtp_logits_JBSY is not None:
         depth = out.mtp_logits_JBSY.shape[0]
         t_JBS, m_JBS = mtp_targets(batch.targets, mask_BS, depth)
-        per_depth = jax.vmap(lambda lg, t, m: jnp.sum(token_nll(lg, t) * m))(
-            out.mtp_logits_JBSY, t_JBS, m_JBS) / norms.mtp_tokens
+        per_depth = (
+            jax.vmap(lambda lg, t, m: jnp.sum(token_nll(lg, t) * m))(
+                out.mtp_logits_JBSY, t_JBS, m_JBS
+            )
+            / norms.mtp_tokens
+        )
         mtp = jnp.mean(per_depth)  # (lambda / J) * sum_k = lambda * mean_k
         loss = loss + weights.mtp_lambda * mtp
         metrics["mtp_loss"] = mtp

@@ -1,8 +1,8 @@
 """Multi-head latent attention (DeepSeek-V2/V3).
 
 q = wq_b(q_norm(wq_a x)) (or wq x without the query low-rank path), split per head into
-[nope | rope]; [c | k_rope] = wkv_a x with c normalised by kv_norm; [k_nope | v] = wkv_b(c) per head;
-the rope key is one vector shared by all heads, computed from x (not from the latent).
+[nope | rope]; [c | k_rope] = wkv_a x with c normalised by kv_norm; [k_nope | v] = wkv_b(c) per
+head; the rope key is one vector shared by all heads, computed from x (not from the latent).
 Parameter names follow the official inference code (wq_a, q_norm, wq_b, wkv_a, kv_norm, wkv_b, wo).
 """
 
@@ -20,8 +20,12 @@ class MLA(nnx.Module):
         self.cfg = cfg
         D, H = cfg.d_model, cfg.n_heads
         N, R, V, C = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-        kw = dict(std=cfg.init_std, param_dtype=cfg.param_dtype, compute_dtype=cfg.compute_dtype,
-                  rngs=rngs)
+        kw = dict(
+            std=cfg.init_std,
+            param_dtype=cfg.param_dtype,
+            compute_dtype=cfg.compute_dtype,
+            rngs=rngs,
+        )
         if cfg.q_lora_rank is None:
             self.wq = layers.Linear((D,), (H, N + R), ("embed", "heads", "qk_head"), **kw)
         else:

@@ -13,9 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepseek_jax.model import config as config_lib
-from deepseek_jax.model import dispatch
-from deepseek_jax.model import layers
-from deepseek_jax.model import routing
+from deepseek_jax.model import dispatch, layers, routing
 
 
 @jax.tree_util.register_dataclass
@@ -29,12 +27,15 @@ class Gate(nnx.Module):
     def __init__(self, cfg: config_lib.MoEConfig, *, rngs: nnx.Rngs):
         E = cfg.n_routed_experts
         # Router kept in float32 as HF does (`_keep_in_fp32_modules_strict`): routing is discrete.
-        self.kernel = layers.param(rngs, (cfg.d_model, E), ("embed", None), std=cfg.init_std,
-                                   dtype=cfg.param_dtype)
+        self.kernel = layers.param(
+            rngs, (cfg.d_model, E), ("embed", None), std=cfg.init_std, dtype=cfg.param_dtype
+        )
         self.bias = (
-            layers.ExpertBias(jnp.zeros((E,), layers.accum_dtype(cfg.param_dtype)),
-                              logical_axes=(None,))
-            if cfg.use_bias else None
+            layers.ExpertBias(
+                jnp.zeros((E,), layers.accum_dtype(cfg.param_dtype)), logical_axes=(None,)
+            )
+            if cfg.use_bias
+            else None
         )
 
     def __call__(self, x_XD: jax.Array) -> jax.Array:
@@ -51,20 +52,28 @@ class MoE(nnx.Module):
         self.w1 = layers.param(rngs, (E, D, F), ("expert", "embed", "expert_mlp"), **kw)
         self.w3 = layers.param(rngs, (E, D, F), ("expert", "embed", "expert_mlp"), **kw)
         self.w2 = layers.param(rngs, (E, F, D), ("expert", "expert_mlp", "embed"), **kw)
-        shared_cfg = config_lib.MLPConfig(D, cfg.n_shared_experts * F, cfg.init_std,
-                                          cfg.param_dtype, cfg.compute_dtype)
+        shared_cfg = config_lib.MLPConfig(
+            D, cfg.n_shared_experts * F, cfg.init_std, cfg.param_dtype, cfg.compute_dtype
+        )
         self.shared = layers.MLP(shared_cfg, rngs=rngs) if cfg.n_shared_experts else None
 
-    def __call__(self, x_BSD: jax.Array, experts: dispatch.ExpertFn = dispatch.dropless_experts
-                 ) -> tuple[jax.Array, MoEStats]:
+    def __call__(
+        self, x_BSD: jax.Array, experts: dispatch.ExpertFn = dispatch.dropless_experts
+    ) -> tuple[jax.Array, MoEStats]:
         cfg = self.cfg
         B, S, D = x_BSD.shape
         x_XD = x_BSD.reshape(B * S, D).astype(cfg.compute_dtype)
         bias = None if self.gate.bias is None else self.gate.bias[...]
         r = routing.route(self.gate(x_XD), bias, cfg)
         dt = cfg.compute_dtype
-        y_XD = experts(x_XD, r.idx_Xk, r.weights_Xk, self.w1[...].astype(dt),
-                    self.w3[...].astype(dt), self.w2[...].astype(dt))
+        y_XD = experts(
+            x_XD,
+            r.idx_Xk,
+            r.weights_Xk,
+            self.w1[...].astype(dt),
+            self.w3[...].astype(dt),
+            self.w2[...].astype(dt),
+        )
         y_BSD = y_XD.reshape(B, S, D)
         if self.shared is not None:
             y_BSD = y_BSD + self.shared(x_BSD)

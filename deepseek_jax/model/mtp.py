@@ -11,7 +11,7 @@ are padded with id 0 and their targets masked by the loss, never wrapped around.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -19,9 +19,7 @@ from flax import nnx
 
 from deepseek_jax.model import block as block_lib
 from deepseek_jax.model import config as config_lib
-from deepseek_jax.model import dispatch
-from deepseek_jax.model import layers
-from deepseek_jax.model import stack
+from deepseek_jax.model import dispatch, layers, stack
 
 
 class MTPLayer(nnx.Module):
@@ -29,9 +27,15 @@ class MTPLayer(nnx.Module):
         D, pdt = cfg.d_model, cfg.param_dtype.jnp
         self.enorm = layers.RMSNorm(D, cfg.norm_eps, param_dtype=pdt)
         self.hnorm = layers.RMSNorm(D, cfg.norm_eps, param_dtype=pdt)
-        self.eh_proj = layers.Linear((2 * D,), (D,), ("mtp_in", "embed"), std=cfg.init_std,
-                                     param_dtype=pdt, compute_dtype=cfg.compute_dtype.jnp,
-                                     rngs=rngs)
+        self.eh_proj = layers.Linear(
+            (2 * D,),
+            (D,),
+            ("mtp_in", "embed"),
+            std=cfg.init_std,
+            param_dtype=pdt,
+            compute_dtype=cfg.compute_dtype.jnp,
+            rngs=rngs,
+        )
         self.block = block_lib.Block(cfg.block(moe=cfg.mtp_is_moe), rngs=rngs)
         self.head_norm = layers.RMSNorm(D, cfg.norm_eps, param_dtype=pdt)
 
@@ -53,8 +57,9 @@ class MTP(nnx.Module):
     def __init__(self, cfg: config_lib.ModelConfig, *, rngs: nnx.Rngs):
         self.depth = cfg.mtp_depth
         self.remat = cfg.remat
-        self.layers = stack.stacked(lambda r: MTPLayer(cfg, rngs=r), cfg.mtp_depth, rngs,
-                                    axis_name="mtp_layers")
+        self.layers = stack.stacked(
+            lambda r: MTPLayer(cfg, rngs=r), cfg.mtp_depth, rngs, axis_name="mtp_layers"
+        )
 
     def __call__(
         self,

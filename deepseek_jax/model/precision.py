@@ -23,16 +23,21 @@ class MatmulPolicy(enum.Enum):
     DEFAULT = "default"  # operands in the compute dtype, XLA's default accumulation
 
 
-def dot_general(x: jax.Array, w: jax.Array, dimension_numbers,
-                policy: MatmulPolicy = MatmulPolicy.DEFAULT) -> jax.Array:
+def dot_general(
+    x: jax.Array, w: jax.Array, dimension_numbers, policy: MatmulPolicy = MatmulPolicy.DEFAULT
+) -> jax.Array:
     """jax.lax.dot_general(x, w, dimension_numbers) under `policy`."""
     if policy is MatmulPolicy.DEFAULT:
         return jax.lax.dot_general(x, w, dimension_numbers)
     raise ValueError(f"matmul policy {policy} has no implementation")
 
 
-def ragged_dot(x_ZD: jax.Array, w_EDF: jax.Array, group_sizes_E: jax.Array,
-               policy: MatmulPolicy = MatmulPolicy.DEFAULT) -> jax.Array:
+def ragged_dot(
+    x_ZD: jax.Array,
+    w_EDF: jax.Array,
+    group_sizes_E: jax.Array,
+    policy: MatmulPolicy = MatmulPolicy.DEFAULT,
+) -> jax.Array:
     """Rows of x grouped by expert (contiguous groups) times their expert's weights."""
     if policy is MatmulPolicy.DEFAULT:
         return jax.lax.ragged_dot(x_ZD, w_EDF, group_sizes_E)

@@ -52,7 +52,7 @@ def cos_sin_factor(cfg: config_lib.RopeConfig) -> float:
 
 def softmax_scale(cfg: config_lib.MLAConfig) -> float:
     """(nope+rope)^-0.5, times mscale(s, mscale_all_dim)^2 under YaRN."""
-    scale = cfg.qk_head_dim ** -0.5
+    scale = cfg.qk_head_dim**-0.5
     if cfg.rope.scaling is config_lib.RopeScaling.YARN and cfg.rope.mscale_all_dim:
         scale *= config_lib.yarn_mscale(cfg.rope.factor, cfg.rope.mscale_all_dim) ** 2
     return scale

@@ -2,8 +2,8 @@
 
 V3 (noaux_tc): s = sigmoid(x Wg); the correction bias b is added to s only to *choose* experts;
 groups of E/G consecutive experts are scored by the sum of their top-2 biased scores and the best
-`topk_group` groups are kept; top-k over the kept experts; the weights are the unbiased s of the chosen
-experts, normalised to sum 1 (norm_topk_prob) and times routed_scaling_factor.
+`topk_group` groups are kept; top-k over the kept experts; the weights are the unbiased s of the
+chosen experts, normalised to sum 1 (norm_topk_prob) and times routed_scaling_factor.
 V2 (softmax): greedy top-k, or groups scored by their max (group_limited_greedy); no bias.
 """
 
@@ -45,9 +45,7 @@ def group_mask(select_XE: jax.Array, cfg: config_lib.MoEConfig) -> jax.Array:
     return jnp.repeat(keep_XG, E // G, axis=1)
 
 
-def route(
-    logits_XE: jax.Array, bias_E: jax.Array | None, cfg: config_lib.MoEConfig
-) -> Routing:
+def route(logits_XE: jax.Array, bias_E: jax.Array | None, cfg: config_lib.MoEConfig) -> Routing:
     scores_XE = affinities(logits_XE, cfg.score_func)
     select_XE = scores_XE
     if cfg.use_bias:

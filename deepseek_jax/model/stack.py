@@ -7,7 +7,8 @@ wrapped in jax.checkpoint according to the remat policy.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from flax import nnx
@@ -20,8 +21,9 @@ REMAT_POLICIES = {
 }
 
 
-def stacked(make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs,
-            axis_name: str = "layers") -> nnx.Module:
+def stacked(
+    make: Callable[[nnx.Rngs], nnx.Module], n: int, rngs: nnx.Rngs, axis_name: str = "layers"
+) -> nnx.Module:
     """Builds `n` copies of `make(rngs)` as one module whose variables have a leading axis."""
     keys = jax.random.split(rngs.params(), n)
     graphdef = nnx.graphdef(nnx.eval_shape(lambda: make(nnx.Rngs(0))))
@@ -37,9 +39,14 @@ def remat(fn: Callable, policy: config_lib.RematPolicy) -> Callable:
     return jax.checkpoint(fn, policy=REMAT_POLICIES[policy], prevent_cse=False)
 
 
-def scan(module: nnx.Module, carry: Any, body: Callable[[nnx.Module, Any, Any], tuple[Any, Any]],
-         xs: Any = None, policy: config_lib.RematPolicy = config_lib.RematPolicy.NONE,
-         unroll: bool = False):
+def scan(
+    module: nnx.Module,
+    carry: Any,
+    body: Callable[[nnx.Module, Any, Any], tuple[Any, Any]],
+    xs: Any = None,
+    policy: config_lib.RematPolicy = config_lib.RematPolicy.NONE,
+    unroll: bool = False,
+):
     """Runs body(layer, carry, x) -> (carry, y) over the stacked layers of `module`; `unroll`
     traces every layer inline (no while loop), so XLA can schedule across layer boundaries."""
     graphdef, state = nnx.split(module)

@@ -6,7 +6,8 @@ between our state, checkpoints and the HF name mapping.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from flax import nnx
 
@@ -22,8 +23,10 @@ def arrays(state: Any) -> dict[Path, Any]:
 
 
 def logical_axes(state: Any) -> dict[Path, tuple]:
-    return {path: tuple(var.get_metadata().get("logical_axes", ()))
-            for path, var in variables(state).items()}
+    return {
+        path: tuple(var.get_metadata().get("logical_axes", ()))
+        for path, var in variables(state).items()
+    }
 
 
 def with_arrays(state: Any, new: Mapping[Path, Any] | Callable[[Path, Any], Any]) -> Any:

@@ -103,25 +103,36 @@ class ParallelConfig:
                 allowed = "a positive int or -1 (fill)" if name == "data" else "a positive int"
                 raise ValueError(f"parallel.{name}: must be {allowed}, got {value}")
         if not isinstance(self.preset, Preset):
-            raise ValueError(f"parallel.preset: unknown preset {self.preset!r} (allowed: "
-                             f"{[p.value for p in Preset]})")
+            raise ValueError(
+                f"parallel.preset: unknown preset {self.preset!r} (allowed: "
+                f"{[p.value for p in Preset]})"
+            )
         if not isinstance(self.expert_exchange, ExpertExchange):
-            raise ValueError(f"parallel.expert_exchange: unknown value {self.expert_exchange!r} "
-                             f"(allowed: {[e.value for e in ExpertExchange]})")
+            raise ValueError(
+                f"parallel.expert_exchange: unknown value {self.expert_exchange!r} "
+                f"(allowed: {[e.value for e in ExpertExchange]})"
+            )
         if not isinstance(self.backward_split, BackwardSplit):
-            raise ValueError(f"parallel.backward_split: unknown value {self.backward_split!r} "
-                             f"(allowed: {[b.value for b in BackwardSplit]})")
+            raise ValueError(
+                f"parallel.backward_split: unknown value {self.backward_split!r} "
+                f"(allowed: {[b.value for b in BackwardSplit]})"
+            )
         if self.zero not in (0, 1) or isinstance(self.zero, bool):
-            raise ValueError(f"parallel.zero: must be 0 (replicated optimizer state) or 1 "
-                             f"(ZeRO-1, split over data), got {self.zero!r}")
+            raise ValueError(
+                f"parallel.zero: must be 0 (replicated optimizer state) or 1 "
+                f"(ZeRO-1, split over data), got {self.zero!r}"
+            )
         if self.microbatches < 0:
             raise ValueError(f"parallel.microbatches must be >= 0, got {self.microbatches}")
         if self.pipeline is not Schedule.NONE and self.pipe < 2:
-            raise ValueError(f"parallel.pipeline={self.pipeline.value} needs parallel.pipe >= 2, "
-                             f"got {self.pipe}")
+            raise ValueError(
+                f"parallel.pipeline={self.pipeline.value} needs parallel.pipe >= 2, got {self.pipe}"
+            )
         if self.pipeline is Schedule.NONE and self.pipe > 1:
-            raise ValueError(f"parallel.pipe={self.pipe} needs a parallel.pipeline schedule "
-                             "(dualpipe, dualpipev, 1f1b or gpipe)")
+            raise ValueError(
+                f"parallel.pipe={self.pipe} needs a parallel.pipeline schedule "
+                "(dualpipe, dualpipev, 1f1b or gpipe)"
+            )
 
     @property
     def num_microbatches(self) -> int:
@@ -144,24 +155,32 @@ def check_pipeline(parallel: ParallelConfig, model: Any, train: Any) -> None:
     try:
         orders = schedules.build(parallel.pipeline, pp, M)
     except ValueError as e:
-        raise ValueError(f"parallel.pipeline={name} with parallel.pipe={pp} and "
-                         f"parallel.microbatches={M}: {e}") from None
+        raise ValueError(
+            f"parallel.pipeline={name} with parallel.pipe={pp} and parallel.microbatches={M}: {e}"
+        ) from None
     stages = orders.num_stages
     if model.n_moe_layers < stages or model.n_moe_layers % stages:
         raise ValueError(
             f"model.n_layers: the {model.n_moe_layers} MoE layers (n_layers={model.n_layers} - "
             f"first_k_dense_replace={model.first_k_dense_replace}) must split evenly into the "
             f"{stages} stages of {name} on {pp} ranks, at least one per stage (dense layers run "
-            "with the embedding on the first stage)")
+            "with the embedding on the first stage)"
+        )
     if train.global_batch_size % M:
-        raise ValueError(f"train.global_batch_size={train.global_batch_size} is not divisible "
-                         f"into parallel.microbatches={M}")
+        raise ValueError(
+            f"train.global_batch_size={train.global_batch_size} is not divisible "
+            f"into parallel.microbatches={M}"
+        )
     for field in ("fsdp", "tensor"):
         if getattr(parallel, field) != 1:
-            raise ValueError(f"parallel.{field}={getattr(parallel, field)} is not supported with "
-                             f"parallel.pipeline={name} (the pipeline composes with data and "
-                             "expert parallelism only)")
+            raise ValueError(
+                f"parallel.{field}={getattr(parallel, field)} is not supported with "
+                f"parallel.pipeline={name} (the pipeline composes with data and "
+                "expert parallelism only)"
+            )
     if parallel.preset not in PIPELINE_PRESETS:
-        raise ValueError(f"parallel.preset={parallel.preset.value} is not supported with "
-                         f"parallel.pipeline={name} (allowed: "
-                         f"{[p.value for p in PIPELINE_PRESETS]})")
+        raise ValueError(
+            f"parallel.preset={parallel.preset.value} is not supported with "
+            f"parallel.pipeline={name} (allowed: "
+            f"{[p.value for p in PIPELINE_PRESETS]})"
+        )

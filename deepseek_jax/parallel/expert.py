@@ -8,7 +8,8 @@ on every device:
    for expert-parallel rank r (experts r*E_l .. (r+1)*E_l - 1) are contiguous, sorted by local
    expert within;
 2. dispatch: each rank's rows go to it. ALL_TO_ALL scatters them into a [U, W, D] buffer with
-   W = X_local * min(k, E_l) rows per destination (U = EP ranks) -- the most one source can ever send one rank,
+   W = X_local * min(k, E_l) rows per destination (U = EP ranks) -- the most one source can ever
+   send one rank,
    since a token picks distinct experts -- and runs one dense all_to_all: dropless, any backend,
    but it moves U*W rows where X_local*k are needed. RAGGED_ALL_TO_ALL sends exactly the routed
    rows with jax.lax.ragged_all_to_all (TPU/GPU; XLA:CPU cannot execute it) into the same
@@ -62,21 +63,28 @@ def make_expert_fn(mesh, rules: sharding_lib.Rules, exchange: Exchange) -> dispa
     e, t = _entry(expert_axes), _entry(tensor_axes)
     tokens = P(batch, None)
     ep = math.prod(sizes[a] for a in expert_axes)
-    local = functools.partial(_local, ep=ep, expert_axes=expert_axes, tensor_axes=tensor_axes,
-                              exchange=exchange)
+    local = functools.partial(
+        _local, ep=ep, expert_axes=expert_axes, tensor_axes=tensor_axes, exchange=exchange
+    )
     in_specs = (tokens, tokens, tokens, P(e, None, t), P(e, None, t), P(e, t, None))
     # Manual over every axis but `pipe`, which a pipeline's enclosing shard_map owns.
     manual = frozenset(a for a in mesh.axis_names if a != mesh_lib.PIPE)
 
     def experts(*args):
-        return jax.shard_map(local, mesh=mesh_lib.current(mesh), in_specs=in_specs,
-                             out_specs=tokens, axis_names=manual)(*args)
+        return jax.shard_map(
+            local,
+            mesh=mesh_lib.current(mesh),
+            in_specs=in_specs,
+            out_specs=tokens,
+            axis_names=manual,
+        )(*args)
 
     return experts
 
 
-def _local(x_XD, idx_Xk, weights_Xk, w1_eDF, w3_eDF, w2_eFD, *, ep, expert_axes, tensor_axes,
-           exchange):
+def _local(
+    x_XD, idx_Xk, weights_Xk, w1_eDF, w3_eDF, w2_eFD, *, ep, expert_axes, tensor_axes, exchange
+):
     X, k = idx_Xk.shape
     E_l = w1_eDF.shape[0]
     order_Z, group_sizes_E = dispatch.sort_by_expert(idx_Xk, E_l * ep)
@@ -84,8 +92,14 @@ def _local(x_XD, idx_Xk, weights_Xk, w1_eDF, w3_eDF, w2_eFD, *, ep, expert_axes,
     if ep == 1:
         y_ZD = dispatch.grouped_swiglu(x_ZD, group_sizes_E, w1_eDF, w3_eDF, w2_eFD)
     else:
-        route = _Route(idx_Xk.reshape(-1)[order_Z], group_sizes_E, ep, E_l,
-                       capacity=X * min(k, E_l), axes=expert_axes)
+        route = _Route(
+            idx_Xk.reshape(-1)[order_Z],
+            group_sizes_E,
+            ep,
+            E_l,
+            capacity=X * min(k, E_l),
+            axes=expert_axes,
+        )
         send = route.dispatch_ragged if exchange is Exchange.RAGGED_ALL_TO_ALL else route.dispatch
         recv_UWD, back = send(x_ZD)
         y_UWD = _compute_received(recv_UWD, route.recv_counts_Ue, w1_eDF, w3_eDF, w2_eFD)
@@ -131,14 +145,26 @@ class _Route:
         recv_sizes_U = self._a2a(self.sizes_U)
         slots_U = jnp.arange(ep, dtype=jnp.int32) * W
         recv = ragged_all_to_all(
-            x_ZD, jnp.zeros((ep * W, D), x_ZD.dtype), self.starts_U, self.sizes_U,
-            jnp.full((ep,), me * W, jnp.int32), recv_sizes_U, axis_name=self.axes)
+            x_ZD,
+            jnp.zeros((ep * W, D), x_ZD.dtype),
+            self.starts_U,
+            self.sizes_U,
+            jnp.full((ep,), me * W, jnp.int32),
+            recv_sizes_U,
+            axis_name=self.axes,
+        )
         their_starts_U = self._a2a(self.starts_U)  # where my rows sat in each source's buffer
 
         def back(y_UWD):
             return ragged_all_to_all(
-                y_UWD.reshape(ep * W, D), jnp.zeros_like(x_ZD), slots_U, recv_sizes_U,
-                their_starts_U, self.sizes_U, axis_name=self.axes)
+                y_UWD.reshape(ep * W, D),
+                jnp.zeros_like(x_ZD),
+                slots_U,
+                recv_sizes_U,
+                their_starts_U,
+                self.sizes_U,
+                axis_name=self.axes,
+            )
 
         return recv.reshape(ep, W, D), back
 

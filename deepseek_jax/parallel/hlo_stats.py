@@ -15,13 +15,36 @@ import re
 
 import numpy as np
 
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
-                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "f8e4m3fn": 1, "f8e5m2": 1}
-KINDS = ("all-to-all", "ragged-all-to-all", "all-gather", "all-reduce", "reduce-scatter",
-         "collective-permute")
-_OP = re.compile(r"^\s*(?:ROOT\s+)?%\S+\s*=\s*(?P<type>.+?)\s+(?P<kind>" +
-                 "|".join(re.escape(k) for k in sorted(KINDS, key=len, reverse=True)) +
-                 r")(?:-start)?\(")
+_DTYPE_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+    "f8e4m3fn": 1,
+    "f8e5m2": 1,
+}
+KINDS = (
+    "all-to-all",
+    "ragged-all-to-all",
+    "all-gather",
+    "all-reduce",
+    "reduce-scatter",
+    "collective-permute",
+)
+_OP = re.compile(
+    r"^\s*(?:ROOT\s+)?%\S+\s*=\s*(?P<type>.+?)\s+(?P<kind>"
+    + "|".join(re.escape(k) for k in sorted(KINDS, key=len, reverse=True))
+    + r")(?:-start)?\("
+)
 _SHAPE = re.compile(r"\b([a-z]+[0-9]*[a-z0-9]*)\[([0-9,]*)\]")
 _GROUPS_LIST = re.compile(r"replica_groups=\{(\{[0-9,{}]*\})\}")
 _GROUPS_IOTA = re.compile(r"replica_groups=\[([0-9,]+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?")
@@ -48,8 +71,10 @@ def type_bytes(type_text: str) -> int:
 
 def _groups(line: str) -> tuple[tuple[int, ...], ...] | None:
     if m := _GROUPS_LIST.search(line):
-        return tuple(tuple(int(x) for x in g.split(",") if x)
-                     for g in re.findall(r"\{([0-9,]*)\}", m.group(1)))
+        return tuple(
+            tuple(int(x) for x in g.split(",") if x)
+            for g in re.findall(r"\{([0-9,]*)\}", m.group(1))
+        )
     if m := _GROUPS_IOTA.search(line):
         shape = [int(x) for x in m.group(1).split(",")]
         dims = [int(x) for x in m.group(2).split(",")]
@@ -109,8 +134,16 @@ def collectives(hlo_text: str) -> list[Collective]:
         if not m:
             continue
         name = _OP_NAME.search(line)
-        out.append(Collective(m.group("kind"), m.group("type"), type_bytes(m.group("type")),
-                              _groups(line), name.group(1) if name else "", times.get(i, 1)))
+        out.append(
+            Collective(
+                m.group("kind"),
+                m.group("type"),
+                type_bytes(m.group("type")),
+                _groups(line),
+                name.group(1) if name else "",
+                times.get(i, 1),
+            )
+        )
     return out
 
 

@@ -14,7 +14,7 @@ axes (make_mesh's default in new JAX) would demand sharding-in-types everywhere 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 from jax.sharding import AbstractMesh, AxisType, Mesh
@@ -43,22 +43,25 @@ def axis_sizes(cfg: config_lib.ParallelConfig, n_devices: int) -> dict[str, int]
         if n_devices % rest:
             raise ValueError(
                 f"parallel: {n_devices} devices are not divisible by the other mesh axes "
-                f"({describe({**sizes, DATA: '-1'})}, product {rest}), so data=-1 has no size")
+                f"({describe({**sizes, DATA: '-1'})}, product {rest}), so data=-1 has no size"
+            )
         sizes[DATA] = n_devices // rest
     product = math.prod(sizes.values())
     if product != n_devices:
-        raise ValueError(f"parallel: the mesh {describe(sizes)} has {product} devices, but "
-                         f"{n_devices} devices are present")
+        raise ValueError(
+            f"parallel: the mesh {describe(sizes)} has {product} devices, but "
+            f"{n_devices} devices are present"
+        )
     return sizes
 
 
-def make_mesh(cfg: config_lib.ParallelConfig,
-              devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(cfg: config_lib.ParallelConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """The mesh over all devices of all processes (or the given devices)."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = axis_sizes(cfg, len(devices))
-    return jax.make_mesh(tuple(sizes[a] for a in AXES), AXES, axis_types=AXIS_TYPES,
-                         devices=devices)
+    return jax.make_mesh(
+        tuple(sizes[a] for a in AXES), AXES, axis_types=AXIS_TYPES, devices=devices
+    )
 
 
 def abstract_mesh(cfg: config_lib.ParallelConfig, n_devices: int) -> AbstractMesh:

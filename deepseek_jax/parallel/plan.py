@@ -16,16 +16,17 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from deepseek_jax import batch as batch_lib
 from deepseek_jax.model import config as model_config
-from deepseek_jax.model import constraints
-from deepseek_jax.model import dispatch
+from deepseek_jax.model import constraints, dispatch
 from deepseek_jax.parallel import config as config_lib
 from deepseek_jax.parallel import expert as expert_lib
 from deepseek_jax.parallel import mesh as mesh_lib
@@ -97,22 +98,32 @@ class Plan:
             raise ValueError(
                 f"process {jax.process_index()}: its devices hold batch rows {sorted(rows)} of "
                 f"{global_batch_size}, not one aligned block; reorder the mesh so the batch axes "
-                f"{mesh_lib.BATCH_AXES} are outermost across processes")
+                f"{mesh_lib.BATCH_AXES} are outermost across processes"
+            )
         return lo // n, global_batch_size // n
 
-    def global_batch(self, local: batch_lib.Batch | Mapping[str, np.ndarray],
-                     global_batch_size: int) -> batch_lib.Batch:
+    def global_batch(
+        self, local: batch_lib.Batch | Mapping[str, np.ndarray], global_batch_size: int
+    ) -> batch_lib.Batch:
         """This process's rows (numpy; the data pipeline's records by field name, or a Batch)
         -> a Batch of global sharded arrays, every field of it."""
         if not isinstance(local, batch_lib.Batch):
             local = batch_lib.Batch.from_dict(local)
         sharding = self.batch_sharding()
-        return jax.tree.map(lambda v: jax.make_array_from_process_local_data(
-            sharding, np.asarray(v), (global_batch_size,) + np.shape(v)[1:]), local)
+        return jax.tree.map(
+            lambda v: jax.make_array_from_process_local_data(
+                sharding, np.asarray(v), (global_batch_size,) + np.shape(v)[1:]
+            ),
+            local,
+        )
 
 
-def make_plan(cfg: config_lib.ParallelConfig, model_cfg: model_config.ModelConfig,
-              global_batch_size: int, devices: Sequence[jax.Device] | None = None) -> Plan:
+def make_plan(
+    cfg: config_lib.ParallelConfig,
+    model_cfg: model_config.ModelConfig,
+    global_batch_size: int,
+    devices: Sequence[jax.Device] | None = None,
+) -> Plan:
     """Validates (before any compile) and builds the mesh over `devices` (default: all)."""
     n = len(jax.devices() if devices is None else devices)
     sizes = mesh_lib.axis_sizes(cfg, n)
@@ -121,8 +132,12 @@ def make_plan(cfg: config_lib.ParallelConfig, model_cfg: model_config.ModelConfi
     return Plan(cfg, mesh_lib.make_mesh(cfg, devices), rules)
 
 
-def make_abstract_plan(cfg: config_lib.ParallelConfig, model_cfg: model_config.ModelConfig,
-                       global_batch_size: int, n_devices: int) -> Plan:
+def make_abstract_plan(
+    cfg: config_lib.ParallelConfig,
+    model_cfg: model_config.ModelConfig,
+    global_batch_size: int,
+    n_devices: int,
+) -> Plan:
     """The same plan over an AbstractMesh: shardings and memory without the devices."""
     sizes = mesh_lib.axis_sizes(cfg, n_devices)
     rules = sharding_lib.rules_for(cfg.preset)

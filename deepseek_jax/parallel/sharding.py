@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.parallel import config as config_lib
 from deepseek_jax.parallel import mesh as mesh_lib
@@ -108,17 +110,22 @@ RULES: Mapping[config_lib.Preset, Rules] = {
 
 def rules_for(preset: config_lib.Preset) -> Rules:
     if not isinstance(preset, config_lib.Preset) or preset not in RULES:
-        raise ValueError(f"unknown parallel preset {preset!r} (allowed: "
-                         f"{[p.value for p in config_lib.Preset]})")
+        raise ValueError(
+            f"unknown parallel preset {preset!r} (allowed: {[p.value for p in config_lib.Preset]})"
+        )
     return RULES[preset]
 
 
-def spec(rules: Rules, logical: Sequence[str | None], shape: Sequence[int] | None,
-         sizes: Mapping[str, int], what: str = "array") -> P:
+def spec(
+    rules: Rules,
+    logical: Sequence[str | None],
+    shape: Sequence[int] | None,
+    sizes: Mapping[str, int],
+    what: str = "array",
+) -> P:
     """PartitionSpec of one array (rules 1 and 2 of the module docstring)."""
     if shape is not None and len(shape) != len(logical):
-        raise ValueError(f"{what}: logical axes {tuple(logical)} do not match shape "
-                         f"{tuple(shape)}")
+        raise ValueError(f"{what}: logical axes {tuple(logical)} do not match shape {tuple(shape)}")
     used: set[str] = set()
     entries: list[Any] = []
     for dim, name in enumerate(logical):
@@ -128,7 +135,8 @@ def spec(rules: Rules, logical: Sequence[str | None], shape: Sequence[int] | Non
         if shape is not None and shape[dim] % n:
             raise ValueError(
                 f"{what}: dimension {dim} ({name}) has size {shape[dim]}, not divisible by the "
-                f"{n} shards of mesh axes {' x '.join(f'{a}={sizes[a]}' for a in axes)}")
+                f"{n} shards of mesh axes {' x '.join(f'{a}={sizes[a]}' for a in axes)}"
+            )
         entries.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return P(*entries)
 
@@ -144,11 +152,16 @@ def path_keys(path) -> tuple[str, ...]:
     return tuple(out)
 
 
-def tree_specs(rules: Rules, logical_tree: Any, abstract_tree: Any, sizes: Mapping[str, int],
-               prefix: str) -> Any:
+def tree_specs(
+    rules: Rules, logical_tree: Any, abstract_tree: Any, sizes: Mapping[str, int], prefix: str
+) -> Any:
     """Specs for a nested dict of arrays given the same-shaped nested dict of logical axes."""
-    flat_logical = {path_keys(p): v for p, v in jax.tree_util.tree_flatten_with_path(
-        logical_tree, is_leaf=lambda x: isinstance(x, tuple))[0]}
+    flat_logical = {
+        path_keys(p): v
+        for p, v in jax.tree_util.tree_flatten_with_path(
+            logical_tree, is_leaf=lambda x: isinstance(x, tuple)
+        )[0]
+    }
 
     def one(path, leaf):
         keys = path_keys(path)
@@ -179,8 +192,9 @@ def _names(entry) -> tuple[str, ...]:
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
-def zero1_specs(specs: Any, abstract_tree: Any, sizes: Mapping[str, int],
-                what: str = "opt_state") -> Any:
+def zero1_specs(
+    specs: Any, abstract_tree: Any, sizes: Mapping[str, int], what: str = "opt_state"
+) -> Any:
     """ZeRO-1: every optimizer-state array additionally split over the `data` axis.
 
     The first dimension with no mesh axis whose size `data` divides takes it; failing that, the
@@ -208,9 +222,11 @@ def zero1_specs(specs: Any, abstract_tree: Any, sizes: Mapping[str, int],
                 entries[d] = (*_names(e), mesh_lib.DATA)
                 return P(*entries)
         name = "/".join((what,) + path_keys(path))
-        raise ValueError(f"parallel.zero=1: {name} of shape {tuple(leaf.shape)} (sharded {s}) "
-                         f"has no dimension divisible by the data axis, data={n}: pick a "
-                         "parallel.data that divides it, or parallel.zero=0")
+        raise ValueError(
+            f"parallel.zero=1: {name} of shape {tuple(leaf.shape)} (sharded {s}) "
+            f"has no dimension divisible by the data axis, data={n}: pick a "
+            "parallel.data that divides it, or parallel.zero=0"
+        )
 
     return jax.tree_util.tree_map_with_path(one, specs, abstract_tree, is_leaf=_is_spec)
 
@@ -224,7 +240,7 @@ def named(mesh, specs: Any) -> Any:
 
 
 def constraint_fn(mesh, rules: Rules) -> Callable[[jax.Array, Sequence[str]], jax.Array]:
-    """The activation constraint (model/constraints.py): logical names -> with_sharding_constraint."""
+    """The activation constraint (model/constraints.py): logical names -> sharding constraints."""
     sizes = mesh_lib.sizes_of(mesh)
 
     def constrain(x: jax.Array, logical: Sequence[str]) -> jax.Array:

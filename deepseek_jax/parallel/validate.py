@@ -8,7 +8,7 @@ parameter path) for whatever a config-level rule does not foresee.
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from collections.abc import Mapping
 
 from deepseek_jax.model import config as model_config
 from deepseek_jax.parallel import config as config_lib
@@ -20,24 +20,33 @@ def _fail(msg: str):
     raise ValueError(f"parallel: {msg}")
 
 
-def check(cfg: config_lib.ParallelConfig, rules: sharding_lib.Rules, sizes: Mapping[str, int],
-          model: model_config.ModelConfig, global_batch_size: int) -> None:
+def check(
+    cfg: config_lib.ParallelConfig,
+    rules: sharding_lib.Rules,
+    sizes: Mapping[str, int],
+    model: model_config.ModelConfig,
+    global_batch_size: int,
+) -> None:
     # The batch axes all carry tokens, but an fsdp or expert axis that splits no parameter is
     # just a second data axis under another name: refuse it rather than mislabel the layout.
     used = rules.param_mesh_axes() | {mesh_lib.DATA}
     for axis in mesh_lib.AXES:
         if axis != mesh_lib.PIPE and axis not in used and sizes[axis] > 1:
-            _fail(f"preset {cfg.preset.value} shards nothing over `{axis}`, so {axis}="
-                  f"{sizes[axis]} would only replicate; set {axis}=1 or pick a preset that uses "
-                  f"it (docs/parallelism.md)")
+            _fail(
+                f"preset {cfg.preset.value} shards nothing over `{axis}`, so {axis}="
+                f"{sizes[axis]} would only replicate; set {axis}=1 or pick a preset that uses "
+                f"it (docs/parallelism.md)"
+            )
 
     def divides(field: str, value: int, logical: str) -> None:
         axes = [a for a in rules.axes(logical) if sizes[a] > 1]
         n = math.prod(sizes[a] for a in axes)
         if value % n:
             where = " x ".join(f"{a}={sizes[a]}" for a in axes)
-            _fail(f"model.{field}={value} is not divisible by {where} ({n} shards of the "
-                  f"`{logical}` axis under preset {cfg.preset.value})")
+            _fail(
+                f"model.{field}={value} is not divisible by {where} ({n} shards of the "
+                f"`{logical}` axis under preset {cfg.preset.value})"
+            )
 
     divides("n_heads", model.n_heads, "heads")
     divides("vocab_size", model.vocab_size, "vocab")
@@ -47,18 +56,25 @@ def check(cfg: config_lib.ParallelConfig, rules: sharding_lib.Rules, sizes: Mapp
         divides("n_routed_experts", model.n_routed_experts, "expert")
         divides("moe_intermediate_size", model.moe_intermediate_size, "expert_mlp")
         if model.n_shared_experts:
-            divides("n_shared_experts * moe_intermediate_size",
-                    model.n_shared_experts * model.moe_intermediate_size, "mlp")
+            divides(
+                "n_shared_experts * moe_intermediate_size",
+                model.n_shared_experts * model.moe_intermediate_size,
+                "mlp",
+            )
 
     batch_axes = [a for a in rules.act_batch if sizes[a] > 1]
     shards = math.prod(sizes[a] for a in batch_axes)
     where = " x ".join(f"{a}={sizes[a]}" for a in batch_axes)
     if global_batch_size % shards:
-        _fail(f"train.global_batch_size={global_batch_size} is not divisible by the {shards} "
-              f"batch shards ({where})")
+        _fail(
+            f"train.global_batch_size={global_batch_size} is not divisible by the {shards} "
+            f"batch shards ({where})"
+        )
     if cfg.pipeline is not config_lib.Schedule.NONE:
         rows = global_batch_size // cfg.num_microbatches  # every micro-batch is split the same
         if rows % shards:
-            _fail(f"a micro-batch of {rows} sequences (train.global_batch_size="
-                  f"{global_batch_size} / parallel.microbatches={cfg.num_microbatches}) is not "
-                  f"divisible by the {shards} batch shards ({where})")
+            _fail(
+                f"a micro-batch of {rows} sequences (train.global_batch_size="
+                f"{global_batch_size} / parallel.microbatches={cfg.num_microbatches}) is not "
+                f"divisible by the {shards} batch shards ({where})"
+            )

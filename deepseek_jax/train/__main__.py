@@ -1,6 +1,7 @@
 """Train a model.
 
-    python -m deepseek_jax.train --config=configs/tiny.py --workdir=runs/tiny [--config.train.steps=N]
+    python -m deepseek_jax.train --config=configs/tiny.py --workdir=runs/tiny \
+        [--config.train.steps=N]
 
 Multi-host: pass --coordinator=host:port --num_processes=N --process_id=i, or nothing on
 TPU/GKE/SLURM where jax.distributed.initialize() detects the cluster. Only process 0 logs.
@@ -23,17 +24,28 @@ _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
 _COORDINATOR_TIMEOUT = flags.DEFINE_integer(
-    "coordinator_timeout_s", distributed.DEFAULT_COORDINATOR_TIMEOUT_S,
-    "Multi-host: seconds to wait for the coordinator and for every process to join.")
+    "coordinator_timeout_s",
+    distributed.DEFAULT_COORDINATOR_TIMEOUT_S,
+    "Multi-host: seconds to wait for the coordinator and for every process to join.",
+)
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
-    "heartbeat_timeout_s", distributed.DEFAULT_HEARTBEAT_TIMEOUT_S,
-    "Multi-host: a process silent this long is declared lost and every other process stops.")
+    "heartbeat_timeout_s",
+    distributed.DEFAULT_HEARTBEAT_TIMEOUT_S,
+    "Multi-host: a process silent this long is declared lost and every other process stops.",
+)
 
 
 def _auto_cluster() -> bool:
     env = os.environ
-    return any(k in env for k in ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS",
-                                  "SLURM_JOB_ID", "JOBSET_NAME"))
+    return any(
+        k in env
+        for k in (
+            "TPU_WORKER_HOSTNAMES",
+            "MEGASCALE_COORDINATOR_ADDRESS",
+            "SLURM_JOB_ID",
+            "JOBSET_NAME",
+        )
+    )
 
 
 def main(argv):
@@ -42,13 +54,19 @@ def main(argv):
     exp = cli.experiment()
     workdir = preflight.check(_WORKDIR.value, exp)
     multi = _COORDINATOR.value is not None or _NUM_PROCESSES.value is not None
-    cluster = (distributed.check(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-               if multi else None)
+    cluster = (
+        distributed.check(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        if multi
+        else None
+    )
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
     if multi or _auto_cluster():
-        distributed.initialize(cluster, coordinator_timeout_s=_COORDINATOR_TIMEOUT.value,
-                               heartbeat_timeout_s=_HEARTBEAT_TIMEOUT.value)
+        distributed.initialize(
+            cluster,
+            coordinator_timeout_s=_COORDINATOR_TIMEOUT.value,
+            heartbeat_timeout_s=_HEARTBEAT_TIMEOUT.value,
+        )
 
     from deepseek_jax.train import loop
 

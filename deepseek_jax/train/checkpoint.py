@@ -13,7 +13,8 @@ import json
 import logging
 import os
 import time
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -39,8 +40,8 @@ class CheckpointError(errors.UserError, RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class Restored:
     step: int
-    state: Any          # the pytree, laid out as the abstract target asked
-    data: dict | None   # this process's data-iterator state; None if saved by another process count
+    state: Any  # the pytree, laid out as the abstract target asked
+    data: dict | None  # this process's data-iterator state; None if saved by another process count
     config: dict
     meta: dict
 
@@ -74,8 +75,13 @@ class _PerProcessJsonHandler(ocp.CheckpointHandler):
         path = directory / self._name()
         if not path.exists():
             saved = sorted(p.name for p in directory.iterdir())
-            log.warning("data-iterator state in %s was saved as %s, not %s (different process "
-                        "count): the loop gets data=None", directory, saved, self._name())
+            log.warning(
+                "data-iterator state in %s was saved as %s, not %s (different process "
+                "count): the loop gets data=None",
+                directory,
+                saved,
+                self._name(),
+            )
             return None
         return json.loads(path.read_text())
 
@@ -103,13 +109,15 @@ class _KeepNewestGood:
 
     keep_last: int
     keep_every: int | None
-    owner: "Checkpointer"
+    owner: Checkpointer
 
     def should_preserve(self, checkpoints: Sequence[Any], *, context: Any) -> list[bool]:
         steps = [c.step for c in checkpoints]
-        keep = [i >= len(steps) - self.keep_last
-                or (self.keep_every is not None and s % self.keep_every == 0)
-                for i, s in enumerate(steps)]
+        keep = [
+            i >= len(steps) - self.keep_last
+            or (self.keep_every is not None and s % self.keep_every == 0)
+            for i, s in enumerate(steps)
+        ]
         if jax.process_index() == self.owner.primary_host:
             for i in reversed(range(len(steps))):
                 if steps[i] == self.owner._inflight_step:
@@ -118,8 +126,11 @@ class _KeepNewestGood:
                 if reason is None:
                     keep[i] = True
                     break
-                log.warning("checkpoint step %d fails verification (%s); retention keeps an "
-                            "older good one", steps[i], reason)
+                log.warning(
+                    "checkpoint step %d fails verification (%s); retention keeps an older good one",
+                    steps[i],
+                    reason,
+                )
         return keep
 
 
@@ -136,7 +147,8 @@ def _from_primary(value: int, primary: int) -> int:
     if jax.process_count() == 1:
         return value
     out = multihost_utils.broadcast_one_to_all(
-        np.array(value, np.int64), is_source=jax.process_index() == primary)
+        np.array(value, np.int64), is_source=jax.process_index() == primary
+    )
     return int(out)
 
 
@@ -170,7 +182,8 @@ def _mesh_shape(state: Any) -> dict | None:
 def abstract_state(state: Any) -> Any:
     """The restore target for a state laid out like `state` (arrays or ShapeDtypeStructs)."""
     return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state
+    )
 
 
 @dataclasses.dataclass
@@ -194,9 +207,16 @@ class Checkpointer:
     `primary_host` only). Not thread-safe: call from the training loop's thread.
     """
 
-    def __init__(self, workdir: str | epath.PathLike, *, keep_last: int = 3,
-                 keep_every: int | None = None, file_checksums: bool = False,
-                 primary_host: int = 0, timeout_s: int = 1200) -> None:
+    def __init__(
+        self,
+        workdir: str | epath.PathLike,
+        *,
+        keep_last: int = 3,
+        keep_every: int | None = None,
+        file_checksums: bool = False,
+        primary_host: int = 0,
+        timeout_s: int = 1200,
+    ) -> None:
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
         if keep_every is not None and keep_every < 1:
@@ -213,25 +233,43 @@ class Checkpointer:
             # Orbax removes these on start-up (cleanup_tmp_directories); say so first.
             for path in self.directory.iterdir():
                 if _TMP_SUFFIX in path.name:
-                    log.warning("checkpoint step %s was interrupted while saving (%s left "
-                                "behind); removing it", path.name.split(".")[0], path.name)
+                    log.warning(
+                        "checkpoint step %s was interrupted while saving (%s left "
+                        "behind); removing it",
+                        path.name.split(".")[0],
+                        path.name,
+                    )
         options = ocp.CheckpointManagerOptions(
             enable_async_checkpointing=True,
-            async_options=ocp.AsyncOptions(timeout_secs=timeout_s,
-                                           post_finalization_callback=self._on_commit),
+            async_options=ocp.AsyncOptions(
+                timeout_secs=timeout_s, post_finalization_callback=self._on_commit
+            ),
             preservation_policy=_KeepNewestGood(keep_last, keep_every, self),
             cleanup_tmp_directories=True,
             multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=primary_host),
         )
-        handlers = {"state": ocp.StandardCheckpointHandler(), "data": _PerProcessJsonHandler(),
-                    "config": ocp.JsonCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-        self._manager = ocp.CheckpointManager(self.directory, item_handlers=handlers,
-                                              options=options)
+        handlers = {
+            "state": ocp.StandardCheckpointHandler(),
+            "data": _PerProcessJsonHandler(),
+            "config": ocp.JsonCheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(),
+        }
+        self._manager = ocp.CheckpointManager(
+            self.directory, item_handlers=handlers, options=options
+        )
 
     # ------------------------------------------------------------------ save
 
-    def save(self, step: int, state: Any, *, data: Mapping | None = None,
-             config: Any = None, meta: Mapping | None = None, wait: bool = False) -> bool:
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        data: Mapping | None = None,
+        config: Any = None,
+        meta: Mapping | None = None,
+        wait: bool = False,
+    ) -> bool:
         """Starts an asynchronous save of `step`; False if that step is already on disk.
 
         Blocks only for the previous save to finish (if still running) and the device-to-host copy;
@@ -244,7 +282,8 @@ class Checkpointer:
             if step not in self._ours:
                 raise CheckpointError(
                     f"checkpoint step {step} exists from another run (after restoring an older "
-                    "step, call discard_after(step) before training on)")
+                    "step, call discard_after(step) before training on)"
+                )
             log.info("checkpoint step %d already saved; not saving it again", step)
             return False
         data_doc, config_doc = _json_item("data", data), _json_item("config", config)
@@ -263,12 +302,16 @@ class Checkpointer:
         self._inflight = _Inflight(step, leaves, integrity.start_fingerprints(state))
         self._inflight_step = step
         self._ours.add(step)
-        self._manager.save(step, force=True, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=_DataSave(data_doc),
-            config=ocp.args.JsonSave(config_doc),
-            meta=ocp.args.JsonSave(meta_doc),
-        ))
+        self._manager.save(
+            step,
+            force=True,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=_DataSave(data_doc),
+                config=ocp.args.JsonSave(config_doc),
+                meta=ocp.args.JsonSave(meta_doc),
+            ),
+        )
         if wait:
             self.wait_until_finished()
         return True
@@ -337,8 +380,11 @@ class Checkpointer:
             is_primary = jax.process_index() == self.primary_host
             n = _from_primary(len(candidates), self.primary_host)
             mine = np.array(candidates if is_primary else [0] * n, np.int64)
-            candidates = [int(s) for s in multihost_utils.broadcast_one_to_all(
-                mine, is_source=is_primary)] if n else []
+            candidates = (
+                [int(s) for s in multihost_utils.broadcast_one_to_all(mine, is_source=is_primary)]
+                if n
+                else []
+            )
         bad: list[tuple[int, str]] = []
         for i, candidate in enumerate(candidates):
             restored, reason = self._try_restore(candidate, abstract_state)
@@ -347,8 +393,13 @@ class Checkpointer:
                     self._quarantine([s for s, _ in bad])
                 return restored
             if i + 1 < len(candidates):
-                log.warning("checkpoint step %d in %s is unusable (%s); falling back to step %d",
-                            candidate, self.directory, reason, candidates[i + 1])
+                log.warning(
+                    "checkpoint step %d in %s is unusable (%s); falling back to step %d",
+                    candidate,
+                    self.directory,
+                    reason,
+                    candidates[i + 1],
+                )
             bad.append((candidate, reason))
         if not bad:
             return None
@@ -358,7 +409,8 @@ class Checkpointer:
             + "; ".join(f"step {s}: {r}" for s, r in bad)
             + ". Nothing was moved or deleted. To start this run from scratch, move "
             f"{self.directory} aside (or use a new --workdir); to start from the weights of "
-            "another checkpoint, also set --config.checkpoint.init_from=<step dir>.")
+            "another checkpoint, also set --config.checkpoint.init_from=<step dir>."
+        )
 
     def _try_restore(self, step: int, abstract_state: Any) -> tuple[Restored | None, str]:
         step_dir = self.directory / str(step)
@@ -373,20 +425,24 @@ class Checkpointer:
         manifest = integrity.read_manifest(step_dir)
         integrity.check_target(manifest, abstract_state, step)  # caller's error: propagates
         try:
-            out = self._manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=_DataRestore(),
-                config=ocp.args.JsonRestore(),
-                meta=ocp.args.JsonRestore(),
-            ))
+            out = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state),
+                    data=_DataRestore(),
+                    config=ocp.args.JsonRestore(),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
             reason = integrity.check_fingerprints(manifest, out.state) or ""
         except Exception as e:  # noqa: BLE001 -- any read failure means this step is unusable
             out, reason = None, f"restore failed: {type(e).__name__}: {e}"
         if not _all_agree(not reason):
             return None, reason or "failed on another host"
         self._ours.add(step)
-        return Restored(step=step, state=out.state, data=out.data, config=dict(out.config),
-                        meta=dict(out.meta)), ""
+        return Restored(
+            step=step, state=out.state, data=out.data, config=dict(out.config), meta=dict(out.meta)
+        ), ""
 
     def discard_after(self, step: int) -> list[int]:
         """Moves every step newer than `step` to quarantine/ (e.g. to branch a run from an older
@@ -417,7 +473,7 @@ class Checkpointer:
         self.wait_until_finished()
         self._manager.close()
 
-    def __enter__(self) -> "Checkpointer":
+    def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *exc: Any) -> None:

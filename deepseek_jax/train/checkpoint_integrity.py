@@ -20,7 +20,8 @@ import concurrent.futures
 import functools
 import json
 import zlib
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -83,8 +84,9 @@ def _supported(x: Any) -> bool:
         return False
     if jnp.issubdtype(dtype, jax.dtypes.prng_key) or dtype == jnp.bool_:
         return True
-    return (jax.dtypes.itemsize_bits(dtype) in (8, 16, 32, 64)
-            and not jnp.issubdtype(dtype, jnp.complexfloating))
+    return jax.dtypes.itemsize_bits(dtype) in (8, 16, 32, 64) and not jnp.issubdtype(
+        dtype, jnp.complexfloating
+    )
 
 
 def _device_group(x: Any) -> tuple[int, ...]:
@@ -106,7 +108,7 @@ def _stack_fingerprints(xs: list[jax.Array]) -> jax.Array:
     return jnp.stack([_leaf_fingerprint(x) for x in xs])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fingerprint_fn(out_sharding: Any) -> Any:
     # One jit per output sharding; jit's own cache then keys on the leaves' shapes and shardings.
     return jax.jit(_stack_fingerprints, out_shardings=out_sharding)
@@ -174,8 +176,9 @@ def _crc32(path: epath.Path) -> int:
     return crc
 
 
-def write_manifest(step_dir: epath.Path, step: int, leaves: list[list], prints: list,
-                   checksums: bool) -> None:
+def write_manifest(
+    step_dir: epath.Path, step: int, leaves: list[list], prints: list, checksums: bool
+) -> None:
     """Lists every file orbax wrote (and optionally its CRC32) plus the leaf table.
 
     Called on the primary host from orbax's post-finalisation hook, i.e. after every host's writes
@@ -231,8 +234,10 @@ def check_structure(step_dir: epath.Path, step: int) -> str | None:
                 return f"file {rel} missing"
             if actual != size:
                 return f"file {rel} has {actual} bytes, {size} written (truncated or overwritten)"
-    json_files = [*_JSON_FILES,
-                  *(r for r in doc["files"] if r.startswith("data/") and r.endswith(".json"))]
+    json_files = [
+        *_JSON_FILES,
+        *(r for r in doc["files"] if r.startswith("data/") and r.endswith(".json")),
+    ]
     for rel in json_files:
         try:
             json.loads((step_dir / rel).read_text())
@@ -263,10 +268,15 @@ def check_target(manifest: Mapping, abstract_state: Any, step: int) -> None:
         return
     missing = sorted(set(saved) - set(wanted))[:5]
     extra = sorted(set(wanted) - set(saved))[:5]
-    differ = [f"{k}: saved {saved[k]} vs target {wanted[k]}"
-              for k in sorted(set(saved) & set(wanted)) if saved[k] != wanted[k]][:5]
-    raise ValueError(f"restore target does not match checkpoint step {step}: "
-                     f"not in target {missing}, not in checkpoint {extra}, differing {differ}")
+    differ = [
+        f"{k}: saved {saved[k]} vs target {wanted[k]}"
+        for k in sorted(set(saved) & set(wanted))
+        if saved[k] != wanted[k]
+    ][:5]
+    raise ValueError(
+        f"restore target does not match checkpoint step {step}: "
+        f"not in target {missing}, not in checkpoint {extra}, differing {differ}"
+    )
 
 
 def check_fingerprints(manifest: Mapping, restored_state: Any) -> str | None:

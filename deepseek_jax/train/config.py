@@ -7,15 +7,17 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True)
 class Piecewise:
-    """values[i] holds for steps in [boundaries[i-1], boundaries[i]); e.g. MTP lambda 0.3 then 0.1."""
+    """values[i] holds for steps in [boundaries[i-1], boundaries[i]); e.g. MTP lambda 0.3, 0.1."""
 
     values: tuple[float, ...]
     boundaries: tuple[int, ...] = ()
 
     def __post_init__(self):
         if len(self.values) != len(self.boundaries) + 1:
-            raise ValueError(f"piecewise schedule needs len(values) == len(boundaries) + 1, got "
-                             f"{len(self.values)} values and {len(self.boundaries)} boundaries")
+            raise ValueError(
+                f"piecewise schedule needs len(values) == len(boundaries) + 1, got "
+                f"{len(self.values)} values and {len(self.boundaries)} boundaries"
+            )
         if list(self.boundaries) != sorted(self.boundaries):
             raise ValueError(f"piecewise boundaries must increase, got {self.boundaries}")
 
@@ -52,12 +54,24 @@ class TrainConfig:
         def fail(field, msg):
             raise ValueError(f"train.{field}: {msg}")
 
-        for name in ["steps", "global_batch_size", "seq_len", "log_every", "eval_every",
-                     "max_nonfinite_in_a_row"]:
+        for name in [
+            "steps",
+            "global_batch_size",
+            "seq_len",
+            "log_every",
+            "eval_every",
+            "max_nonfinite_in_a_row",
+        ]:
             if getattr(self, name) <= 0:
                 fail(name, f"must be positive, got {getattr(self, name)}")
-        for name in ["warmup_steps", "constant_steps", "decay_steps", "eval_batches",
-                     "weight_decay", "balance_alpha"]:
+        for name in [
+            "warmup_steps",
+            "constant_steps",
+            "decay_steps",
+            "eval_batches",
+            "weight_decay",
+            "balance_alpha",
+        ]:
             if getattr(self, name) < 0:
                 fail(name, f"must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0 or self.lr_final < 0:

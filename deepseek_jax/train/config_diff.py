@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from deepseek_jax import config as config_lib
 from deepseek_jax import errors
@@ -44,8 +45,11 @@ def diff(saved: Mapping[str, Any], requested: Mapping[str, Any]) -> dict[str, tu
     """{dotted field: (saved value, requested value)} for every field that differs."""
     a = _flatten(json.loads(json.dumps(saved)))
     b = _flatten(json.loads(json.dumps(requested)))
-    return {k: (a.get(k, _ABSENT), b.get(k, _ABSENT)) for k in sorted(set(a) | set(b))
-            if a.get(k, _ABSENT) != b.get(k, _ABSENT)}
+    return {
+        k: (a.get(k, _ABSENT), b.get(k, _ABSENT))
+        for k in sorted(set(a) | set(b))
+        if a.get(k, _ABSENT) != b.get(k, _ABSENT)
+    }
 
 
 def is_model_change(field: str) -> bool:
@@ -73,8 +77,9 @@ def _show(value: Any) -> str:
     return "(absent)" if value is _ABSENT else json.dumps(value)
 
 
-def check_resume(workdir: str | pathlib.Path,
-                 exp: config_lib.ExperimentConfig) -> dict[str, tuple[Any, Any]]:
+def check_resume(
+    workdir: str | pathlib.Path, exp: config_lib.ExperimentConfig
+) -> dict[str, tuple[Any, Any]]:
     """Raises ConfigMismatchError on a model change; logs (and returns) the allowed changes."""
     found = saved_config(pathlib.Path(workdir))
     if found is None:
@@ -83,11 +88,14 @@ def check_resume(workdir: str | pathlib.Path,
     changes = diff(saved, exp.to_dict())
     model = {k: v for k, v in changes.items() if is_model_change(k)}
     if model:
-        listed = "; ".join(f"{k} is {_show(a)} there, {_show(b)} now" for k, (a, b) in model.items())
+        listed = "; ".join(
+            f"{k} is {_show(a)} there, {_show(b)} now" for k, (a, b) in model.items()
+        )
         raise ConfigMismatchError(
             f"--workdir={workdir} holds checkpoints of a different model (step {step}): "
             f"{listed}. A run resumes only the model it saved; to train this config use a new "
-            "--workdir, or set those fields back to resume.")
+            "--workdir, or set those fields back to resume."
+        )
     for k, (a, b) in changes.items():
         log.warning("resuming step %d with %s changed: %s -> %s", step, k, _show(a), _show(b))
     return changes

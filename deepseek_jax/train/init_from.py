@@ -23,19 +23,23 @@ log = logging.getLogger(__name__)
 _FREE_FIELDS = ("param_dtype", "compute_dtype", "remat", "init_std", "mtp_depth")
 
 
-def check_architecture(source: config_lib.ModelConfig, target: config_lib.ModelConfig,
-                       where: pathlib.Path) -> None:
-    diffs = [f"{f.name}: checkpoint {getattr(source, f.name)!r} vs config "
-             f"{getattr(target, f.name)!r}"
-             for f in dataclasses.fields(config_lib.ModelConfig)
-             if f.name not in _FREE_FIELDS and getattr(source, f.name) != getattr(target, f.name)]
+def check_architecture(
+    source: config_lib.ModelConfig, target: config_lib.ModelConfig, where: pathlib.Path
+) -> None:
+    diffs = [
+        f"{f.name}: checkpoint {getattr(source, f.name)!r} vs config {getattr(target, f.name)!r}"
+        for f in dataclasses.fields(config_lib.ModelConfig)
+        if f.name not in _FREE_FIELDS and getattr(source, f.name) != getattr(target, f.name)
+    ]
     if diffs:
-        raise ValueError(f"checkpoint.init_from={where}: its model differs from model.*: "
-                         + "; ".join(diffs))
+        raise ValueError(
+            f"checkpoint.init_from={where}: its model differs from model.*: " + "; ".join(diffs)
+        )
 
 
-def load_into(state: state_lib.TrainState, cfg: config_lib.ModelConfig,
-              source: str) -> state_lib.TrainState:
+def load_into(
+    state: state_lib.TrainState, cfg: config_lib.ModelConfig, source: str
+) -> state_lib.TrainState:
     step_dir = ckpt_io.resolve_step_dir(pathlib.Path(source))
     check_architecture(ckpt_io.model_config(step_dir), cfg, step_dir)
     reader = ckpt_io.StateReader(step_dir)
@@ -43,12 +47,17 @@ def load_into(state: state_lib.TrainState, cfg: config_lib.ModelConfig,
     reader.check(want, allow_missing=("mtp",))
     missing = [p for p in want["params"] if p not in reader.leaves["params"]]
     if missing:
-        log.warning("%s has no MTP parameters: %d MTP leaves keep their initialisation",
-                    step_dir, len(missing))
+        log.warning(
+            "%s has no MTP parameters: %d MTP leaves keep their initialisation",
+            step_dir,
+            len(missing),
+        )
 
     def fill(collection: str, tree):
-        flat = {tuple(str(getattr(k, "key", k)) for k in path): leaf
-                for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+        flat = {
+            tuple(str(getattr(k, "key", k)) for k in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+        }
         new = {}
         for path, leaf in flat.items():
             if path in reader.leaves[collection]:
@@ -58,5 +67,8 @@ def load_into(state: state_lib.TrainState, cfg: config_lib.ModelConfig,
                 new[path] = leaf
         return ckpt_io.nest(new)
 
-    return dataclasses.replace(state, params=fill("params", state.params),
-                               expert_bias=fill("expert_bias", state.expert_bias))
+    return dataclasses.replace(
+        state,
+        params=fill("params", state.params),
+        expert_bias=fill("expert_bias", state.expert_bias),
+    )

@@ -27,13 +27,9 @@ from deepseek_jax import errors
 from deepseek_jax.model import counting
 from deepseek_jax.parallel import plan as plan_lib
 from deepseek_jax.train import checkpoint as checkpoint_lib
-from deepseek_jax.train import config_diff
-from deepseek_jax.train import init_from
+from deepseek_jax.train import config_diff, init_from, optim, preemption, sharded
 from deepseek_jax.train import metrics as metrics_lib
-from deepseek_jax.train import optim
-from deepseek_jax.train import preemption
 from deepseek_jax.train import progress as progress_lib
-from deepseek_jax.train import sharded
 from deepseek_jax.train import state as state_lib
 
 log = logging.getLogger(__name__)
@@ -53,13 +49,24 @@ def host_peak_flops() -> float:
     while time.perf_counter() - t < 0.5:
         f(x).block_until_ready()
         reps += 1
-    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+    return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
 # Dense bf16 peaks per chip (vendor figures), for MFU on accelerators.
-_PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
-               "TPU v6 lite": 918e12, "TPU7x": 2307e12, "H100": 989e12, "H200": 989e12,
-               "H800": 989e12, "A100": 312e12, "B200": 2250e12, "GB200": 2500e12}
+_PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU7x": 2307e12,
+    "H100": 989e12,
+    "H200": 989e12,
+    "H800": 989e12,
+    "A100": 312e12,
+    "B200": 2250e12,
+    "GB200": 2500e12,
+}
 
 
 def peak_flops() -> float:
@@ -76,16 +83,22 @@ class Evaluator:
         self.plan, self.batch_size = plan, t.global_batch_size
         index, count = plan.data_shard(t.global_batch_size)
         self.batches = data_lib.make_eval_iterator(
-            exp.data, seq_len=t.seq_len, batch_size=t.global_batch_size,
-            model_vocab_size=exp.model.vocab_size, num_batches=t.eval_batches or None,
-            process_index=index, process_count=count)
+            exp.data,
+            seq_len=t.seq_len,
+            batch_size=t.global_batch_size,
+            model_vocab_size=exp.model.vocab_size,
+            num_batches=t.eval_batches or None,
+            process_index=index,
+            process_count=count,
+        )
         self.fn = sharded.eval_step(plan, exp.model, graphdef, tx)
 
     def __call__(self, state: state_lib.TrainState) -> dict[str, float]:
         sums = {"nll_sum": 0.0, "tokens": 0.0, "bytes": 0.0}
         for batch in self.batches:
-            out = self.fn(state.params, state.expert_bias,
-                          self.plan.global_batch(batch, self.batch_size))
+            out = self.fn(
+                state.params, state.expert_bias, self.plan.global_batch(batch, self.batch_size)
+            )
             for k in sums:
                 sums[k] += float(out[k])
         loss = sums["nll_sum"] / max(sums["tokens"], 1.0)
@@ -118,10 +131,16 @@ def guard_compilation_cache() -> None:
     deadlocks in its collectives (devices disagree on the next collective; the rendezvous aborts
     the process after 40 s). Freshly compiled executables are fine.
     """
-    if (jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir
-            and jax.default_backend() == "cpu" and jax.device_count() > 1):
-        log.warning("persistent compilation cache disabled: cached multi-device XLA:CPU "
-                    "executables deadlock in collectives on this jax version")
+    if (
+        jax.config.jax_enable_compilation_cache
+        and jax.config.jax_compilation_cache_dir
+        and jax.default_backend() == "cpu"
+        and jax.device_count() > 1
+    ):
+        log.warning(
+            "persistent compilation cache disabled: cached multi-device XLA:CPU "
+            "executables deadlock in collectives on this jax version"
+        )
         jax.config.update("jax_enable_compilation_cache", False)
 
 
@@ -141,14 +160,20 @@ def run(exp: config_lib.ExperimentConfig, workdir: str | pathlib.Path) -> dict[s
     # Each process loads only the rows its devices hold (see Plan.data_shard).
     data_index, data_count = plan.data_shard(t.global_batch_size)
     train_iter = data_lib.make_train_iterator(
-        exp.data, seq_len=t.seq_len, global_batch_size=t.global_batch_size,
-        model_vocab_size=exp.model.vocab_size, seed=t.seed, process_index=data_index,
-        process_count=data_count)
+        exp.data,
+        seq_len=t.seq_len,
+        global_batch_size=t.global_batch_size,
+        model_vocab_size=exp.model.vocab_size,
+        seed=t.seed,
+        process_index=data_index,
+        process_count=data_count,
+    )
     evaluate = Evaluator(exp, graphdef, plan, tx)
 
     guard = preemption.PreemptionGuard().install()
-    ckpt = checkpoint_lib.Checkpointer(workdir, keep_last=exp.checkpoint.keep_last,
-                                       keep_every=exp.checkpoint.keep_every or None)
+    ckpt = checkpoint_lib.Checkpointer(
+        workdir, keep_last=exp.checkpoint.keep_last, keep_every=exp.checkpoint.keep_every or None
+    )
     abstract = sharded.abstract_state(plan, exp.model, tx)  # restores into the shardings
     restored = ckpt.restore(None, abstract)
     if restored is not None:
@@ -156,8 +181,11 @@ def run(exp: config_lib.ExperimentConfig, workdir: str | pathlib.Path) -> dict[s
         if restored.data is not None:
             train_iter.set_state(restored.data)
         else:
-            log.warning("checkpoint %d has no data state for %d processes: the data order "
-                        "restarts", step, jax.process_count())
+            log.warning(
+                "checkpoint %d has no data state for %d processes: the data order restarts",
+                step,
+                jax.process_count(),
+            )
         print(f"resumed from step {step} ({workdir / 'checkpoints' / str(step)})", flush=True)
     else:
         state, step = sharded.init_state(plan, exp.model, tx, t.seed), 0
@@ -172,7 +200,8 @@ def run(exp: config_lib.ExperimentConfig, workdir: str | pathlib.Path) -> dict[s
     bar = progress_lib.Progress(t.steps, log_every=t.log_every, process_index=pid)
     n_moe = exp.model.n_moe_layers + (exp.model.mtp_depth if exp.model.mtp_is_moe else 0)
     moe_ids = list(range(exp.model.n_dense_layers, exp.model.n_layers)) + [
-        exp.model.n_layers + k for k in range(n_moe - exp.model.n_moe_layers)]
+        exp.model.n_layers + k for k in range(n_moe - exp.model.n_moe_layers)
+    ]
     config_json = exp.to_dict()
 
     summary: dict[str, Any] = {"start_step": step}
@@ -180,8 +209,10 @@ def run(exp: config_lib.ExperimentConfig, workdir: str | pathlib.Path) -> dict[s
         first = evaluate(state)
         writer.write(0, first, split="eval")
         summary["eval_bpb_start"] = first["eval_bpb"]
-        bar.message(f"step 0: held-out {first['eval_loss']:.4f} nats/token, "
-                    f"{first['eval_bpb']:.4f} bits/byte")
+        bar.message(
+            f"step 0: held-out {first['eval_loss']:.4f} nats/token, "
+            f"{first['eval_bpb']:.4f} bits/byte"
+        )
 
     interval, skipped, streak, pending = _Interval(), 0, 0, None
     tokens_per_step = t.global_batch_size * t.seq_len
@@ -199,7 +230,8 @@ def run(exp: config_lib.ExperimentConfig, workdir: str | pathlib.Path) -> dict[s
                     f"step {done_step}: {bad} is not finite ({streak} steps in a row, limit "
                     f"train.max_nonfinite_in_a_row={t.max_nonfinite_in_a_row}); the batch was "
                     f"global batch #{done_step - 1} of this run, data state before it: "
-                    f"{json.dumps(data_state)}")
+                    f"{json.dumps(data_state)}"
+                )
         else:
             streak = 0
             interval.add(m)
@@ -208,8 +240,12 @@ def run(exp: config_lib.ExperimentConfig, workdir: str | pathlib.Path) -> dict[s
             n = max(interval.finite, 1)
             tps = interval.steps * tokens_per_step / max(now - interval.start, 1e-9)
             record = {k: v / n for k, v in interval.sums.items()}
-            record.update(lr=float(m["lr"]), tokens_per_s=tps,
-                          mfu=tps * counts.train_flops_per_token / peak, skipped_steps=skipped)
+            record.update(
+                lr=float(m["lr"]),
+                tokens_per_s=tps,
+                mfu=tps * counts.train_flops_per_token / peak,
+                skipped_steps=skipped,
+            )
             if interval.load is not None:
                 record["expert_load"] = (interval.load / n).tolist()
                 record["moe_layer_ids"] = moe_ids
@@ -238,8 +274,7 @@ def run(exp: config_lib.ExperimentConfig, workdir: str | pathlib.Path) -> dict[s
             if guard.should_stop(step):
                 if pending is not None:
                     consume(*pending)
-                ckpt.save(step, state, data=train_iter.get_state(), config=config_json,
-                          wait=True)
+                ckpt.save(step, state, data=train_iter.get_state(), config=config_json, wait=True)
                 bar.message(f"stopping at step {step} ({guard.reason}); checkpoint saved")
                 summary.update(preempted=True, step=step)
                 return summary
@@ -247,13 +282,22 @@ def run(exp: config_lib.ExperimentConfig, workdir: str | pathlib.Path) -> dict[s
             consume(*pending)
         last = evaluate(state)
         writer.write(step, last, split="eval")
-        summary.update(step=step, eval_bpb_end=last["eval_bpb"], eval_loss_end=last["eval_loss"],
-                       skipped_steps=skipped, preempted=False)
-        bar.message(f"step {step}: held-out {last['eval_loss']:.4f} nats/token, "
-                    f"{last['eval_bpb']:.4f} bits/byte")
+        summary.update(
+            step=step,
+            eval_bpb_end=last["eval_bpb"],
+            eval_loss_end=last["eval_loss"],
+            skipped_steps=skipped,
+            preempted=False,
+        )
+        bar.message(
+            f"step {step}: held-out {last['eval_loss']:.4f} nats/token, "
+            f"{last['eval_bpb']:.4f} bits/byte"
+        )
         if "eval_bpb_start" in summary:
-            bar.message(f"held-out bits/byte: {summary['eval_bpb_start']:.4f} at step 0 -> "
-                        f"{last['eval_bpb']:.4f} at step {step}")
+            bar.message(
+                f"held-out bits/byte: {summary['eval_bpb_start']:.4f} at step 0 -> "
+                f"{last['eval_bpb']:.4f} at step {step}"
+            )
         return summary
     finally:
         ckpt.wait_until_finished()

@@ -118,7 +118,8 @@ def scalar_tags(split: str, metrics: Mapping[str, Any]) -> dict[str, float]:
             raise ValueError("expert_load rows must all have one entry per expert") from None
         if load_LE.ndim != 2:
             raise ValueError(
-                f"expert_load must be [moe_layers, experts], got shape {load_LE.shape}")
+                f"expert_load must be [moe_layers, experts], got shape {load_LE.shape}"
+            )
         num_layers = load_LE.shape[0]
     bias = metrics.get("expert_bias_norm")
     bias_L = None if bias is None else np.asarray(bias, dtype=np.float64).reshape(-1)
@@ -264,7 +265,8 @@ def _drop_superseded(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         split, step = record.get("split", "train"), record["step"]
         if split in last_step and step <= last_step[split]:
             kept = [
-                r for r in kept
+                r
+                for r in kept
                 if r["step"] < step or (r["step"] == step and r.get("split", "train") != split)
             ]
             last_step = {}
@@ -276,8 +278,9 @@ def _drop_superseded(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(kept, key=lambda r: r["step"])
 
 
-def series(records: Sequence[Mapping[str, Any]], key: str, split: str | None = None
-           ) -> tuple[np.ndarray, np.ndarray]:
+def series(
+    records: Sequence[Mapping[str, Any]], key: str, split: str | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(steps, values) of a scalar metric across records that have it; None (non-finite) -> NaN."""
     steps, values = [], []
     for record in records:

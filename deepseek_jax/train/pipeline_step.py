@@ -14,7 +14,7 @@ the whole batch's denominators; this file only adds up what the executor returns
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +23,7 @@ import optax
 
 from deepseek_jax import batch as batch_lib
 from deepseek_jax.model import config as config_lib
-from deepseek_jax.model import dispatch
-from deepseek_jax.model import losses
+from deepseek_jax.model import dispatch, losses
 from deepseek_jax.model import moe as moe_lib
 from deepseek_jax.parallel import config as parallel_config
 from deepseek_jax.parallel.pipeline import executor, schedules, stages, ticks
@@ -40,10 +39,12 @@ def microbatched(batch: batch_lib.Batch, microbatches: int) -> batch_lib.Batch:
     every block."""
     B = batch.inputs.shape[0]
     if B % microbatches:
-        raise ValueError(f"a batch of {B} sequences is not divisible into {microbatches} "
-                         "micro-batches")
+        raise ValueError(
+            f"a batch of {B} sequences is not divisible into {microbatches} micro-batches"
+        )
     return jax.tree.map(
-        lambda x: x.reshape(B // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1), batch)
+        lambda x: x.reshape(B // microbatches, microbatches, *x.shape[1:]).swapaxes(0, 1), batch
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,12 +66,18 @@ class Pipeline:
         return executor.encode(self.table if table is None else table, self.layout)
 
 
-def build(schedule: schedules.Schedule, pp: int, microbatches: int, graphdef,
-          cfg: config_lib.ModelConfig, layout: executor.Layout | None = None, *,
-          experts: dispatch.ExpertFn = dispatch.dropless_experts,
-          objective: losses.Objective = losses.objective,
-          split: parallel_config.BackwardSplit = parallel_config.BackwardSplit.EXACT
-          ) -> Pipeline:
+def build(
+    schedule: schedules.Schedule,
+    pp: int,
+    microbatches: int,
+    graphdef,
+    cfg: config_lib.ModelConfig,
+    layout: executor.Layout | None = None,
+    *,
+    experts: dispatch.ExpertFn = dispatch.dropless_experts,
+    objective: losses.Objective = losses.objective,
+    split: parallel_config.BackwardSplit = parallel_config.BackwardSplit.EXACT,
+) -> Pipeline:
     orders = schedules.build(schedule, pp, microbatches)
     table = ticks.build(orders, split)
     layout = layout or executor.Layout.of(table, num_stages=orders.num_stages)
@@ -78,8 +85,14 @@ def build(schedule: schedules.Schedule, pp: int, microbatches: int, graphdef,
     return Pipeline(schedules.Schedule(schedule), pp, microbatches, table, layout, stage)
 
 
-def loss_and_grads(pipe: Pipeline, run: Callable, train_cfg: train_config.TrainConfig,
-                   state: state_lib.TrainState, batch: batch_lib.Batch, tbl: dict):
+def loss_and_grads(
+    pipe: Pipeline,
+    run: Callable,
+    train_cfg: train_config.TrainConfig,
+    state: state_lib.TrainState,
+    batch: batch_lib.Batch,
+    tbl: dict,
+):
     """(loss, (metrics, moe_stats, mtp_stats), grads) as `step.loss_and_grads` returns them, plus
     the executor's `Result` (executed-op log, gradients in the pipelined layout)."""
     cfg, S = pipe.stage.cfg, pipe.num_stages
@@ -91,9 +104,16 @@ def loss_and_grads(pipe: Pipeline, run: Callable, train_cfg: train_config.TrainC
     stack, glob = stages.split(state.params)
     bias_stack, bias_glob = stages.split(state.expert_bias)
     placement = jnp.asarray(tbl["placement"])
-    res = run(stages.to_pipeline(stack, placement, S),
-              stages.to_pipeline(bias_stack, placement, S), glob, bias_glob, mbs, norms, weights,
-              tbl)
+    res = run(
+        stages.to_pipeline(stack, placement, S),
+        stages.to_pipeline(bias_stack, placement, S),
+        glob,
+        bias_glob,
+        mbs,
+        norms,
+        weights,
+        tbl,
+    )
     grads = stages.join(stages.from_pipeline(res.d_stack, placement, S), res.d_glob)
     load = stages.from_pipeline(res.load, placement, S)
     balance = stages.from_pipeline(res.balance, placement, S)
@@ -106,9 +126,12 @@ def loss_and_grads(pipe: Pipeline, run: Callable, train_cfg: train_config.TrainC
     return metrics["loss"], (metrics, moe_stats, mtp_stats), grads, res
 
 
-def make_train_step(pipe: Pipeline, mesh: jax.sharding.Mesh,
-                    train_cfg: train_config.TrainConfig, tx: optax.GradientTransformation
-                    ) -> Callable:
+def make_train_step(
+    pipe: Pipeline,
+    mesh: jax.sharding.Mesh,
+    train_cfg: train_config.TrainConfig,
+    tx: optax.GradientTransformation,
+) -> Callable:
     """train_step(state, batch, tbl) -> (state, metrics); tbl = pipe.tables()."""
     run = executor.build(pipe.stage, pipe.layout, mesh)
     graphdef = pipe.stage.graphdef

@@ -24,8 +24,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from collections.abc import Callable
 from types import FrameType
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -68,7 +69,7 @@ class PreemptionGuard:
 
     # ------------------------------------------------------------------ handlers
 
-    def install(self) -> "PreemptionGuard":
+    def install(self) -> PreemptionGuard:
         if self.mode is not None:
             return self
         if _preemption_service_running():
@@ -85,8 +86,11 @@ class PreemptionGuard:
             wanted[signal.SIGINT] = self._forward_to_service if forward else self._on_signal
         for signum, handler in wanted.items():
             self._previous[signum] = signal.signal(signum, handler)
-        log.info("preemption guard installed (mode %s, signals %s)", self.mode,
-                 [signal.Signals(s).name for s in wanted] or "XLA-owned SIGTERM")
+        log.info(
+            "preemption guard installed (mode %s, signals %s)",
+            self.mode,
+            [signal.Signals(s).name for s in wanted] or "XLA-owned SIGTERM",
+        )
         return self
 
     def uninstall(self) -> None:
@@ -148,7 +152,7 @@ class PreemptionGuard:
             log.warning("stopping at step %d: %s", step, self.reason)
         return self._stopping
 
-    def __enter__(self) -> "PreemptionGuard":
+    def __enter__(self) -> PreemptionGuard:
         return self.install()
 
     def __exit__(self, *exc: Any) -> None:

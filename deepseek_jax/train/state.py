@@ -18,8 +18,7 @@ import optax
 from flax import nnx
 
 from deepseek_jax.model import config as config_lib
-from deepseek_jax.model import layers
-from deepseek_jax.model import transformer
+from deepseek_jax.model import layers, transformer
 
 
 @jax.tree_util.register_dataclass
@@ -48,15 +47,20 @@ def logical_axes(cfg: config_lib.ModelConfig) -> tuple[Any, Any]:
     _, params, bias = nnx.split(model, nnx.Param, layers.ExpertBias)
 
     def names(state):
-        return nnx.to_pure_dict(jax.tree.map(
-            lambda v: v.replace(tuple(v.get_metadata()["logical_axes"])), state,
-            is_leaf=lambda x: isinstance(x, nnx.Variable)))
+        return nnx.to_pure_dict(
+            jax.tree.map(
+                lambda v: v.replace(tuple(v.get_metadata()["logical_axes"])),
+                state,
+                is_leaf=lambda x: isinstance(x, nnx.Variable),
+            )
+        )
 
     return names(params), names(bias)
 
 
-def init_fn(cfg: config_lib.ModelConfig, tx: optax.GradientTransformation, key: jax.Array
-            ) -> TrainState:
+def init_fn(
+    cfg: config_lib.ModelConfig, tx: optax.GradientTransformation, key: jax.Array
+) -> TrainState:
     _, params, bias = split(transformer.Transformer(cfg, rngs=nnx.Rngs(params=key)))
     return TrainState(jnp.zeros((), jnp.int32), params, bias, tx.init(params))
 
@@ -65,7 +69,11 @@ def abstract_state(cfg: config_lib.ModelConfig, tx: optax.GradientTransformation
     return jax.eval_shape(lambda k: init_fn(cfg, tx, k), jax.random.key(0))
 
 
-def init_state(cfg: config_lib.ModelConfig, tx: optax.GradientTransformation, seed: int,
-               out_shardings: Any = None) -> TrainState:
+def init_state(
+    cfg: config_lib.ModelConfig,
+    tx: optax.GradientTransformation,
+    seed: int,
+    out_shardings: Any = None,
+) -> TrainState:
     fn = jax.jit(lambda k: init_fn(cfg, tx, k), out_shardings=out_shardings)
     return fn(jax.random.key(seed))

@@ -10,7 +10,8 @@ pipeline executor and shares `apply_update`.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,18 +19,22 @@ import optax
 from flax import nnx
 
 from deepseek_jax import batch as batch_lib
-from deepseek_jax.model import dispatch
-from deepseek_jax.model import layers
-from deepseek_jax.model import losses
+from deepseek_jax.model import dispatch, layers, losses
 from deepseek_jax.train import config as train_config
 from deepseek_jax.train import optim
 from deepseek_jax.train import state as state_lib
 
 
-def loss_fn(graphdef, train_cfg: train_config.TrainConfig, params, expert_bias,
-            batch: batch_lib.Batch, mtp_lambda: jax.Array,
-            experts: dispatch.ExpertFn = dispatch.dropless_experts,
-            objective: losses.Objective = losses.objective):
+def loss_fn(
+    graphdef,
+    train_cfg: train_config.TrainConfig,
+    params,
+    expert_bias,
+    batch: batch_lib.Batch,
+    mtp_lambda: jax.Array,
+    experts: dispatch.ExpertFn = dispatch.dropless_experts,
+    objective: losses.Objective = losses.objective,
+):
     model = nnx.merge(graphdef, params, expert_bias)
     out = model(batch.inputs, experts=experts)
     norms = losses.norms(batch, model.cfg.mtp_depth, out.logits_BSY.dtype)
@@ -38,14 +43,21 @@ def loss_fn(graphdef, train_cfg: train_config.TrainConfig, params, expert_bias,
     return loss, (metrics, out.moe_stats, out.mtp_stats)
 
 
-def loss_and_grads(graphdef, train_cfg, state: state_lib.TrainState, batch: batch_lib.Batch,
-                   experts: dispatch.ExpertFn = dispatch.dropless_experts,
-                   objective: losses.Objective = losses.objective):
+def loss_and_grads(
+    graphdef,
+    train_cfg,
+    state: state_lib.TrainState,
+    batch: batch_lib.Batch,
+    experts: dispatch.ExpertFn = dispatch.dropless_experts,
+    objective: losses.Objective = losses.objective,
+):
     mtp_lambda = optim.piecewise(train_cfg.mtp_lambda, state.step)
     grad_fn = jax.value_and_grad(
-        lambda p: loss_fn(graphdef, train_cfg, p, state.expert_bias, batch, mtp_lambda, experts,
-                          objective),
-        has_aux=True)
+        lambda p: loss_fn(
+            graphdef, train_cfg, p, state.expert_bias, batch, mtp_lambda, experts, objective
+        ),
+        has_aux=True,
+    )
     (loss, aux), grads = grad_fn(state.params)
     return loss, aux, grads
 
@@ -67,8 +79,9 @@ def moe_metrics(moe_stats, mtp_stats, expert_bias) -> dict:
     return out
 
 
-def apply_update(graphdef, train_cfg, tx, state: state_lib.TrainState, loss, aux, grads
-                 ) -> tuple[state_lib.TrainState, dict]:
+def apply_update(
+    graphdef, train_cfg, tx, state: state_lib.TrainState, loss, aux, grads
+) -> tuple[state_lib.TrainState, dict]:
     metrics, moe_stats, mtp_stats = aux
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -90,17 +103,25 @@ def apply_update(graphdef, train_cfg, tx, state: state_lib.TrainState, loss, aux
         opt_state=keep_if_bad(opt_state, state.opt_state),
     )
     metrics = dict(metrics)
-    metrics.update(grad_norm=grad_norm, lr=optim.learning_rate(train_cfg)(state.step),
-                   skipped=(~ok).astype(jnp.int32), loss_finite=jnp.isfinite(loss),
-                   grad_finite=jnp.isfinite(grad_norm))
+    metrics.update(
+        grad_norm=grad_norm,
+        lr=optim.learning_rate(train_cfg)(state.step),
+        skipped=(~ok).astype(jnp.int32),
+        loss_finite=jnp.isfinite(loss),
+        grad_finite=jnp.isfinite(grad_norm),
+    )
     metrics.update(moe_metrics(moe_stats, mtp_stats, state.expert_bias))
     return new_state, metrics
 
 
-def make_train_step(graphdef, train_cfg: train_config.TrainConfig,
-                    tx: optax.GradientTransformation, *,
-                    experts: dispatch.ExpertFn = dispatch.dropless_experts,
-                    objective: losses.Objective = losses.objective) -> Callable:
+def make_train_step(
+    graphdef,
+    train_cfg: train_config.TrainConfig,
+    tx: optax.GradientTransformation,
+    *,
+    experts: dispatch.ExpertFn = dispatch.dropless_experts,
+    objective: losses.Objective = losses.objective,
+) -> Callable:
     def train_step(state: state_lib.TrainState, batch: batch_lib.Batch):
         loss, aux, grads = loss_and_grads(graphdef, train_cfg, state, batch, experts, objective)
         return apply_update(graphdef, train_cfg, tx, state, loss, aux, grads)
@@ -112,22 +133,32 @@ def make_eval_step(graphdef, experts: dispatch.ExpertFn = dispatch.dropless_expe
     """Sums for held-out loss and bits per byte (main next-token loss only)."""
 
     def eval_step(params, expert_bias, batch: batch_lib.Batch) -> dict[str, Any]:
-        out = nnx.merge(graphdef, params, expert_bias)(batch.inputs, with_mtp=False,
-                                                       experts=experts)
+        out = nnx.merge(graphdef, params, expert_bias)(
+            batch.inputs, with_mtp=False, experts=experts
+        )
         mask = batch.loss_mask.astype(jnp.float32)
         nll = losses.token_nll(out.logits_BSY, batch.targets) * mask
-        return {"nll_sum": nll.sum(), "tokens": mask.sum(),
-                "bytes": (batch.target_bytes * mask).sum()}
+        return {
+            "nll_sum": nll.sum(),
+            "tokens": mask.sum(),
+            "bytes": (batch.target_bytes * mask).sum(),
+        }
 
     return eval_step
 
 
-def jit_train_step(fn: Callable, state_shardings: Any = None, batch_shardings: Any = None,
-                   metrics_shardings: Any = None):
+def jit_train_step(
+    fn: Callable,
+    state_shardings: Any = None,
+    batch_shardings: Any = None,
+    metrics_shardings: Any = None,
+):
     """jax.jit of a train step with the state donated; with shardings, the sharded ("pjit") step:
     explicit in/out shardings (train/sharded.py passes them; metrics replicated)."""
     kw = {}
     if state_shardings is not None:
-        kw = dict(in_shardings=(state_shardings, batch_shardings),
-                  out_shardings=(state_shardings, metrics_shardings))
+        kw = dict(
+            in_shardings=(state_shardings, batch_shardings),
+            out_shardings=(state_shardings, metrics_shardings),
+        )
     return jax.jit(fn, donate_argnums=0, **kw)

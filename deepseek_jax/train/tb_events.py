@@ -130,9 +130,8 @@ class EventFileWriter:
         now = time.time()
         # Same naming scheme as TensorFlow: TensorBoard orders files by name, so the timestamp
         # leads; the counter keeps two writers opened within one second in one process apart.
-        name = "events.out.tfevents.%010d.%s.%d.%03d" % (
-            int(now), socket.gethostname(), os.getpid(), _file_counter
-        )
+        host, pid = socket.gethostname(), os.getpid()
+        name = f"events.out.tfevents.{int(now):010d}.{host}.{pid}.{_file_counter:03d}"
         _file_counter += 1
         self.path = os.path.join(os.fspath(logdir), name)
         self._file: BinaryIO | None = open(self.path, "wb")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -39,13 +39,19 @@ def exported(tmp_path_factory) -> Callable[[str], Exported]:
             root = tmp_path_factory.mktemp(name)
             state = helpers.random_state(cfg, seed=sorted(helpers.CONFIGS).index(name) + 1)
             helpers.save_state(root / "step", cfg, state)
-            argv = ["to-hf", f"--checkpoint={root / 'step'}", f"--out={root / 'hf'}",
-                    "--dtype=float32", f"--shard-size={SHARD_SIZE.get(name, '5GB')}"]
+            argv = [
+                "to-hf",
+                f"--checkpoint={root / 'step'}",
+                f"--out={root / 'hf'}",
+                "--dtype=float32",
+                f"--shard-size={SHARD_SIZE.get(name, '5GB')}",
+            ]
             assert convert_cli.main(argv) == 0
             tokens = helpers.tokens_for(cfg)
             logits, mtp = helpers.our_outputs(cfg, state, tokens)
-            cache[name] = Exported(name, cfg, state, root / "step", root / "hf", tokens, logits,
-                                   mtp)
+            cache[name] = Exported(
+                name, cfg, state, root / "step", root / "hf", tokens, logits, mtp
+            )
         return cache[name]
 
     return get

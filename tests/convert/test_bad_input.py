@@ -126,9 +126,20 @@ def _pickle_only(d):
     return ["pytorch_model.bin", "never loaded"]
 
 
-CASES = [_missing, _extra, _extra_not_in_index, _wrong_shape, _wrong_dtype, _fp8_without_scale,
-         _unknown_model_type, _bad_config_json, _truncated, _corrupt_header,
-         _index_names_missing_shard, _pickle_only]
+CASES = [
+    _missing,
+    _extra,
+    _extra_not_in_index,
+    _wrong_shape,
+    _wrong_dtype,
+    _fp8_without_scale,
+    _unknown_model_type,
+    _bad_config_json,
+    _truncated,
+    _corrupt_header,
+    _index_names_missing_shard,
+    _pickle_only,
+]
 
 
 def _one_error_line(capsys, *needles: str) -> str:
@@ -154,9 +165,19 @@ def test_process_exit_status(exported, tmp_path):
     hf = tmp_path / "hf"
     shutil.copytree(exported(GOOD).hf_dir, hf)
     needles = _truncated(hf)
-    proc = subprocess.run([sys.executable, "-m", "deepseek_jax.convert", "from-hf",
-                           f"--hf-dir={hf}", f"--out={tmp_path / 'out'}"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deepseek_jax.convert",
+            "from-hf",
+            f"--hf-dir={hf}",
+            f"--out={tmp_path / 'out'}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and all(n in proc.stderr for n in needles), proc.stderr
 
 
@@ -209,21 +230,39 @@ def test_to_hf_and_score_overwrite(exported, tmp_path, capsys):
     assert (out / "config.json").stat().st_mtime_ns != before
     np.save(tmp_path / "tokens.npy", e.tokens)
     (tmp_path / "logits.npy").write_text("keep")
-    assert score_cli.main([f"--checkpoint={e.step_dir}", f"--tokens={tmp_path / 'tokens.npy'}",
-                           f"--out={tmp_path / 'logits.npy'}"]) == 2
+    assert (
+        score_cli.main(
+            [
+                f"--checkpoint={e.step_dir}",
+                f"--tokens={tmp_path / 'tokens.npy'}",
+                f"--out={tmp_path / 'logits.npy'}",
+            ]
+        )
+        == 2
+    )
     _one_error_line(capsys, "logits.npy", "already exists")
     assert (tmp_path / "logits.npy").read_text() == "keep"
 
 
-@pytest.mark.parametrize("tokens,needle", [
-    (np.zeros((2, 5), np.float32), "integer array"),
-    (np.zeros((10,), np.int32), "integer array [batch, time]"),
-    (np.full((1, 4), 10_000, np.int64), "outside the vocabulary [0, 128)"),
-])
+@pytest.mark.parametrize(
+    "tokens,needle",
+    [
+        (np.zeros((2, 5), np.float32), "integer array"),
+        (np.zeros((10,), np.int32), "integer array [batch, time]"),
+        (np.full((1, 4), 10_000, np.int64), "outside the vocabulary [0, 128)"),
+    ],
+)
 def test_score_rejects_bad_tokens(tokens, needle, exported, tmp_path, capsys):
     np.save(tmp_path / "tokens.npy", tokens)
-    assert score_cli.main([f"--checkpoint={exported(GOOD).step_dir}",
-                           f"--tokens={tmp_path / 'tokens.npy'}",
-                           f"--out={tmp_path / 'logits.npy'}"]) == 2
+    assert (
+        score_cli.main(
+            [
+                f"--checkpoint={exported(GOOD).step_dir}",
+                f"--tokens={tmp_path / 'tokens.npy'}",
+                f"--out={tmp_path / 'logits.npy'}",
+            ]
+        )
+        == 2
+    )
     _one_error_line(capsys, "tokens.npy", needle)
     assert not (tmp_path / "logits.npy").exists()

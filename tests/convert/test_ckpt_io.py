@@ -28,16 +28,26 @@ def test_training_style_checkpoint_exports(exported, tmp_path):
     params = tree.with_arrays(params, lambda p, _: jnp.asarray(e.state["params"][p]))
     biases = tree.with_arrays(biases, lambda p, _: jnp.asarray(e.state["expert_bias"][p]))
     pure = nnx.to_pure_dict(params)
-    state = {"step": jnp.int32(3), "params": pure, "expert_bias": nnx.to_pure_dict(biases),
-             "opt_state": {"mu": jax.tree.map(jnp.zeros_like, pure), "count": jnp.int32(3)}}
+    state = {
+        "step": jnp.int32(3),
+        "params": pure,
+        "expert_bias": nnx.to_pure_dict(biases),
+        "opt_state": {"mu": jax.tree.map(jnp.zeros_like, pure), "count": jnp.int32(3)},
+    }
     with _manager(tmp_path) as mngr:
-        mngr.save(3, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                             config=ocp.args.JsonSave({"model": e.cfg.to_dict(),
-                                                                       "train": {"lr": 1e-3}})))
+        mngr.save(
+            3,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                config=ocp.args.JsonSave({"model": e.cfg.to_dict(), "train": {"lr": 1e-3}}),
+            ),
+        )
         mngr.wait_until_finished()
     out = tmp_path / "hf"
-    assert convert_cli.main(["to-hf", f"--checkpoint={tmp_path}", f"--out={out}",
-                             "--dtype=float32"]) == 0
+    assert (
+        convert_cli.main(["to-hf", f"--checkpoint={tmp_path}", f"--out={out}", "--dtype=float32"])
+        == 0
+    )
     mine, theirs = st.HFDirectory(e.hf_dir), st.HFDirectory(out)
     assert set(mine.where) == set(theirs.where)
     for name in mine.where:
@@ -54,18 +64,27 @@ def test_from_hf_step_restores_through_checkpoint_manager(exported, tmp_path):
     experts = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "expert"))
 
     def abstract(collection):
-        leaves = {p: jax.ShapeDtypeStruct(a.shape, a.dtype,
-                                          sharding=experts if p[-1] in ("w1", "w2", "w3")
-                                          else replicated)
-                  for p, a in e.state[collection].items()}
+        leaves = {
+            p: jax.ShapeDtypeStruct(
+                a.shape, a.dtype, sharding=experts if p[-1] in ("w1", "w2", "w3") else replicated
+            )
+            for p, a in e.state[collection].items()
+        }
         return ckpt_io.nest(leaves)
 
-    target = {"step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-              "params": abstract("params"), "expert_bias": abstract("expert_bias")}
+    target = {
+        "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+        "params": abstract("params"),
+        "expert_bias": abstract("expert_bias"),
+    }
     with _manager(tmp_path) as mngr:
         assert mngr.latest_step() == 0
-        restored = mngr.restore(0, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore()))
+        restored = mngr.restore(
+            0,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), config=ocp.args.JsonRestore()
+            ),
+        )
     assert restored["config"]["model"] == e.cfg.to_dict() and int(restored["state"]["step"]) == 0
     w1 = restored["state"]["params"]["moe_layers"]["ffn"]["w1"]
     assert isinstance(w1, jax.Array) and w1.sharding == experts

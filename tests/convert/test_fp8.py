@@ -25,10 +25,25 @@ B = 128
 # d_model 160 and q_lora 136: partial column/row blocks; kv_lora 568 + rope 8 = 576 rows, like the
 # real kv_a_proj_with_mqa [576, 7168] whose scales are [5, 56].
 CFG = config_lib.ModelConfig(
-    vocab_size=64, d_model=160, n_layers=2, first_k_dense_replace=1, intermediate_size=200,
-    n_heads=2, q_lora_rank=136, kv_lora_rank=568, qk_nope_head_dim=16, qk_rope_head_dim=8,
-    v_head_dim=16, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=136,
-    num_experts_per_tok=2, n_group=2, topk_group=1, mtp_depth=1)
+    vocab_size=64,
+    d_model=160,
+    n_layers=2,
+    first_k_dense_replace=1,
+    intermediate_size=200,
+    n_heads=2,
+    q_lora_rank=136,
+    kv_lora_rank=568,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=16,
+    n_routed_experts=4,
+    n_shared_experts=1,
+    moe_intermediate_size=136,
+    num_experts_per_tok=2,
+    n_group=2,
+    topk_group=1,
+    mtp_depth=1,
+)
 
 
 def torch_quantize(w):
@@ -88,16 +103,22 @@ def write_fp8_checkpoint(root, cfg, *, quantize=lambda spec: spec.fp8_quantized)
             tensors[name] = w.to(torch.bfloat16)
             reference[name] = tensors[name].float().numpy()
     names = sorted(tensors)
-    halves = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
-              "model-00002-of-00002.safetensors": names[len(names) // 2:]}
+    halves = {
+        "model-00001-of-00002.safetensors": names[: len(names) // 2],
+        "model-00002-of-00002.safetensors": names[len(names) // 2 :],
+    }
     (root / "hf").mkdir()
     for file, part in halves.items():
         save_file({n: tensors[n] for n in part}, root / "hf" / file, metadata={"format": "pt"})
     index = {"metadata": {}, "weight_map": {n: f for f, part in halves.items() for n in part}}
     (root / "hf" / "model.safetensors.index.json").write_text(json.dumps(index))
     config = hf_config.to_hf_config(cfg, torch_dtype="bfloat16")
-    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
-                                     "activation_scheme": "dynamic", "weight_block_size": [B, B]}
+    config["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": [B, B],
+    }
     (root / "hf" / "config.json").write_text(json.dumps(config))
     return reference, {n for n in tensors if fp8.scale_name(n) in tensors}
 
@@ -107,11 +128,12 @@ def assert_imported_exactly(step_dir, cfg, reference, quantized) -> int:
     reader = ckpt_io.StateReader(step_dir)
     leaves = mapping.model_leaves(cfg)
     n_fp8 = 0
-    for (collection, path), by_index in mapping.leaf_slots(mapping.tensor_specs(cfg),
-                                                           leaves).items():
+    for (collection, path), by_index in mapping.leaf_slots(
+        mapping.tensor_specs(cfg), leaves
+    ).items():
         got = reader.read(collection, path)
         for index, spec in by_index.items():
-            want = spec.from_hf(reference[spec.hf_name], got.shape[len(index):])
+            want = spec.from_hf(reference[spec.hf_name], got.shape[len(index) :])
             assert np.array_equal(got[index].view(np.uint32), want.view(np.uint32)), spec.hf_name
             n_fp8 += spec.hf_name in quantized
     return n_fp8
@@ -133,21 +155,26 @@ def test_fp8_import_matches_dequantised_reference_exactly(fp8_checkpoint):
     assert convert_cli.main(["from-hf", f"--hf-dir={root / 'hf'}", f"--out={root / 'step'}"]) == 0
     n_fp8 = assert_imported_exactly(root / "step", CFG, reference, quantized)
     assert n_fp8 > 40
-    print(f"FP8: {n_fp8} quantised tensors (incl. [576, 160] with [5, 2] scales) imported "
-          "bit-exact against the torch dequantisation")
+    print(
+        f"FP8: {n_fp8} quantised tensors (incl. [576, 160] with [5, 2] scales) imported "
+        "bit-exact against the torch dequantisation"
+    )
 
 
 def test_row_blocked_import_of_embedding_and_head(tmp_path, monkeypatch):
     """Large unstacked leaves are read and written in 128-row blocks (the last one partial),
     FP8 included: the embedding and head are quantised here too, with 300 rows."""
     cfg = dataclasses.replace(CFG, vocab_size=300, mtp_depth=0)
-    reference, quantized = write_fp8_checkpoint(tmp_path, cfg,
-                                                quantize=lambda s: len(s.hf_shape) == 2)
+    reference, quantized = write_fp8_checkpoint(
+        tmp_path, cfg, quantize=lambda s: len(s.hf_shape) == 2
+    )
     assert {"model.embed_tokens.weight", "lm_head.weight"} <= quantized
     monkeypatch.setattr(from_hf, "ROW_BLOCK_BYTES", 1)
     leaves = from_hf.lazy_leaves(from_hf.open_source(tmp_path / "hf"))["params"]
     assert leaves[("embed", "embedding")].chunk == (128, 160)
     assert leaves[("head", "kernel")].chunk == (160, 128)
-    assert convert_cli.main(["from-hf", f"--hf-dir={tmp_path / 'hf'}",
-                             f"--out={tmp_path / 'step'}"]) == 0
+    assert (
+        convert_cli.main(["from-hf", f"--hf-dir={tmp_path / 'hf'}", f"--out={tmp_path / 'step'}"])
+        == 0
+    )
     assert assert_imported_exactly(tmp_path / "step", cfg, reference, quantized) > 10

@@ -46,8 +46,16 @@ def test_import_transformers_saved_then_score(saved, capsys):
     assert convert_cli.main(["from-hf", f"--hf-dir={root / 'hf'}", f"--out={root / 'step'}"]) == 0
     assert "importing without MTP" in capsys.readouterr().out
     assert ckpt_io.model_config(root / "step") == cfg
-    assert score_cli.main([f"--checkpoint={root / 'step'}", f"--tokens={root / 'tokens.npy'}",
-                           f"--out={root / 'logits.npy'}"]) == 0
+    assert (
+        score_cli.main(
+            [
+                f"--checkpoint={root / 'step'}",
+                f"--tokens={root / 'tokens.npy'}",
+                f"--out={root / 'logits.npy'}",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     got = np.load(root / "logits.npy")
     diff = np.abs(got - want).max()
@@ -60,8 +68,12 @@ def test_import_transformers_saved_then_score(saved, capsys):
 def test_score_reads_hf_directory_directly(saved):
     _, root, _, want = saved
     out = root / "logits_direct.npy"
-    assert score_cli.main([f"--checkpoint={root / 'hf'}", f"--tokens={root / 'tokens.npy'}",
-                           f"--out={out}"]) == 0
+    assert (
+        score_cli.main(
+            [f"--checkpoint={root / 'hf'}", f"--tokens={root / 'tokens.npy'}", f"--out={out}"]
+        )
+        == 0
+    )
     assert np.abs(np.load(out) - want).max() < 1e-4
 
 
@@ -77,6 +89,8 @@ def test_score_workdir_picks_latest_step(exported, tmp_path):
     args = [f"--tokens={tmp_path / 'tokens.npy'}", "--dtype=float32"]
     assert score_cli.main([f"--checkpoint={work}", f"--out={tmp_path / 'a.npy'}"] + args) == 0
     assert np.abs(np.load(tmp_path / "a.npy") - e.logits).max() < 1e-5
-    assert score_cli.main([f"--checkpoint={work}", "--step=2", f"--out={tmp_path / 'b.npy'}"]
-                          + args) == 0
+    assert (
+        score_cli.main([f"--checkpoint={work}", "--step=2", f"--out={tmp_path / 'b.npy'}"] + args)
+        == 0
+    )
     assert np.abs(np.load(tmp_path / "b.npy")).max() == 0.0  # all-zero weights: zero logits

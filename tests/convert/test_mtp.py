@@ -40,8 +40,10 @@ def mtp_reference(e, tmp_path, *, embedding_first: bool = True) -> np.ndarray:
     with torch.no_grad():
         h = main.model(ids).last_hidden_state[:, :-1]  # post-final-norm, positions 0..S-2
         emb = t("embed_tokens.weight")[ids[:, 1:]]  # Emb(t_{i+1}), from the exported copy
-        parts = [_rms(emb, t("enorm.weight"), e.cfg.norm_eps),
-                 _rms(h, t("hnorm.weight"), e.cfg.norm_eps)]
+        parts = [
+            _rms(emb, t("enorm.weight"), e.cfg.norm_eps),
+            _rms(h, t("hnorm.weight"), e.cfg.norm_eps),
+        ]
         if not embedding_first:
             parts = parts[::-1]
         x = torch.cat(parts, dim=-1) @ t("eh_proj.weight").T
@@ -49,19 +51,24 @@ def mtp_reference(e, tmp_path, *, embedding_first: bool = True) -> np.ndarray:
     block_dir = tmp_path / ("block" if embedding_first else "block_reversed")
     if not block_dir.exists():
         block_dir.mkdir()
-        rename = {"embed_tokens.weight": "model.embed_tokens.weight",
-                  "shared_head.norm.weight": "model.norm.weight",
-                  "shared_head.head.weight": "lm_head.weight"}
+        rename = {
+            "embed_tokens.weight": "model.embed_tokens.weight",
+            "shared_head.norm.weight": "model.norm.weight",
+            "shared_head.head.weight": "lm_head.weight",
+        }
         skip = {"enorm.weight", "hnorm.weight", "eh_proj.weight"}
         tensors = {}
         for name in files.where:
-            if name.startswith(pre) and name[len(pre):] not in skip:
-                rest = name[len(pre):]
+            if name.startswith(pre) and name[len(pre) :] not in skip:
+                rest = name[len(pre) :]
                 tensors[rename.get(rest, f"model.layers.0.{rest}")] = np.array(files.read(name))
         save_file(tensors, block_dir / "model.safetensors", metadata={"format": "pt"})
         cfg = json.loads((e.hf_dir / "config.json").read_text())
-        cfg.update(num_hidden_layers=1, num_nextn_predict_layers=0,
-                   first_k_dense_replace=0 if e.cfg.mtp_is_moe else 1)
+        cfg.update(
+            num_hidden_layers=1,
+            num_nextn_predict_layers=0,
+            first_k_dense_replace=0 if e.cfg.mtp_is_moe else 1,
+        )
         (block_dir / "config.json").write_text(json.dumps(cfg))
     block, info = helpers.hf_from_pretrained(block_dir)
     assert not any(info.values()), info
@@ -75,8 +82,10 @@ def test_mtp_depth1_matches_reference(name, exported, tmp_path):
     ours = e.mtp_logits[0][:, :-1]  # the last position has no t_{i+1}
     want = mtp_reference(e, tmp_path)
     diff = np.abs(ours - want).max()
-    print(f"{name}: MTP depth 1, max|reference(HF tensors) - ours| = {diff:.2e} "
-          f"(max|logit| {np.abs(want).max():.2f})")
+    print(
+        f"{name}: MTP depth 1, max|reference(HF tensors) - ours| = {diff:.2e} "
+        f"(max|logit| {np.abs(want).max():.2f})"
+    )
     assert diff < 1e-4
     # The check can fail: the paper's printed order [h ; emb] gives clearly different logits.
     reversed_diff = np.abs(ours - mtp_reference(e, tmp_path, embedding_first=False)).max()

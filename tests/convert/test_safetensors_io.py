@@ -42,8 +42,11 @@ def test_read_files_written_by_safetensors_library(tmp_path):
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(0)
-    want = {"w": torch.randn(6, 9, generator=g).to(torch.float8_e4m3fn),
-            "s": torch.randn(2, 3, generator=g), "h": torch.randn(5, generator=g).bfloat16()}
+    want = {
+        "w": torch.randn(6, 9, generator=g).to(torch.float8_e4m3fn),
+        "s": torch.randn(2, 3, generator=g),
+        "h": torch.randn(5, generator=g).bfloat16(),
+    }
     save_file(want, tmp_path / "y.safetensors", metadata={"format": "pt"})
     f = st.SafetensorsFile(tmp_path / "y.safetensors")
     assert f.metadata == {"format": "pt"}
@@ -60,8 +63,9 @@ def test_sizes_and_shard_plan():
     with pytest.raises(ConversionError, match="--shard-size"):
         st.parse_size("five gigs")
     f4 = np.dtype(np.float32)
-    plan = st.plan_shards([st.Planned(str(i), (n,), f4) for i, n in enumerate([10, 10, 40, 5])],
-                          max_bytes=80)
+    plan = st.plan_shards(
+        [st.Planned(str(i), (n,), f4) for i, n in enumerate([10, 10, 40, 5])], max_bytes=80
+    )
     assert [[t.name for t in s] for s in plan] == [["0", "1"], ["2"], ["3"]]  # 160 B alone
 
 

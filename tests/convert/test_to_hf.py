@@ -20,19 +20,29 @@ NAMES = sorted(helpers.CONFIGS)
 def test_transformers_loads_export_with_matching_logits(name, exported, tmp_path):
     e = exported(name)
     out = tmp_path / "hf_no_mtp"
-    assert convert_cli.main(["to-hf", f"--checkpoint={e.step_dir}", f"--out={out}",
-                             "--dtype=float32", "--no-mtp"]) == 0
+    assert (
+        convert_cli.main(
+            ["to-hf", f"--checkpoint={e.step_dir}", f"--out={out}", "--dtype=float32", "--no-mtp"]
+        )
+        == 0
+    )
     model, info = helpers.hf_from_pretrained(out)
     assert {k: list(v) for k, v in info.items()} == {
-        "missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+        "missing_keys": [],
+        "unexpected_keys": [],
+        "mismatched_keys": [],
+        "error_msgs": [],
+    }
     want_cls = "DeepseekV3ForCausalLM" if name.startswith("v3") else "DeepseekV2ForCausalLM"
     assert type(model).__name__ == want_cls
     if e.cfg.tie_embeddings:
         assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     theirs = helpers.torch_logits(model, e.tokens).logits.numpy()
     diff = np.abs(theirs - e.logits).max()
-    print(f"{name}: max|transformers(export) - ours| = {diff:.2e} "
-          f"(max|logit| {np.abs(e.logits).max():.2f})")
+    print(
+        f"{name}: max|transformers(export) - ours| = {diff:.2e} "
+        f"(max|logit| {np.abs(e.logits).max():.2f})"
+    )
     assert diff < 1e-4
 
 
@@ -66,17 +76,25 @@ def test_mtp_official_layout(exported):
     names = set(st.HFDirectory(e.hf_dir).where)
     for k in range(2):
         pre = f"model.layers.{e.cfg.n_layers + k}."
-        for suffix in ("enorm.weight", "hnorm.weight", "eh_proj.weight", "embed_tokens.weight",
-                       "shared_head.norm.weight", "shared_head.head.weight",
-                       "self_attn.q_proj.weight", "mlp.experts.3.down_proj.weight",
-                       "mlp.gate.e_score_correction_bias", "mlp.shared_experts.up_proj.weight"):
+        for suffix in (
+            "enorm.weight",
+            "hnorm.weight",
+            "eh_proj.weight",
+            "embed_tokens.weight",
+            "shared_head.norm.weight",
+            "shared_head.head.weight",
+            "self_attn.q_proj.weight",
+            "mlp.experts.3.down_proj.weight",
+            "mlp.gate.e_score_correction_bias",
+            "mlp.shared_experts.up_proj.weight",
+        ):
             assert pre + suffix in names
     files = st.HFDirectory(e.hf_dir)
     pre = f"model.layers.{e.cfg.n_layers}."
-    assert np.array_equal(files.read(pre + "embed_tokens.weight"),
-                          files.read("model.embed_tokens.weight"))
-    assert np.array_equal(files.read(pre + "shared_head.head.weight"),
-                          files.read("lm_head.weight"))
+    assert np.array_equal(
+        files.read(pre + "embed_tokens.weight"), files.read("model.embed_tokens.weight")
+    )
+    assert np.array_equal(files.read(pre + "shared_head.head.weight"), files.read("lm_head.weight"))
 
 
 def test_sharding_and_index(exported):
@@ -85,11 +103,14 @@ def test_sharding_and_index(exported):
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     sizes = [(e.hf_dir / s).stat().st_size for s in shards]
-    biggest = max(st.DTYPES[i.dtype].itemsize * int(np.prod(i.shape))
-                  for i in (st.HFDirectory(e.hf_dir).info(n) for n in index["weight_map"]))
+    biggest = max(
+        st.DTYPES[i.dtype].itemsize * int(np.prod(i.shape))
+        for i in (st.HFDirectory(e.hf_dir).info(n) for n in index["weight_map"])
+    )
     assert all(size <= max(40_000, biggest) + 16_384 for size in sizes)  # + header
     assert index["metadata"]["total_size"] == sum(
-        st.HFDirectory(e.hf_dir).info(n).nbytes for n in index["weight_map"])
+        st.HFDirectory(e.hf_dir).info(n).nbytes for n in index["weight_map"]
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -19,9 +19,9 @@ def test_corpus_is_documents_each_followed_by_eos(text_dir):
     c = corpus.load_corpus(_cfg(text_dir), BYTES)
     assert c.keys == tuple(sorted(f"corpus/{k}" for k in corpora.DOCS))
     for i, key in enumerate(c.keys):
-        doc = c.tokens[c.offsets[i]:c.offsets[i + 1]]
+        doc = c.tokens[c.offsets[i] : c.offsets[i + 1]]
         assert doc[-1] == BYTES.eos_id
-        assert BYTES.decode(doc[:-1]) == corpora.DOCS[key[len("corpus/"):]]
+        assert BYTES.decode(doc[:-1]) == corpora.DOCS[key[len("corpus/") :]]
     assert c.tokens.dtype == np.uint16
 
 
@@ -53,8 +53,7 @@ def test_tiny_corpora_get_both_splits_and_one_document_is_an_error(tmp_path):
     for fraction in (0.001, 0.999):
         s = corpus.split_documents(c, fraction, 0)
         assert s.train.size == 1 and s.eval.size == 1
-    one = corpus.load_corpus(_cfg(corpora.write_docs(str(tmp_path / "one"), {"a": "x"})),
-                             BYTES)
+    one = corpus.load_corpus(_cfg(corpora.write_docs(str(tmp_path / "one"), {"a": "x"})), BYTES)
     with pytest.raises(sources.DataError, match="corpus has 1 document.*at least 2"):
         corpus.split_documents(one, 0.5, 0)
 
@@ -63,8 +62,9 @@ def test_token_range_check_names_the_document():
     tokens = np.array([5, 9, 2, 7, 300, 2, 1, 2], dtype=np.int32)
     c = corpus.Corpus(tokens, np.array([0, 3, 6, 8]), ("a", "b", "c"), (), "fp")
     corpus.check_token_range(c, 301)
-    with pytest.raises(sources.DataError,
-                       match=r"document b has token id 300, outside the model's vocab_size 300"):
+    with pytest.raises(
+        sources.DataError, match=r"document b has token id 300, outside the model's vocab_size 300"
+    ):
         corpus.check_token_range(c, 300)
 
 

@@ -13,13 +13,15 @@ BYTES = tokenizers.ByteTokenizer()
 @pytest.fixture
 def docs_corpus(text_dir):
     return corpus.load_corpus(
-        config.DataConfig(source=config.SourceKind.TEXT, paths=(text_dir,)), BYTES)
+        config.DataConfig(source=config.SourceKind.TEXT, paths=(text_dir,)), BYTES
+    )
 
 
 def _stream(c, seq_len, *, shuffle=True, seed=0, repeat=True, ids=None):
     ids = np.arange(c.num_documents) if ids is None else ids
-    return packing.PackedStream(c, ids, seq_len, pad_id=BYTES.pad_id, seed=seed, shuffle=shuffle,
-                                repeat=repeat)
+    return packing.PackedStream(
+        c, ids, seq_len, pad_id=BYTES.pad_id, seed=seed, shuffle=shuffle, repeat=repeat
+    )
 
 
 def _epoch(stream, epoch=0):
@@ -64,9 +66,11 @@ def test_only_the_given_documents_are_packed(docs_corpus):
     ids = np.array([1, 4])
     s = _stream(docs_corpus, 9, ids=ids)
     got = collections.Counter(np.concatenate([w[:v] for w, v in _epoch(s)]).tolist())
-    want = collections.Counter(np.concatenate(
-        [docs_corpus.tokens[docs_corpus.offsets[i]:docs_corpus.offsets[i + 1]] for i in ids]
-    ).tolist())
+    want = collections.Counter(
+        np.concatenate(
+            [docs_corpus.tokens[docs_corpus.offsets[i] : docs_corpus.offsets[i + 1]] for i in ids]
+        ).tolist()
+    )
     assert got == want
 
 
@@ -78,15 +82,19 @@ def test_finite_stream_pads_past_the_end(docs_corpus):
 
 def test_example_shift_mask_and_target_bytes():
     text = "hé!"  # 4 bytes
-    window = np.array([*BYTES.encode(text), BYTES.eos_id, 104, BYTES.pad_id, BYTES.pad_id],
-                      dtype=np.int32)
+    window = np.array(
+        [*BYTES.encode(text), BYTES.eos_id, 104, BYTES.pad_id, BYTES.pad_id], dtype=np.int32
+    )
     ex = packing.make_example(window, 6, BYTES.token_bytes)
     assert np.array_equal(ex["inputs"], window[:-1]) and np.array_equal(ex["targets"], window[1:])
     assert ex["loss_mask"].tolist() == [1, 1, 1, 1, 1, 0, 0]  # EOS and 'h' are targets; pads not
     assert ex["target_bytes"].tolist() == [1, 1, 1, 0, 1, 0, 0]  # EOS carries no bytes
     assert {k: v.dtype for k, v in ex.items()} == {
-        "inputs": np.int32, "targets": np.int32, "loss_mask": np.float32,
-        "target_bytes": np.int32}
+        "inputs": np.int32,
+        "targets": np.int32,
+        "loss_mask": np.float32,
+        "target_bytes": np.int32,
+    }
     # Bits per byte of a uniform guess over 256 byte values is 8 bits per byte of text.
     nll = np.full(7, np.log(256.0))
     batch = {k: v[None] for k, v in ex.items()}

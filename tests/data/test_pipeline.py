@@ -18,8 +18,9 @@ def _cfg(text_dir, **kw):
 
 
 def _train(cfg, *, seq_len=16, batch=4, seed=0, vocab=258, **kw):
-    return pipeline.make_train_iterator(cfg, seq_len=seq_len, global_batch_size=batch,
-                                        model_vocab_size=vocab, seed=seed, **kw)
+    return pipeline.make_train_iterator(
+        cfg, seq_len=seq_len, global_batch_size=batch, model_vocab_size=vocab, seed=seed, **kw
+    )
 
 
 def _take(it, n):
@@ -64,9 +65,10 @@ def test_one_epoch_of_train_is_exactly_the_train_split(text_dir):
     c = corpus.load_corpus(cfg, BYTES)
     split = corpus.split_documents(c, cfg.eval_fraction, cfg.split_seed)
     assert split.eval.size > 0
-    want = np.concatenate([c.tokens[c.offsets[i]:c.offsets[i + 1]] for i in split.train])
+    want = np.concatenate([c.tokens[c.offsets[i] : c.offsets[i + 1]] for i in split.train])
     assert collections.Counter(_valid_tokens(batches).tolist()) == collections.Counter(
-        want.tolist())
+        want.tolist()
+    )
 
 
 def test_same_seed_same_batches_other_seed_other_batches(text_dir):
@@ -80,8 +82,10 @@ def test_same_seed_same_batches_other_seed_other_batches(text_dir):
 def test_hosts_local_batches_concatenate_to_the_one_host_batch(text_dir, hosts):
     cfg = _cfg(text_dir, num_threads=0)
     whole = _take(_train(cfg, batch=8, seed=1), 12)  # 12 batches of 8 span several epochs
-    per_host = [_take(_train(cfg, batch=8, seed=1, process_index=h, process_count=hosts), 12)
-                for h in range(hosts)]
+    per_host = [
+        _take(_train(cfg, batch=8, seed=1, process_index=h, process_count=hosts), 12)
+        for h in range(hosts)
+    ]
     assert per_host[0][0]["inputs"].shape == (8 // hosts, 16)
     _assert_same(whole, [_concat_hosts(bs) for bs in zip(*per_host)])
 
@@ -135,8 +139,9 @@ def test_grain_checkpoint_handler_saves_and_restores_it(text_dir, tmp_path):
     handler = grain.checkpoint.CheckpointHandler()
     handler.save(epath.Path(tmp_path), args=grain.checkpoint.CheckpointSave(it))
     expected = _take(it, 3)
-    restored = handler.restore(epath.Path(tmp_path),
-                               args=grain.checkpoint.CheckpointRestore(_train(cfg, seed=4)))
+    restored = handler.restore(
+        epath.Path(tmp_path), args=grain.checkpoint.CheckpointRestore(_train(cfg, seed=4))
+    )
     _assert_same(expected, _take(restored, 3))
 
 
@@ -148,7 +153,7 @@ def test_eval_covers_the_held_out_split_once_in_order(text_dir):
     _assert_same(batches, list(ev))  # re-iterable and deterministic
     c = corpus.load_corpus(cfg, BYTES)
     split = corpus.split_documents(c, cfg.eval_fraction, cfg.split_seed)
-    want = np.concatenate([c.tokens[c.offsets[i]:c.offsets[i + 1]] for i in split.eval])
+    want = np.concatenate([c.tokens[c.offsets[i] : c.offsets[i + 1]] for i in split.eval])
     np.testing.assert_array_equal(_valid_tokens(batches), want)
     assert batches[-1]["loss_mask"][-1].sum() < 8  # the tail is padding, masked out
 
@@ -160,8 +165,10 @@ def test_eval_num_batches_and_hosts(text_dir):
     assert len(whole) > 3
     _assert_same(list(pipeline.make_eval_iterator(cfg, num_batches=3, **kw)), whole[:3])
     assert len(pipeline.make_eval_iterator(cfg, num_batches=10_000, **kw)) == len(whole)
-    hosts = [list(pipeline.make_eval_iterator(cfg, process_index=h, process_count=2, **kw))
-             for h in range(2)]
+    hosts = [
+        list(pipeline.make_eval_iterator(cfg, process_index=h, process_count=2, **kw))
+        for h in range(2)
+    ]
     _assert_same(whole, [_concat_hosts(bs) for bs in zip(*hosts)])
 
 
@@ -171,8 +178,10 @@ def test_hf_tokenizer_pipeline_counts_bytes(text_dir, hf_tokenizer_path):
     batches = _take(it, it.info.sequences_per_epoch)
     c = corpus.load_corpus(cfg, it.tokenizer)
     split = corpus.split_documents(c, cfg.eval_fraction, cfg.split_seed)
-    text_bytes = sum(len(it.tokenizer.decode(c.tokens[c.offsets[i]:c.offsets[i + 1]]).encode())
-                     for i in split.train)
+    text_bytes = sum(
+        len(it.tokenizer.decode(c.tokens[c.offsets[i] : c.offsets[i + 1]]).encode())
+        for i in split.train
+    )
     # Every train byte is a target exactly once, except each row's first token (never a target).
     first_bytes = sum(int(it.tokenizer.token_bytes[b["inputs"][0, 0]]) for b in batches)
     got = sum(int((b["target_bytes"] * b["loss_mask"]).sum()) for b in batches)
@@ -180,11 +189,13 @@ def test_hf_tokenizer_pipeline_counts_bytes(text_dir, hf_tokenizer_path):
 
 
 def test_stdlib_corpus_smoke():
-    it = pipeline.make_train_iterator(config.DataConfig(), seq_len=128, global_batch_size=4,
-                                      model_vocab_size=258, seed=0)
+    it = pipeline.make_train_iterator(
+        config.DataConfig(), seq_len=128, global_batch_size=4, model_vocab_size=258, seed=0
+    )
     for b in itertools.islice(it, 3):
         assert b["inputs"].shape == (4, 128) and b["inputs"].max() < 258
     assert it.info.num_documents > 500 and it.info.num_tokens > 5_000_000
-    ev = pipeline.make_eval_iterator(config.DataConfig(), seq_len=128, batch_size=4,
-                                     model_vocab_size=258, num_batches=2)
+    ev = pipeline.make_eval_iterator(
+        config.DataConfig(), seq_len=128, batch_size=4, model_vocab_size=258, num_batches=2
+    )
     assert len(ev) == 2 and len(list(ev)) == 2

@@ -57,8 +57,10 @@ def test_jsonl_documents_are_lines_with_the_text_field(tmp_path):
     path.write_text("\n".join(lines), encoding="utf-8")
     cfg = config.DataConfig(source=config.SourceKind.JSONL, paths=(str(path),), text_field="body")
     docs, skipped = _docs(cfg)
-    assert [(d.key, d.text) for d in docs] == [(f"{tmp_path.name}/d.jsonl:1", "first ü"),
-                                               (f"{tmp_path.name}/d.jsonl:3", "second")]
+    assert [(d.key, d.text) for d in docs] == [
+        (f"{tmp_path.name}/d.jsonl:1", "first ü"),
+        (f"{tmp_path.name}/d.jsonl:3", "second"),
+    ]
     assert not skipped
 
 

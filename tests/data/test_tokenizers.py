@@ -22,8 +22,9 @@ def test_byte_tokenizer_round_trip_and_ids():
 
 
 def test_hf_tokenizer_round_trip_and_token_bytes(hf_tokenizer_path):
-    tok = tokenizers.build_tokenizer(config.DataConfig(
-        tokenizer=config.TokenizerKind.HF, tokenizer_path=hf_tokenizer_path))
+    tok = tokenizers.build_tokenizer(
+        config.DataConfig(tokenizer=config.TokenizerKind.HF, tokenizer_path=hf_tokenizer_path)
+    )
     ids = tok.encode(TEXT)
     assert tok.decode(ids) == TEXT
     assert len(ids) < len(TEXT.encode("utf-8"))  # merges were learned, so this is not bytes
@@ -52,8 +53,12 @@ def test_hf_without_a_known_eos_asks_for_data_eos_token(tmp_path, hf_tokenizer_p
 
 def test_hf_truncation_in_the_file_is_ignored(tmp_path, hf_tokenizer_path):
     spec = json.loads(open(hf_tokenizer_path, encoding="utf-8").read())
-    spec["truncation"] = {"direction": "Right", "max_length": 4, "strategy": "LongestFirst",
-                          "stride": 0}
+    spec["truncation"] = {
+        "direction": "Right",
+        "max_length": 4,
+        "strategy": "LongestFirst",
+        "stride": 0,
+    }
     path = tmp_path / "trunc.json"
     path.write_text(json.dumps(spec), encoding="utf-8")
     tok = tokenizers.HFTokenizer(str(path))
@@ -72,8 +77,9 @@ def test_missing_and_malformed_tokenizer_files(tmp_path):
 def test_vocab_larger_than_the_model_names_both_numbers(hf_tokenizer_path):
     tok = tokenizers.HFTokenizer(hf_tokenizer_path)
     tokenizers.check_vocab(tok, 320)
-    with pytest.raises(sources.DataError,
-                       match=r"has 320 token ids but the model's vocab_size is 300"):
+    with pytest.raises(
+        sources.DataError, match=r"has 320 token ids but the model's vocab_size is 300"
+    ):
         tokenizers.check_vocab(tok, 300)
     with pytest.raises(sources.DataError, match=r"258 token ids .* vocab_size is 257"):
         tokenizers.check_vocab(tokenizers.ByteTokenizer(), 257)

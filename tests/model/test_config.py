@@ -6,20 +6,23 @@ from deepseek_jax import config as experiment
 from deepseek_jax.model import config as config_lib
 
 
-@pytest.mark.parametrize("override, message", [
-    ({"n_group": 3}, "model.n_group: n_routed_experts=8 is not divisible by n_group=3"),
-    ({"topk_group": 3}, "model.topk_group: topk_group=3 > n_group=2"),
-    ({"num_experts_per_tok": 5}, "model.num_experts_per_tok: top-k=5 exceeds the 4 experts"),
-    ({"d_model": 0}, "model.d_model: must be positive, got 0"),
-    ({"n_heads": -2}, "model.n_heads: must be positive"),
-    ({"q_lora_rank": 0}, "model.q_lora_rank: must be positive or None"),
-    ({"qk_rope_head_dim": 7}, "model.qk_rope_head_dim: must be even"),
-    ({"score_func": "relu"}, "model.score_func: unknown value 'relu'"),
-    ({"remat": "sometimes"}, "model.remat: unknown value 'sometimes'"),
-    ({"rope": {"scaling": "ntk"}}, "model.rope.scaling: unknown value 'ntk'"),
-    ({"score_func": "softmax"}, "model.topk_method: noaux_tc"),
-    ({"no_such_field": 1}, "model.no_such_field: unknown field"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"n_group": 3}, "model.n_group: n_routed_experts=8 is not divisible by n_group=3"),
+        ({"topk_group": 3}, "model.topk_group: topk_group=3 > n_group=2"),
+        ({"num_experts_per_tok": 5}, "model.num_experts_per_tok: top-k=5 exceeds the 4 experts"),
+        ({"d_model": 0}, "model.d_model: must be positive, got 0"),
+        ({"n_heads": -2}, "model.n_heads: must be positive"),
+        ({"q_lora_rank": 0}, "model.q_lora_rank: must be positive or None"),
+        ({"qk_rope_head_dim": 7}, "model.qk_rope_head_dim: must be even"),
+        ({"score_func": "relu"}, "model.score_func: unknown value 'relu'"),
+        ({"remat": "sometimes"}, "model.remat: unknown value 'sometimes'"),
+        ({"rope": {"scaling": "ntk"}}, "model.rope.scaling: unknown value 'ntk'"),
+        ({"score_func": "softmax"}, "model.topk_method: noaux_tc"),
+        ({"no_such_field": 1}, "model.no_such_field: unknown field"),
+    ],
+)
 def test_invalid_model_config_names_the_field(override, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         config_lib.ModelConfig.from_dict(override)
@@ -27,7 +30,8 @@ def test_invalid_model_config_names_the_field(override, message):
 
 def test_round_trip_and_enums():
     cfg = config_lib.ModelConfig.from_dict(
-        {"rope": {"scaling": "YARN"}, "q_lora_rank": None, "compute_dtype": "bfloat16"})
+        {"rope": {"scaling": "YARN"}, "q_lora_rank": None, "compute_dtype": "bfloat16"}
+    )
     assert cfg.rope.scaling is config_lib.RopeScaling.YARN
     assert cfg.q_lora_rank is None
     assert config_lib.ModelConfig.from_dict(cfg.to_dict()) == cfg

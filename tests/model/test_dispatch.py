@@ -11,7 +11,7 @@ def loop_reference(x, idx, w, w1, w3, w2):
     """For each expert: gather its tokens, run its SwiGLU, scatter-add weighted outputs."""
     out = jnp.zeros(x.shape, jnp.float32)
     for e in range(w1.shape[0]):
-        hit = (idx == e)  # [X, k]
+        hit = idx == e  # [X, k]
         gate = jnp.sum(jnp.where(hit, w, 0.0), axis=-1)  # a token picks an expert at most once
         y = (jax.nn.silu(x @ w1[e]) * (x @ w3[e])) @ w2[e]
         out = out + gate[:, None] * y
@@ -23,8 +23,9 @@ def setup(X=40, D=8, F=6, E=5, k=2, seed=0):
     x = jax.random.normal(ks[0], (X, D))
     # distinct experts per token, skewed usage, expert E-1 never used
     rng = np.random.default_rng(seed)
-    idx = np.stack([rng.choice(E - 1, k, replace=False, p=[0.55, 0.25, 0.15, 0.05])
-                    for _ in range(X)]).astype(np.int32)
+    idx = np.stack(
+        [rng.choice(E - 1, k, replace=False, p=[0.55, 0.25, 0.15, 0.05]) for _ in range(X)]
+    ).astype(np.int32)
     w = jax.random.uniform(ks[2], (X, k))
     w1 = jax.random.normal(ks[3], (E, D, F)) / 3
     w3 = jax.random.normal(ks[4], (E, D, F)) / 3
@@ -34,8 +35,9 @@ def setup(X=40, D=8, F=6, E=5, k=2, seed=0):
 
 def test_ragged_equals_loop():
     args = setup()
-    np.testing.assert_allclose(dispatch.dropless_experts(*args), loop_reference(*args),
-                               atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(
+        dispatch.dropless_experts(*args), loop_reference(*args), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_ragged_gradients_equal_loop():
@@ -55,5 +57,6 @@ def test_sort_by_expert_groups_are_contiguous():
     idx = jnp.asarray([[2, 0], [1, 2], [2, 1]], jnp.int32)
     order, sizes = dispatch.sort_by_expert(idx, 4)
     np.testing.assert_array_equal(np.asarray(sizes), [1, 2, 3, 0])
-    np.testing.assert_array_equal(np.asarray(idx).reshape(-1)[np.asarray(order)],
-                                  [0, 1, 1, 2, 2, 2])
+    np.testing.assert_array_equal(
+        np.asarray(idx).reshape(-1)[np.asarray(order)], [0, 1, 1, 2, 2, 2]
+    )

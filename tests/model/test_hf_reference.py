@@ -13,40 +13,97 @@ from deepseek_jax.model import config as config_lib
 from deepseek_jax.model import layers, transformer, tree
 from tests import hf_reference
 
-YARN = config_lib.RopeConfig(scaling=config_lib.RopeScaling.YARN, factor=40.0,
-                             original_max_position=4096, beta_fast=32, beta_slow=1,
-                             mscale=1.0, mscale_all_dim=1.0)
+YARN = config_lib.RopeConfig(
+    scaling=config_lib.RopeScaling.YARN,
+    factor=40.0,
+    original_max_position=4096,
+    beta_fast=32,
+    beta_slow=1,
+    mscale=1.0,
+    mscale_all_dim=1.0,
+)
 
 CASES = {
     # q low-rank path, groups limited (2 of 4), YaRN, one dense layer
     "v3_qlora_groups_yarn": config_lib.ModelConfig(
-        vocab_size=128, d_model=48, n_layers=3, first_k_dense_replace=1, intermediate_size=96,
-        n_heads=4, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
-        v_head_dim=12, rope=YARN, n_routed_experts=8, n_shared_experts=1,
-        moe_intermediate_size=16, num_experts_per_tok=3, n_group=4, topk_group=2, mtp_depth=0),
+        vocab_size=128,
+        d_model=48,
+        n_layers=3,
+        first_k_dense_replace=1,
+        intermediate_size=96,
+        n_heads=4,
+        q_lora_rank=24,
+        kv_lora_rank=16,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=12,
+        rope=YARN,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        moe_intermediate_size=16,
+        num_experts_per_tok=3,
+        n_group=4,
+        topk_group=2,
+        mtp_depth=0,
+    ),
     # direct q projection, plain RoPE, two dense layers, no group limit
     "v3_direct_q_two_dense": config_lib.ModelConfig(
-        vocab_size=96, d_model=32, n_layers=4, first_k_dense_replace=2, intermediate_size=64,
-        n_heads=2, q_lora_rank=None, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4,
-        v_head_dim=8, n_routed_experts=4, n_shared_experts=2, moe_intermediate_size=8,
-        num_experts_per_tok=2, n_group=1, topk_group=1, mtp_depth=0),
+        vocab_size=96,
+        d_model=32,
+        n_layers=4,
+        first_k_dense_replace=2,
+        intermediate_size=64,
+        n_heads=2,
+        q_lora_rank=None,
+        kv_lora_rank=8,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        n_routed_experts=4,
+        n_shared_experts=2,
+        moe_intermediate_size=8,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        mtp_depth=0,
+    ),
     # V2-Lite style: softmax scores, greedy top-k, no bias, no normalisation, YaRN mscale 0.707
     "v2_softmax_greedy": config_lib.ModelConfig(
-        vocab_size=64, d_model=32, n_layers=2, first_k_dense_replace=1, intermediate_size=48,
-        n_heads=2, q_lora_rank=None, kv_lora_rank=8, qk_nope_head_dim=8, qk_rope_head_dim=4,
-        v_head_dim=8, rope=dataclasses.replace(YARN, mscale=0.707, mscale_all_dim=0.707),
-        n_routed_experts=6, n_shared_experts=2, moe_intermediate_size=8, num_experts_per_tok=2,
-        n_group=1, topk_group=1, score_func=config_lib.ScoreFunc.SOFTMAX,
-        topk_method=config_lib.TopkMethod.GREEDY, routed_scaling_factor=1.0,
-        norm_topk_prob=False, mtp_depth=0),
+        vocab_size=64,
+        d_model=32,
+        n_layers=2,
+        first_k_dense_replace=1,
+        intermediate_size=48,
+        n_heads=2,
+        q_lora_rank=None,
+        kv_lora_rank=8,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        rope=dataclasses.replace(YARN, mscale=0.707, mscale_all_dim=0.707),
+        n_routed_experts=6,
+        n_shared_experts=2,
+        moe_intermediate_size=8,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        score_func=config_lib.ScoreFunc.SOFTMAX,
+        topk_method=config_lib.TopkMethod.GREEDY,
+        routed_scaling_factor=1.0,
+        norm_topk_prob=False,
+        mtp_depth=0,
+    ),
 }
 
 
 def load_ours(cfg, tensors):
     model = nnx.eval_shape(lambda: transformer.Transformer(cfg, rngs=nnx.Rngs(0)))
     graphdef, params, biases = nnx.split(model, nnx.Param, layers.ExpertBias)
-    shapes = {path: (a.shape, np.float32)
-              for state in (params, biases) for path, a in tree.arrays(state).items()}
+    shapes = {
+        path: (a.shape, np.float32)
+        for state in (params, biases)
+        for path, a in tree.arrays(state).items()
+    }
     arrays = mapping.import_tensors(cfg, shapes, tensors.__getitem__, with_mtp=False)
 
     def fill(state):

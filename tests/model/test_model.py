@@ -10,14 +10,29 @@ import pytest
 from flax import nnx
 
 from deepseek_jax.model import config as config_lib
-from deepseek_jax.model import layers, stack, transformer, tree
-from deepseek_jax.model import losses
+from deepseek_jax.model import layers, losses, stack, transformer, tree
 
 CFG = config_lib.ModelConfig(
-    vocab_size=32, d_model=32, n_layers=3, first_k_dense_replace=1, intermediate_size=48,
-    n_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
-    v_head_dim=8, n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=16,
-    num_experts_per_tok=2, n_group=2, topk_group=1, mtp_depth=2, init_std=0.2)
+    vocab_size=32,
+    d_model=32,
+    n_layers=3,
+    first_k_dense_replace=1,
+    intermediate_size=48,
+    n_heads=2,
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=8,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    moe_intermediate_size=16,
+    num_experts_per_tok=2,
+    n_group=2,
+    topk_group=1,
+    mtp_depth=2,
+    init_std=0.2,
+)
 B, S = 2, 8
 
 
@@ -48,8 +63,12 @@ def test_shapes_dtypes_and_logical_axes():
         assert len(var.get_metadata()["logical_axes"]) == var.get_value().ndim, path
     axes = tree.logical_axes(params)
     assert axes[("moe_layers", "ffn", "w1")] == ("layers", "expert", "embed", "expert_mlp")
-    assert axes[("moe_layers", "attn", "wq_b", "kernel")] == ("layers", "q_lora", "heads",
-                                                               "qk_head")
+    assert axes[("moe_layers", "attn", "wq_b", "kernel")] == (
+        "layers",
+        "q_lora",
+        "heads",
+        "qk_head",
+    )
     assert axes[("mtp", "layers", "eh_proj", "kernel")] == ("mtp_layers", "mtp_in", "embed")
     assert tree.arrays(biases)[("moe_layers", "ffn", "gate", "bias")].shape == (2, 8)
 
@@ -57,8 +76,9 @@ def test_shapes_dtypes_and_logical_axes():
 def test_causality_main_and_mtp(tiny):
     """d logits[t] / d Emb(token at s) is exactly 0 for s > t (main) and s > t+k (MTP depth k)."""
     graphdef, params, biases = tiny
-    ids = jnp.asarray(np.stack([np.random.default_rng(i).permutation(CFG.vocab_size)[:S]
-                                for i in range(B)]))  # distinct tokens within each row
+    ids = jnp.asarray(
+        np.stack([np.random.default_rng(i).permutation(CFG.vocab_size)[:S] for i in range(B)])
+    )  # distinct tokens within each row
     proj = jax.random.normal(jax.random.key(5), (CFG.vocab_size,))
     table = tree.arrays(params)[("embed", "embedding")]
 
@@ -79,7 +99,7 @@ def test_causality_main_and_mtp(tiny):
                 cot = jnp.zeros_like(values).at[depth, b, t].set(1.0)
                 row_norm = np.abs(np.asarray(pullback(cot)[0])).sum(-1)  # [Y]
                 horizon = t + depth
-                assert np.all(row_norm[ids_np[b, horizon + 1:]] == 0), (depth, b, t)
+                assert np.all(row_norm[ids_np[b, horizon + 1 :]] == 0), (depth, b, t)
                 if horizon < S:  # it does depend on the newest token it may see
                     assert row_norm[ids_np[b, horizon]] > 0, (depth, b, t)
 
@@ -94,8 +114,9 @@ def unrolled_logits(graphdef, params, biases, ids):
     return model.logits(model.norm(h)), h, model
 
 
-F64 = dataclasses.replace(CFG, param_dtype=config_lib.DType.FLOAT64,
-                          compute_dtype=config_lib.DType.FLOAT64)
+F64 = dataclasses.replace(
+    CFG, param_dtype=config_lib.DType.FLOAT64, compute_dtype=config_lib.DType.FLOAT64
+)
 
 
 def test_scan_equals_unrolled_loop():
@@ -117,8 +138,9 @@ def test_mtp_depth1_is_embedding_first_on_post_norm_hidden(tiny):
     cos, sin = model.rope_tables(B, S)
     layer0 = stack.layer(model.mtp.layers, 0)
     nxt = jnp.concatenate([ids[:, 1:], jnp.zeros((B, 1), ids.dtype)], axis=1)  # t_{i+1}
-    x = layer0.eh_proj(jnp.concatenate([layer0.enorm(model.embed(nxt)),
-                                        layer0.hnorm(model.norm(h_last))], axis=-1))
+    x = layer0.eh_proj(
+        jnp.concatenate([layer0.enorm(model.embed(nxt)), layer0.hnorm(model.norm(h_last))], axis=-1)
+    )
     y, _ = layer0.block(x, cos, sin)
     want = model.logits(layer0.head_norm(y))
     got = nnx.merge(graphdef, params, biases)(ids).mtp_logits_JBSY[0]
@@ -135,9 +157,9 @@ def test_mtp_targets_alignment():
     np.testing.assert_array_equal(t[1, 0], [3, 4, 5, 0, 0])
     np.testing.assert_array_equal(m[1, 0], [1, 1, 1, 0, 0])
     from deepseek_jax.model import mtp
+
     inputs = jnp.asarray([[0, 1, 2, 3, 4]])
-    np.testing.assert_array_equal(mtp.shifted(inputs, 2)[:, 0],
-                                  [[1, 2, 3, 4, 0], [2, 3, 4, 0, 0]])
+    np.testing.assert_array_equal(mtp.shifted(inputs, 2)[:, 0], [[1, 2, 3, 4, 0], [2, 3, 4, 0, 0]])
 
 
 @pytest.mark.parametrize("policy", [config_lib.RematPolicy.FULL, config_lib.RematPolicy.DOTS])
@@ -150,7 +172,8 @@ def test_remat_equals_no_remat(policy):
         def loss(gd):
             def f(p):
                 out = nnx.merge(gd, p, biases)(ids)
-                return jnp.mean(out.logits_BSY ** 2) + jnp.mean(out.mtp_logits_JBSY ** 2)
+                return jnp.mean(out.logits_BSY**2) + jnp.mean(out.mtp_logits_JBSY**2)
+
             return jax.jit(jax.value_and_grad(f))
 
         v0, g0 = loss(graphdef)(params)
@@ -161,9 +184,11 @@ def test_remat_equals_no_remat(policy):
 
 
 def test_bias_update_evens_out_a_skewed_router():
-    cfg = dataclasses.replace(CFG, n_layers=1, first_k_dense_replace=0, mtp_depth=0,
-                              n_group=1, topk_group=1)
+    cfg = dataclasses.replace(
+        CFG, n_layers=1, first_k_dense_replace=0, mtp_depth=0, n_group=1, topk_group=1
+    )
     graphdef, params, biases = build(cfg)
+
     # Skew: every token gets a large constant feature 0, which the router reads as a strong
     # vote for experts 0 and 1 and against the others.
     def skewed(path, a):

@@ -8,8 +8,13 @@ import numpy as np
 from deepseek_jax.model import config as config_lib
 from deepseek_jax.model import rope
 
-V3_ROPE = config_lib.RopeConfig(scaling=config_lib.RopeScaling.YARN, factor=40.0,
-                                original_max_position=4096, beta_fast=32, beta_slow=1)
+V3_ROPE = config_lib.RopeConfig(
+    scaling=config_lib.RopeScaling.YARN,
+    factor=40.0,
+    original_max_position=4096,
+    beta_fast=32,
+    beta_slow=1,
+)
 
 
 def test_yarn_frequencies_v3():
@@ -25,14 +30,20 @@ def test_yarn_frequencies_v3():
 def test_softmax_scale_matches_reference_values():
     v3 = config_lib.ModelConfig(qk_nope_head_dim=128, qk_rope_head_dim=64, rope=V3_ROPE).mla()
     assert abs(rope.softmax_scale(v3) - 0.1352338) < 1e-7
-    v2 = dataclasses.replace(v3, rope=dataclasses.replace(V3_ROPE, mscale=0.707,
-                                                          mscale_all_dim=0.707))
+    v2 = dataclasses.replace(
+        v3, rope=dataclasses.replace(V3_ROPE, mscale=0.707, mscale_all_dim=0.707)
+    )
     assert abs(rope.softmax_scale(v2) - 0.1147214) < 1e-7
     plain = dataclasses.replace(v3, rope=config_lib.RopeConfig())
-    assert abs(rope.softmax_scale(plain) - 192 ** -0.5) < 1e-9
+    assert abs(rope.softmax_scale(plain) - 192**-0.5) < 1e-9
     assert rope.cos_sin_factor(V3_ROPE) == 1.0
-    assert abs(rope.cos_sin_factor(dataclasses.replace(V3_ROPE, mscale_all_dim=0.707))
-               - (0.1 * np.log(40) + 1) / (0.0707 * np.log(40) + 1)) < 1e-9
+    assert (
+        abs(
+            rope.cos_sin_factor(dataclasses.replace(V3_ROPE, mscale_all_dim=0.707))
+            - (0.1 * np.log(40) + 1) / (0.0707 * np.log(40) + 1)
+        )
+        < 1e-9
+    )
 
 
 def test_apply_rope_is_complex_rotation_of_adjacent_pairs():

@@ -9,8 +9,9 @@ import numpy as np
 from deepseek_jax.model import config as config_lib
 from deepseek_jax.model import routing
 
-CFG = config_lib.ModelConfig(n_routed_experts=16, n_group=4, topk_group=2,
-                             num_experts_per_tok=4, routed_scaling_factor=2.5).moe()
+CFG = config_lib.ModelConfig(
+    n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4, routed_scaling_factor=2.5
+).moe()
 
 
 def logits(n=64, seed=0):
@@ -38,8 +39,9 @@ def test_weights_are_normalised_unbiased_scores_times_scale():
     np.testing.assert_allclose(np.asarray(r.weights_Xk).sum(-1), 2.5, rtol=1e-6)
     s = np.asarray(jax.nn.sigmoid(lg))
     picked = np.take_along_axis(s, np.asarray(r.idx_Xk), -1)
-    np.testing.assert_allclose(np.asarray(r.weights_Xk), 2.5 * picked / picked.sum(-1,
-                               keepdims=True), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(r.weights_Xk), 2.5 * picked / picked.sum(-1, keepdims=True), rtol=1e-6
+    )
 
 
 def test_bias_changes_selection_but_weights_come_from_raw_scores():
@@ -51,21 +53,27 @@ def test_bias_changes_selection_but_weights_come_from_raw_scores():
     assert not np.all(np.any(np.asarray(without.idx_Xk) == 3, -1))
     s = np.asarray(jax.nn.sigmoid(lg))
     picked = np.take_along_axis(s, np.asarray(with_bias.idx_Xk), -1)
-    np.testing.assert_allclose(np.asarray(with_bias.weights_Xk),
-                               2.5 * picked / picked.sum(-1, keepdims=True), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(with_bias.weights_Xk), 2.5 * picked / picked.sum(-1, keepdims=True), rtol=1e-6
+    )
 
 
 def test_softmax_greedy_without_normalisation():
-    cfg = dataclasses.replace(CFG, score_func=config_lib.ScoreFunc.SOFTMAX,
-                              topk_method=config_lib.TopkMethod.GREEDY, norm_topk_prob=False,
-                              routed_scaling_factor=1.0)
+    cfg = dataclasses.replace(
+        CFG,
+        score_func=config_lib.ScoreFunc.SOFTMAX,
+        topk_method=config_lib.TopkMethod.GREEDY,
+        norm_topk_prob=False,
+        routed_scaling_factor=1.0,
+    )
     lg = logits()
     r = routing.route(lg, None, cfg)
     p = np.asarray(jax.nn.softmax(lg, -1))
     want_idx = np.argsort(-p, -1)[:, :4]
     np.testing.assert_array_equal(np.sort(np.asarray(r.idx_Xk), -1), np.sort(want_idx, -1))
-    np.testing.assert_allclose(np.asarray(r.weights_Xk),
-                               np.take_along_axis(p, np.asarray(r.idx_Xk), -1), rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(r.weights_Xk), np.take_along_axis(p, np.asarray(r.idx_Xk), -1), rtol=1e-6
+    )
 
 
 def test_sequence_balance_matches_loop_formula():

@@ -19,12 +19,29 @@ Preset = parallel_config.Preset
 # scores apart, so float32 reduction-order noise (~1e-7) cannot flip a top-k choice; every test
 # also checks that the expert loads (the routing decisions) are exactly equal.
 CFG = model_config.ModelConfig(
-    vocab_size=32, d_model=32, n_layers=2, first_k_dense_replace=1, intermediate_size=48,
-    n_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
-    v_head_dim=8, n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=16,
-    num_experts_per_tok=2, n_group=4, topk_group=2, mtp_depth=1, init_std=0.2)
-CFG64 = dataclasses.replace(CFG, param_dtype=model_config.DType.FLOAT64,
-                            compute_dtype=model_config.DType.FLOAT64)
+    vocab_size=32,
+    d_model=32,
+    n_layers=2,
+    first_k_dense_replace=1,
+    intermediate_size=48,
+    n_heads=2,
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=8,
+    n_routed_experts=8,
+    n_shared_experts=1,
+    moe_intermediate_size=16,
+    num_experts_per_tok=2,
+    n_group=4,
+    topk_group=2,
+    mtp_depth=1,
+    init_std=0.2,
+)
+CFG64 = dataclasses.replace(
+    CFG, param_dtype=model_config.DType.FLOAT64, compute_dtype=model_config.DType.FLOAT64
+)
 B, S = 8, 16
 
 # Clipping off, so Adam's first moment after one step is exactly (1 - b1) * gradient; warmup off,
@@ -53,8 +70,12 @@ def batch(seed: int = 0, b: int = B, s: int = S, vocab: int = CFG.vocab_size) ->
     mask = np.ones((b, s), np.float32)
     mask[0, -5:] = 0.0
     mask[3, -2:] = 0.0
-    return Batch(inputs=ids[:, :-1], targets=ids[:, 1:], loss_mask=mask,
-                 target_bytes=np.ones((b, s), np.int32))
+    return Batch(
+        inputs=ids[:, :-1],
+        targets=ids[:, 1:],
+        loss_mask=mask,
+        target_bytes=np.ones((b, s), np.int32),
+    )
 
 
 def rel_err(got, want) -> float:
@@ -67,7 +88,8 @@ def rel_err(got, want) -> float:
 
 def worst(got_tree, want_tree) -> tuple[float, str]:
     """(largest per-leaf rel_err, that leaf's path) over two trees of the same structure."""
-    pairs = zip(jax.tree_util.tree_flatten_with_path(want_tree)[0], jax.tree.leaves(got_tree),
-                strict=True)
+    pairs = zip(
+        jax.tree_util.tree_flatten_with_path(want_tree)[0], jax.tree.leaves(got_tree), strict=True
+    )
     errs = [(rel_err(g, w), jax.tree_util.keystr(p)) for (p, w), g in pairs]
     return max(errs)

@@ -17,11 +17,28 @@ def get_config():
     spec.loader.exec_module(tiny)
     c = tiny.get_config()
     # init_std 0.2 keeps router scores apart, so no near-tie top-k can differ between the runs.
-    c.model.update(d_model=32, n_layers=2, intermediate_size=48, n_heads=2, q_lora_rank=16,
-                   kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
-                   moe_intermediate_size=16, init_std=0.2)
-    c.train.update(steps=16, global_batch_size=8, seq_len=16, warmup_steps=0, log_every=1,
-                   eval_every=1000, eval_batches=1)
+    c.model.update(
+        d_model=32,
+        n_layers=2,
+        intermediate_size=48,
+        n_heads=2,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        moe_intermediate_size=16,
+        init_std=0.2,
+    )
+    c.train.update(
+        steps=16,
+        global_batch_size=8,
+        seq_len=16,
+        warmup_steps=0,
+        log_every=1,
+        eval_every=1000,
+        eval_batches=1,
+    )
     c.checkpoint.update(every_steps=2, keep_last=2)
     c.parallel.update(preset="fsdp_expert_tp", fsdp=1, expert=4, tensor=2)
     return c

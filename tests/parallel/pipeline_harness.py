@@ -28,9 +28,7 @@ from deepseek_jax.parallel.config import BackwardSplit
 from deepseek_jax.parallel.pipeline import executor, schedules, ticks
 from deepseek_jax.parallel.pipeline.schedules import Schedule
 from deepseek_jax.train import config as train_config
-from deepseek_jax.train import optim
-from deepseek_jax.train import pipeline_step
-from deepseek_jax.train import sharded
+from deepseek_jax.train import optim, pipeline_step, sharded
 from deepseek_jax.train import state as state_lib
 from deepseek_jax.train import step as step_lib
 
@@ -48,27 +46,51 @@ Preset = parallel_config.Preset
 MESHES = {
     (Schedule.DUALPIPE, 4, "float32"): dict(pipe=4, data=2),
     # ... with ZeRO-1: the optimizer state also split over `data` (the V3 paper's layout).
-    (Schedule.DUALPIPE, 2, "float32"): dict(pipe=2, expert=2, data=2, preset=Preset.DATA_EXPERT,
-                                            zero=1),
+    (Schedule.DUALPIPE, 2, "float32"): dict(
+        pipe=2, expert=2, data=2, preset=Preset.DATA_EXPERT, zero=1
+    ),
 }
 
 
 def model_config(dtype: str) -> config_lib.ModelConfig:
     dt = config_lib.DType(dtype)
     return config_lib.ModelConfig(
-        vocab_size=32, d_model=32, n_layers=5, first_k_dense_replace=1, intermediate_size=48,
-        n_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
-        v_head_dim=8, n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=16,
-        num_experts_per_tok=2, n_group=2, topk_group=1, mtp_depth=1, init_std=0.02,
-        param_dtype=dt, compute_dtype=dt)
+        vocab_size=32,
+        d_model=32,
+        n_layers=5,
+        first_k_dense_replace=1,
+        intermediate_size=48,
+        n_heads=2,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=4,
+        v_head_dim=8,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        moe_intermediate_size=16,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        mtp_depth=1,
+        init_std=0.02,
+        param_dtype=dt,
+        compute_dtype=dt,
+    )
 
 
 # Adam's first update is lr * g / (|g| + eps): with the default eps=1e-8 it is lr * sign(g) for
 # all but the tiniest gradients, so float32 rounding of a near-zero gradient can move a parameter
 # by up to lr. A larger eps makes the update a smooth function of the gradient; everything else
 # (clipping, weight decay, the bias update from the loads) is the real step.
-TRAIN = train_config.TrainConfig(global_batch_size=BATCH, seq_len=SEQ, warmup_steps=0, lr=1e-3,
-                                 eps=1e-3, bias_update_rate=train_config.Piecewise((1e-2,)))
+TRAIN = train_config.TrainConfig(
+    global_batch_size=BATCH,
+    seq_len=SEQ,
+    warmup_steps=0,
+    lr=1e-3,
+    eps=1e-3,
+    bias_update_rate=train_config.Piecewise((1e-2,)),
+)
 
 
 @functools.cache
@@ -86,9 +108,11 @@ def _numpy_state() -> tuple:
 
     params = jax.tree_util.tree_map_with_path(draw, params)
     bias = jax.tree.map(lambda a: 0.01 * rng.standard_normal(a.shape), bias)
-    batch = Batch(inputs=rng.integers(0, 32, (BATCH, SEQ)).astype(np.int32),
-                  targets=rng.integers(0, 32, (BATCH, SEQ)).astype(np.int32),
-                  loss_mask=(rng.random((BATCH, SEQ)) > 0.2).astype(np.int32))
+    batch = Batch(
+        inputs=rng.integers(0, 32, (BATCH, SEQ)).astype(np.int32),
+        targets=rng.integers(0, 32, (BATCH, SEQ)).astype(np.int32),
+        loss_mask=(rng.random((BATCH, SEQ)) > 0.2).astype(np.int32),
+    )
     return params, bias, batch
 
 
@@ -101,7 +125,8 @@ def state(dtype: str) -> tuple[state_lib.TrainState, Batch]:
     cast = functools.partial(jax.tree.map, lambda a: jnp.asarray(a, dtype))
     params, bias = cast(params), cast(bias)
     return state_lib.TrainState(jnp.zeros((), jnp.int32), params, bias, _TX.init(params)), (
-        jax.tree.map(jnp.asarray, batch))
+        jax.tree.map(jnp.asarray, batch)
+    )
 
 
 def _lower_reference(dtype: str):
@@ -137,8 +162,9 @@ class Compiled:
 def plan_for(schedule: Schedule, pp: int, dtype: str) -> plan_lib.Plan:
     """The parallel plan (mesh, rules, expert function) the loop would build."""
     axes = MESHES.get((schedule, pp, dtype), dict(pipe=pp, data=1))
-    cfg = parallel_config.ParallelConfig(pipeline=parallel_config.Schedule(schedule.value),
-                                         microbatches=MICROBATCHES, **axes)
+    cfg = parallel_config.ParallelConfig(
+        pipeline=parallel_config.Schedule(schedule.value), microbatches=MICROBATCHES, **axes
+    )
     n = cfg.pipe * cfg.data * cfg.fsdp * cfg.expert * cfg.tensor
     return plan_lib.make_plan(cfg, model_config(dtype), BATCH, jax.devices()[:n])
 
@@ -157,8 +183,9 @@ def _group(schedule: Schedule, pp: int) -> tuple[Schedule, ...]:
 
 def _lower_pipeline(schedule: Schedule, pp: int, dtype: str, split: BackwardSplit = EXACT):
     """The pipelined step of the group `schedule` heads, lowered from placed inputs."""
-    tables = [ticks.build(schedules.build(s, pp, MICROBATCHES), split)
-              for s in _group(schedule, pp)]
+    tables = [
+        ticks.build(schedules.build(s, pp, MICROBATCHES), split) for s in _group(schedule, pp)
+    ]
     num_stages = schedules.build(schedule, pp, MICROBATCHES).num_stages
     layout = executor.Layout.of(*tables, num_stages=num_stages)
     plan = plan_for(schedule, pp, dtype)
@@ -194,8 +221,9 @@ def programs() -> dict:
         jobs = {}
         for key in keys:
             with jax.enable_x64("float64" in key):
-                lowered, extra = (_lower_reference(key[1]) if key[0] == "reference"
-                                  else _lower_pipeline(*key))
+                lowered, extra = (
+                    _lower_reference(key[1]) if key[0] == "reference" else _lower_pipeline(*key)
+                )
             jobs[key] = (pool.submit(lowered.compile, FAST_COMPILE), extra)
         return {key: (job.result(), extra) for key, (job, extra) in jobs.items()}
 
@@ -223,8 +251,9 @@ def _pipe(schedule, pp, dtype, layout, experts, split=EXACT) -> pipeline_step.Pi
     cfg = model_config(dtype)
     with jax.enable_x64(dtype == "float64"):
         graphdef, _, _ = state_lib.abstract_model(cfg)
-    return pipeline_step.build(schedule, pp, MICROBATCHES, graphdef, cfg, layout,
-                               experts=experts, split=split)
+    return pipeline_step.build(
+        schedule, pp, MICROBATCHES, graphdef, cfg, layout, experts=experts, split=split
+    )
 
 
 def max_rel(a, b) -> float:

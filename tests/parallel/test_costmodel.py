@@ -9,8 +9,9 @@ from deepseek_jax.parallel.pipeline.schedules import Schedule
 
 
 @pytest.mark.parametrize(
-    "pp,m,idle,makespan", [(4, 8, 2, 26), (8, 16, 6, 54), (8, 20, 6, 66), (8, 32, 6, 102),
-                           (16, 32, 14, 110)])
+    "pp,m,idle,makespan",
+    [(4, 8, 2, 26), (8, 16, 6, 54), (8, 20, 6, 66), (8, 32, 6, 102), (16, 32, 14, 110)],
+)
 def test_dualpipe_asynchronous_idle_equals_formula(pp, m, idle, makespan):
     orders = schedules.dualpipe(pp, m)
     timing = costmodel.asynchronous(orders)
@@ -19,8 +20,9 @@ def test_dualpipe_asynchronous_idle_equals_formula(pp, m, idle, makespan):
     assert costmodel.formula(Schedule.DUALPIPE, pp) == idle
 
 
-@pytest.mark.parametrize("pp,m,lockstep,async_", [(4, 8, 26, 26), (8, 16, 60, 54),
-                                                   (8, 32, 108, 102), (16, 32, 128, 110)])
+@pytest.mark.parametrize(
+    "pp,m,lockstep,async_", [(4, 8, 26, 26), (8, 16, 60, 54), (8, 32, 108, 102), (16, 32, 128, 110)]
+)
 def test_lockstep_vs_asynchronous_makespan(pp, m, lockstep, async_):
     orders = schedules.dualpipe(pp, m)
     assert costmodel.lockstep(ticks.build(orders)).makespan == lockstep
@@ -83,7 +85,12 @@ def test_summary_and_unit_costs_reproduce_the_table_bubble():
 def test_costs_parse_and_reject():
     assert Costs.parse("") == Costs()
     assert Costs.parse("F=2, B=3,F&B=4,Bi=1.5") == Costs(F=2, B=3, Bi=1.5, W=1, FB=4)
-    for bad, msg in [("X=1", "KEY=VALUE"), ("F", "KEY=VALUE"), ("F=a", "not a number"),
-                     ("W=0", "must be positive"), ("B=-1", "must be positive")]:
+    for bad, msg in [
+        ("X=1", "KEY=VALUE"),
+        ("F", "KEY=VALUE"),
+        ("F=a", "not a number"),
+        ("W=0", "must be positive"),
+        ("B=-1", "must be positive"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             Costs.parse(bad)

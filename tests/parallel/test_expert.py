@@ -15,28 +15,28 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from deepseek_jax.model import dispatch
+from deepseek_jax.model import dispatch, routing
 from deepseek_jax.model import moe as moe_lib
-from deepseek_jax.model import routing
 from deepseek_jax.parallel import config as parallel_config
-from deepseek_jax.parallel import expert
+from deepseek_jax.parallel import expert, sharding
 from deepseek_jax.parallel import mesh as mesh_lib
 from deepseek_jax.parallel import plan as plan_lib
-from deepseek_jax.parallel import sharding
 from tests.parallel import cases
 
 Exchange = parallel_config.ExpertExchange
 B, S = 8, 8
 
 
-def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
-                               recv_sizes, *, axis_name):
+def emulated_ragged_all_to_all(
+    operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name
+):
     """jax.lax.ragged_all_to_all's documented semantics from a dense all_to_all (CPU tests)."""
     n, m = operand.shape[0], output.shape[0]
     rows = jnp.arange(n)
     src = jnp.clip(input_offsets[:, None] + rows[None, :], 0, n - 1)
-    chunks = jnp.where((rows[None, :] < send_sizes[:, None])[..., None],
-                       jnp.take(operand, src, axis=0), 0)
+    chunks = jnp.where(
+        (rows[None, :] < send_sizes[:, None])[..., None], jnp.take(operand, src, axis=0), 0
+    )
     received = jax.lax.all_to_all(chunks, axis_name, 0, 0, tiled=True)
     offsets = jax.lax.all_to_all(output_offsets, axis_name, 0, 0, tiled=True)
     dst = jnp.where(rows[None, :] < recv_sizes[:, None], offsets[:, None] + rows[None, :], m)
@@ -90,11 +90,15 @@ def check_equal(got, want, tol):
     assert cases.worst(grads, grads0)[0] <= tol
 
 
-@pytest.mark.parametrize("preset,dtype", [
-    (cases.Preset.DATA_EXPERT, "float32"),
-    (cases.Preset.FSDP_EXPERT_TP, "float32"),
-    (cases.Preset.FSDP_EXPERT_TP, "float64"),
-], ids=["data_expert-float32", "fsdp_expert_tp-float32", "fsdp_expert_tp-float64"])
+@pytest.mark.parametrize(
+    "preset,dtype",
+    [
+        (cases.Preset.DATA_EXPERT, "float32"),
+        (cases.Preset.FSDP_EXPERT_TP, "float32"),
+        (cases.Preset.FSDP_EXPERT_TP, "float64"),
+    ],
+    ids=["data_expert-float32", "fsdp_expert_tp-float32", "fsdp_expert_tp-float64"],
+)
 def test_ep_moe_layer_equals_single_device(preset, dtype):
     want = reference(dtype)
     with jax.enable_x64(dtype == "float64"):
@@ -106,8 +110,10 @@ def test_ep_moe_layer_equals_single_device(preset, dtype):
 def test_ragged_exchange_equals_dense(monkeypatch):
     """Same layer, RAGGED_ALL_TO_ALL with the primitive emulated: offsets and sizes are right."""
     monkeypatch.setattr(expert, "ragged_all_to_all", emulated_ragged_all_to_all)
-    cfg = dataclasses.replace(cases.parallel(cases.Preset.FSDP_EXPERT_TP, fsdp=1, expert=4),
-                              expert_exchange=Exchange.RAGGED_ALL_TO_ALL)
+    cfg = dataclasses.replace(
+        cases.parallel(cases.Preset.FSDP_EXPERT_TP, fsdp=1, expert=4),
+        expert_exchange=Exchange.RAGGED_ALL_TO_ALL,
+    )
     got = run("float32", plan_lib.make_plan(cfg, cases.CFG, B))
     check_equal(got, reference("float32"), 1e-5)
 
@@ -115,10 +121,15 @@ def test_ragged_exchange_equals_dense(monkeypatch):
 def test_ragged_exchange_lowers_to_ragged_all_to_all():
     """The TPU/GPU path lowers (forward and both transposes) to the real collective."""
     grad_fn, _, params, x = moe_setup()
-    cfg = dataclasses.replace(cases.parallel(cases.Preset.DATA_EXPERT),
-                              expert_exchange=Exchange.RAGGED_ALL_TO_ALL)
+    cfg = dataclasses.replace(
+        cases.parallel(cases.Preset.DATA_EXPERT), expert_exchange=Exchange.RAGGED_ALL_TO_ALL
+    )
     plan = plan_lib.make_plan(cfg, cases.CFG, B)
-    text = jax.jit(plan.wrap(grad_fn(plan.experts()))).lower(params, jax.device_put(x, plan.batch_sharding())).as_text()
+    text = (
+        jax.jit(plan.wrap(grad_fn(plan.experts())))
+        .lower(params, jax.device_put(x, plan.batch_sharding()))
+        .as_text()
+    )
     # Two MoE exchanges forward (dispatch, return), two in the backward pass.
     assert text.count("@ragged_all_to_all") >= 4
     assert text.count("stablehlo.all_to_all") + text.count('"stablehlo.all_to_all"') >= 1
@@ -145,14 +156,22 @@ def test_group_limited_routing_reaches_at_most_topk_group_ranks():
 def test_ep_moe_inside_a_stage_shard_map():
     """What a pipeline stage does: each `pipe` rank runs the EP layer on its own tokens."""
     _, forward, params, x = moe_setup()
-    cfg = parallel_config.ParallelConfig(preset=cases.Preset.DATA_EXPERT, pipe=2, expert=4,
-                                         pipeline=parallel_config.Schedule.ONE_F_ONE_B)
+    cfg = parallel_config.ParallelConfig(
+        preset=cases.Preset.DATA_EXPERT,
+        pipe=2,
+        expert=4,
+        pipeline=parallel_config.Schedule.ONE_F_ONE_B,
+    )
     mesh = mesh_lib.make_mesh(cfg)
     plan = plan_lib.Plan(cfg, mesh, sharding.rules_for(cfg.preset))
     experts = plan.experts()
-    per_stage = jax.shard_map(lambda p, x: plan.wrap(forward)(p, x, experts)[0], mesh=mesh,
-                              in_specs=(P(), P("pipe")), out_specs=P("pipe"),
-                              axis_names={"pipe"})
+    per_stage = jax.shard_map(
+        lambda p, x: plan.wrap(forward)(p, x, experts)[0],
+        mesh=mesh,
+        in_specs=(P(), P("pipe")),
+        out_specs=P("pipe"),
+        axis_names={"pipe"},
+    )
     compiled = jax.jit(per_stage).lower(params, x).compile()
     assert "all-to-all" in compiled.as_text()
     y = compiled(params, x)

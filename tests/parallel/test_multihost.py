@@ -47,10 +47,19 @@ def _losses(records: list[dict]) -> dict[tuple[str, int], float]:
 
 def _launch(workdir: pathlib.Path) -> subprocess.Popen:
     return subprocess.Popen(
-        [str(REPO / "launch" / "local.sh"), "2"], cwd=REPO, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        env=_env(PYTHON=sys.executable, CONFIG=str(CONFIG), WORKDIR=str(workdir), DEVICES="4",
-                 XLA_FLAGS=FAST_COMPILE))
+        [str(REPO / "launch" / "local.sh"), "2"],
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=_env(
+            PYTHON=sys.executable,
+            CONFIG=str(CONFIG),
+            WORKDIR=str(workdir),
+            DEVICES="4",
+            XLA_FLAGS=FAST_COMPILE,
+        ),
+    )
 
 
 def _kill_after_first_checkpoint(launcher: subprocess.Popen, workdir: pathlib.Path) -> str:
@@ -80,10 +89,13 @@ def test_two_processes_killed_and_resumed_reproduce_one(tmp_path):
     pair, single = tmp_path / "pair", tmp_path / "single"
     first = _launch(pair)
     reference = subprocess.Popen(
-        [sys.executable, "-m", "deepseek_jax.train", f"--config={CONFIG}",
-         f"--workdir={single}"], cwd=REPO, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        env=_env(XLA_FLAGS=f"{FAST_COMPILE} --xla_force_host_platform_device_count=8"))
+        [sys.executable, "-m", "deepseek_jax.train", f"--config={CONFIG}", f"--workdir={single}"],
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=_env(XLA_FLAGS=f"{FAST_COMPILE} --xla_force_host_platform_device_count=8"),
+    )
     second = None
     try:
         out_first = _kill_after_first_checkpoint(first, pair)
@@ -103,12 +115,15 @@ def test_two_processes_killed_and_resumed_reproduce_one(tmp_path):
 
     # The resumed run re-logs the steps after its checkpoint; the last record of a step counts.
     got, want = _losses(_records(pair)), _losses(_records(single))
-    assert sorted(want) == sorted([("eval", 0), ("eval", STEPS)]
-                                  + [("train", i) for i in range(1, STEPS + 1)])
+    assert sorted(want) == sorted(
+        [("eval", 0), ("eval", STEPS)] + [("train", i) for i in range(1, STEPS + 1)]
+    )
     assert sorted(got) == sorted(want)
     errors = {k: cases.rel_err(got[k], want[k]) for k in want}
-    print(f"\n2 processes (killed after step {resumed[1]}'s checkpoint, resumed) vs 1:",
-          {f"{s}{n}": f"{got[(s, n)]:.6f} ({e:.1e})" for (s, n), e in errors.items()})
+    print(
+        f"\n2 processes (killed after step {resumed[1]}'s checkpoint, resumed) vs 1:",
+        {f"{s}{n}": f"{got[(s, n)]:.6f} ({e:.1e})" for (s, n), e in errors.items()},
+    )
     assert max(errors.values()) <= 1e-5, errors
     # Only process 0 wrote metrics, and process 1's log has no progress lines.
     assert f"step {STEPS}/{STEPS}" not in (pair / "logs" / "process_1.log").read_text()

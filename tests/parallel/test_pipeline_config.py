@@ -19,8 +19,9 @@ GOOD = {"parallel.pipe": 2, "parallel.pipeline": "dualpipe", "parallel.microbatc
 
 
 def load(**overrides):
-    return config_lib.load(TINY, {**GOOD, **{k.replace("__", "."): v
-                                             for k, v in overrides.items()}})
+    return config_lib.load(
+        TINY, {**GOOD, **{k.replace("__", "."): v for k, v in overrides.items()}}
+    )
 
 
 def test_pipeline_override_is_an_enum():
@@ -32,24 +33,37 @@ def test_pipeline_override_is_an_enum():
     assert ParallelConfig(pipe=4, pipeline=Schedule.GPIPE).num_microbatches == 8  # default 2*PP
 
 
-@pytest.mark.parametrize("overrides,match", [
-    ({"parallel__pipe": 3, "model__n_layers": 4}, r"parallel\.pipe=3.*even"),
-    ({"parallel__microbatches": 2}, r"parallel\.microbatches=2.*>= 2\*pp=4"),
-    ({"parallel__microbatches": 3, "parallel__pipeline": "dualpipev"},
-     r"dualpipev.*parallel\.microbatches=3.*>= 2\*pp=4"),
-    ({"parallel__pipe": 4, "parallel__microbatches": 8},
-     r"model\.n_layers.*2 MoE layers.*4 stages"),
-    ({"parallel__pipeline": "dualpipev"}, r"model\.n_layers.*2 MoE layers.*4 stages of dualpipev"),
-    ({"model__n_layers": 4}, r"model\.n_layers.*3 MoE layers.*evenly"),
-    ({"parallel__microbatches": 6, "model__n_layers": 3}, r"global_batch_size=16.*microbatches=6"),
-    ({"parallel__fsdp": 2}, r"parallel\.fsdp=2 is not supported with parallel\.pipeline"),
-    ({"parallel__tensor": 2}, r"parallel\.tensor=2 is not supported"),
-    ({"parallel__pipe": 1}, r"needs parallel\.pipe >= 2"),
-    ({"parallel__pipeline": "none"}, r"parallel\.pipe=2 needs a parallel\.pipeline"),
-    ({"parallel__pipeline": "zerobubble"}, r"parallel\.pipeline: unknown value"),
-    ({"parallel__microbatches": -1}, r"parallel\.microbatches must be >= 0"),
-    ({"parallel__preset": "fsdp"}, r"parallel\.preset=fsdp is not supported with parallel"),
-])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"parallel__pipe": 3, "model__n_layers": 4}, r"parallel\.pipe=3.*even"),
+        ({"parallel__microbatches": 2}, r"parallel\.microbatches=2.*>= 2\*pp=4"),
+        (
+            {"parallel__microbatches": 3, "parallel__pipeline": "dualpipev"},
+            r"dualpipev.*parallel\.microbatches=3.*>= 2\*pp=4",
+        ),
+        (
+            {"parallel__pipe": 4, "parallel__microbatches": 8},
+            r"model\.n_layers.*2 MoE layers.*4 stages",
+        ),
+        (
+            {"parallel__pipeline": "dualpipev"},
+            r"model\.n_layers.*2 MoE layers.*4 stages of dualpipev",
+        ),
+        ({"model__n_layers": 4}, r"model\.n_layers.*3 MoE layers.*evenly"),
+        (
+            {"parallel__microbatches": 6, "model__n_layers": 3},
+            r"global_batch_size=16.*microbatches=6",
+        ),
+        ({"parallel__fsdp": 2}, r"parallel\.fsdp=2 is not supported with parallel\.pipeline"),
+        ({"parallel__tensor": 2}, r"parallel\.tensor=2 is not supported"),
+        ({"parallel__pipe": 1}, r"needs parallel\.pipe >= 2"),
+        ({"parallel__pipeline": "none"}, r"parallel\.pipe=2 needs a parallel\.pipeline"),
+        ({"parallel__pipeline": "zerobubble"}, r"parallel\.pipeline: unknown value"),
+        ({"parallel__microbatches": -1}, r"parallel\.microbatches must be >= 0"),
+        ({"parallel__preset": "fsdp"}, r"parallel\.preset=fsdp is not supported with parallel"),
+    ],
+)
 def test_bad_pipeline_settings_fail_naming_the_field(overrides, match):
     with pytest.raises(ValueError, match=match):
         load(**overrides)
@@ -59,8 +73,11 @@ def test_micro_batch_rows_must_split_over_the_batch_shards():
     exp = load(parallel__data=4)  # 16 / 4 micro-batches = 4 rows over 4 data shards: fine
     plan_lib.make_plan(exp.parallel, exp.model, 16)
     exp = load(parallel__data=4, parallel__microbatches=8, model__n_layers=3)
-    with pytest.raises(ValueError, match=r"a micro-batch of 2 sequences .*global_batch_size=16 / "
-                                         r"parallel\.microbatches=8\) is not divisible by the 4"):
+    with pytest.raises(
+        ValueError,
+        match=r"a micro-batch of 2 sequences .*global_batch_size=16 / "
+        r"parallel\.microbatches=8\) is not divisible by the 4",
+    ):
         plan_lib.make_plan(exp.parallel, exp.model, 16)
     assert len(jax.devices()) == 8
 
@@ -70,10 +87,13 @@ def test_pipe_without_pipeline_is_refused_by_the_config():
         ParallelConfig(pipe=2)
 
 
-@pytest.mark.parametrize("overrides,match", [
-    ({"parallel__backward_split": "fused"}, r"parallel\.backward_split: unknown value"),
-    ({"parallel__zero": 2}, r"parallel\.zero: must be 0 .* or 1"),
-])
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"parallel__backward_split": "fused"}, r"parallel\.backward_split: unknown value"),
+        ({"parallel__zero": 2}, r"parallel\.zero: must be 0 .* or 1"),
+    ],
+)
 def test_bad_split_and_zero_settings_fail_at_config_time(overrides, match):
     with pytest.raises(ValueError, match=match):
         load(**overrides)
@@ -91,14 +111,20 @@ def test_zero1_layout_that_cannot_divide_the_state_fails_naming_the_axis():
     exp = load(parallel__data=3, parallel__zero=1, parallel__microbatches=4)
     tx = optim.optimizer(exp.train)
     plan = plan_lib.make_abstract_plan(exp.parallel, exp.model, 48, 6)
-    with pytest.raises(ValueError, match=r"parallel\.zero=1: opt_state/.* has no dimension "
-                                         r"divisible by the data axis, data=3"):
+    with pytest.raises(
+        ValueError,
+        match=r"parallel\.zero=1: opt_state/.* has no dimension "
+        r"divisible by the data axis, data=3",
+    ):
         sharded.state_specs(plan, exp.model, state_lib.abstract_state(exp.model, tx))
     # data=2 divides every non-scalar moment: all of them are split over `data`.
     exp = load(parallel__data=2, parallel__zero=1)
     plan = plan_lib.make_abstract_plan(exp.parallel, exp.model, 16, 4)
     specs = sharded.state_specs(plan, exp.model, state_lib.abstract_state(exp.model, tx))
     abstract = state_lib.abstract_state(exp.model, tx)
-    for spec, leaf in zip(jax.tree.leaves(specs.opt_state, is_leaf=lambda x: isinstance(x, P)),
-                          jax.tree.leaves(abstract.opt_state), strict=True):
+    for spec, leaf in zip(
+        jax.tree.leaves(specs.opt_state, is_leaf=lambda x: isinstance(x, P)),
+        jax.tree.leaves(abstract.opt_state),
+        strict=True,
+    ):
         assert leaf.ndim == 0 or "data" in str(spec), (spec, leaf.shape)

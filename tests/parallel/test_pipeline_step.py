@@ -19,8 +19,13 @@ from deepseek_jax.parallel.pipeline.schedules import Op, OpKind, Schedule
 from deepseek_jax.parallel.pipeline.ticks import Channel, Code
 from tests.parallel import pipeline_harness as h
 
-CASES = [(Schedule.DUALPIPE, 2), (Schedule.DUALPIPE, 4), (Schedule.DUALPIPEV, 2),
-         (Schedule.ONE_F_ONE_B, 4), (Schedule.GPIPE, 4)]
+CASES = [
+    (Schedule.DUALPIPE, 2),
+    (Schedule.DUALPIPE, 4),
+    (Schedule.DUALPIPEV, 2),
+    (Schedule.ONE_F_ONE_B, 4),
+    (Schedule.GPIPE, 4),
+]
 IDS = [f"{s.value}-pp{pp}" for s, pp in CASES]
 DTYPES = ["float64", "float32"]
 
@@ -49,8 +54,10 @@ def test_pipelined_step_equals_unpipelined(schedule, pp, dtype):
     comp = h.compiled(schedule, pp, dtype)
     errors = _check_equal(comp.run(), h.reference(dtype), h.TOL[dtype])
     mesh = " x ".join(f"{k}={v}" for k, v in comp.mesh.shape.items())
-    print(f"{schedule.value} pp={pp} {dtype} ({mesh}): "
-          + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+    print(
+        f"{schedule.value} pp={pp} {dtype} ({mesh}): "
+        + ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
+    )
 
 
 @pytest.mark.parametrize("schedule,pp,dtype", h.RECOMPUTE)
@@ -58,8 +65,10 @@ def test_recompute_split_equals_unpipelined(schedule, pp, dtype):
     comp = h.compiled(schedule, pp, dtype, BackwardSplit.RECOMPUTE)
     assert comp.pipe.table.wres_slots == 0 and comp.pipe.layout.split is BackwardSplit.RECOMPUTE
     errors = _check_equal(comp.run(), h.reference(dtype), h.TOL[dtype])
-    print(f"{schedule.value} pp={pp} {dtype} recompute split: "
-          + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()))
+    print(
+        f"{schedule.value} pp={pp} {dtype} recompute split: "
+        + ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
+    )
 
 
 @pytest.mark.parametrize("schedule,pp", CASES, ids=IDS)
@@ -67,8 +76,13 @@ def test_executed_ops_equal_the_schedule(schedule, pp):
     comp = h.compiled(schedule, pp, "float64")
     log = comp.run()[4]  # [P, T, 5]: code, c, m, c2, m2 per tick, written by the branch that ran
     orders = schedules.build(schedule, pp, h.MICROBATCHES)
-    kinds = {Code.F: OpKind.F, Code.B: OpKind.B, Code.BI: OpKind.BI, Code.W: OpKind.W,
-             Code.FB: OpKind.FB}
+    kinds = {
+        Code.F: OpKind.F,
+        Code.B: OpKind.B,
+        Code.BI: OpKind.BI,
+        Code.W: OpKind.W,
+        Code.FB: OpKind.FB,
+    }
     for r in range(pp):
         ops = []
         for code, c, m, c2, m2 in log[r].tolist():
@@ -87,8 +101,9 @@ def test_dualpipe_copies_both_contribute_and_stay_identical():
         w1 = d_stack["attn"]["wo"]["kernel"][pp - 1 - s, 1, 0]  # its copy on rank PP-1-s
         assert np.abs(w0).max() > 0 and np.abs(w1).max() > 0
         assert h.max_rel(w0, w1) > 1e-3  # different micro-batches
-        np.testing.assert_allclose(w0 + w1, grads["moe_layers"]["attn"]["wo"]["kernel"][s],
-                                   rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(
+            w0 + w1, grads["moe_layers"]["attn"]["wo"]["kernel"][s], rtol=1e-12, atol=1e-15
+        )
     # The next step's copies are gathered from the one updated canonical array.
     table = h.compiled(Schedule.DUALPIPE, 4, "float64").pipe.table
     stack, _ = stages.split(new.params)
@@ -103,9 +118,11 @@ def test_dualpipe_copies_both_contribute_and_stay_identical():
 def test_broken_table_breaks_equality(broken):
     comp = h.compiled(Schedule.DUALPIPE, 4, "float64")
     table = comp.pipe.table
-    bad = {"drop_w": lambda: ticksim.drop_op(table, OpKind.W),
-           "swap_act_recv": lambda: ticksim.swap_recv(table, Channel.ACT1),
-           "swap_wres": lambda: ticksim.swap_wres(table)}[broken]()
+    bad = {
+        "drop_w": lambda: ticksim.drop_op(table, OpKind.W),
+        "swap_act_recv": lambda: ticksim.swap_recv(table, Channel.ACT1),
+        "swap_wres": lambda: ticksim.swap_wres(table),
+    }[broken]()
     with pytest.raises(ValueError):
         ticksim.check(bad)
     grads = comp.run(bad)[0]
@@ -127,5 +144,6 @@ def test_zero1_state_is_split_over_data():
             assert "data" in names, (jax.tree_util.keystr(path), spec)
             assert leaf.addressable_shards[0].data.size * 2 <= leaf.size
     for leaf in jax.tree.leaves(st.params):  # parameters are not split over data
-        assert all("data" not in ((e,) if isinstance(e, str) else (e or ()))
-                   for e in leaf.sharding.spec)
+        assert all(
+            "data" not in ((e,) if isinstance(e, str) else (e or ())) for e in leaf.sharding.spec
+        )

@@ -34,8 +34,9 @@ def test_json_matches_generator(capsys):
     assert doc["ranks"][0][7] == {"op": "F&B", "c": 0, "m": 3, "c2": 1, "m2": 1}
     assert doc["bubble"]["async"]["makespan"] == 26 and doc["bubble"]["formula"] == 2
     assert doc["bubble"]["lockstep"]["makespan"] == 26 and doc["bubble"]["ticks"] == 16
-    doc = json.loads(run(capsys, "--schedule=1f1b", "--ranks=4", "--microbatches=8", "--json",
-                         "--costs=F=1,B=1"))
+    doc = json.loads(
+        run(capsys, "--schedule=1f1b", "--ranks=4", "--microbatches=8", "--json", "--costs=F=1,B=1")
+    )
     assert doc["bubble"]["formula"] == 6 and doc["costs"]["B"] == 1
     assert all(e["op"] in ("F", "B") and "c2" not in e for rank in doc["ranks"] for e in rank)
 
@@ -74,10 +75,23 @@ def test_inapplicable_schedules_are_marked_in_the_table(capsys):
 
 
 def test_module_entry_point_exit_code():
-    bad = subprocess.run([sys.executable, "-m", "deepseek_jax.schedule", "--schedule=dualpipe",
-                          "--ranks=3"], capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "deepseek_jax.schedule", "--schedule=dualpipe", "--ranks=3"],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "even number" in bad.stderr
-    ok = subprocess.run([sys.executable, "-m", "deepseek_jax.schedule", "--schedule=gpipe",
-                         "--ranks=2", "--microbatches=2", "--json"], capture_output=True,
-                        text=True)
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "deepseek_jax.schedule",
+            "--schedule=gpipe",
+            "--ranks=2",
+            "--microbatches=2",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0 and json.loads(ok.stdout)["schedule"] == "gpipe"

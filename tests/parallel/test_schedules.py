@@ -87,7 +87,9 @@ def test_peak_live_activations(pp):
 
 
 def _with_rank0(orders: OpOrders, ops: list[Op]) -> OpOrders:
-    return OpOrders(orders.schedule, orders.pp, orders.microbatches, (tuple(ops),) + orders.ranks[1:])
+    return OpOrders(
+        orders.schedule, orders.pp, orders.microbatches, (tuple(ops),) + orders.ranks[1:]
+    )
 
 
 def test_check_order_rejects_broken_orders():
@@ -96,9 +98,9 @@ def test_check_order_rejects_broken_orders():
     w = next(i for i, op in enumerate(ops) if op.kind is OpKind.W)
     bi = next(i for i, op in enumerate(ops) if op.kind is OpKind.BI)
     with pytest.raises(ValueError, match="incomplete"):
-        schedules.check_order(_with_rank0(orders, ops[:w] + ops[w + 1:]))
+        schedules.check_order(_with_rank0(orders, ops[:w] + ops[w + 1 :]))
     with pytest.raises(ValueError, match=r"W\(1,0\) after \['F'\]"):
-        moved = ops[:bi] + [ops[w], ops[bi]] + ops[w + 1:]
+        moved = ops[:bi] + [ops[w], ops[bi]] + ops[w + 1 :]
         schedules.check_order(_with_rank0(orders, moved))
     with pytest.raises(ValueError, match="after"):
         schedules.check_order(_with_rank0(orders, ops + [Op(OpKind.F, 0, 0)]))

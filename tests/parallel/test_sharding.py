@@ -16,8 +16,7 @@ from deepseek_jax.parallel import config as parallel_config
 from deepseek_jax.parallel import mesh as mesh_lib
 from deepseek_jax.parallel import plan as plan_lib
 from deepseek_jax.parallel import sharding
-from deepseek_jax.train import optim
-from deepseek_jax.train import sharded
+from deepseek_jax.train import optim, sharded
 from deepseek_jax.train import state as state_lib
 from tests.parallel import cases
 
@@ -68,10 +67,14 @@ def test_optimizer_slots_mirror_parameters():
     assert all(p == P(None, None) for p in leaves(s.expert_bias))
 
 
-@pytest.mark.parametrize("preset,mesh", [
-    (Preset.FSDP, dict(fsdp=256)),
-    (Preset.FSDP_EXPERT_TP, dict(fsdp=4, expert=64)),
-], ids=["fsdp", "fsdp_expert_tp"])
+@pytest.mark.parametrize(
+    "preset,mesh",
+    [
+        (Preset.FSDP, dict(fsdp=256)),
+        (Preset.FSDP_EXPERT_TP, dict(fsdp=4, expert=64)),
+    ],
+    ids=["fsdp", "fsdp_expert_tp"],
+)
 def test_nothing_large_is_replicated_under_fsdp(preset, mesh):
     """DeepSeek-V3 on 256 abstract devices: every array of 4 MiB or more (params and Adam slots)
     is split over all 256 (experts 64 x 4 under EP); what stays replicated -- norm weights,
@@ -88,11 +91,11 @@ def test_nothing_large_is_replicated_under_fsdp(preset, mesh):
             nbytes = leaf.size * leaf.dtype.itemsize
             shard = jax.sharding.NamedSharding(mesh_obj, spec).shard_shape(leaf.shape)
             split = leaf.size // math.prod(shard)
-            if nbytes >= 4 * 2 ** 20:
+            if nbytes >= 4 * 2**20:
                 assert split == 256, (jax.tree_util.keystr(path), spec, split)
             elif split == 1:
                 replicated += nbytes
-    assert replicated < 32 * 2 ** 20
+    assert replicated < 32 * 2**20
 
 
 def test_spec_rules():
@@ -101,9 +104,13 @@ def test_spec_rules():
     # A mesh axis splits an array once (first dimension wins); size-1 axes are dropped.
     assert sharding.spec(rules, ("embed", "q_lora"), (32, 16), sizes) == P("fsdp", None)
     assert sharding.spec(rules, ("expert", "embed", "expert_mlp"), (8, 32, 16), sizes) == P(
-        None, "fsdp", "tensor")
-    with pytest.raises(ValueError, match=r"params/x: dimension 1 \(heads\) has size 3, not "
-                                         r"divisible by the 2 shards of mesh axes tensor=2"):
+        None, "fsdp", "tensor"
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"params/x: dimension 1 \(heads\) has size 3, not "
+        r"divisible by the 2 shards of mesh axes tensor=2",
+    ):
         sharding.spec(rules, ("q_lora", "heads"), (16, 3), sizes, "params/x")
     with pytest.raises(ValueError, match="unknown logical axis 'embedd'"):
         sharding.spec(rules, ("embedd",), (32,), sizes)
@@ -111,30 +118,54 @@ def test_spec_rules():
 
 # -- bad input: each fails in make_plan, before any compile, naming the numbers ----------------
 
+
 def plan(preset=Preset.FSDP_EXPERT_TP, model=cases.CFG, batch=cases.B, **mesh):
     cfg = parallel_config.ParallelConfig(preset=preset, **{**cases.MESHES[preset], **mesh})
     return plan_lib.make_plan(cfg, model, batch)
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(data=1, fsdp=4),
-     r"the mesh pipe=1 x data=1 x fsdp=4 x expert=2 x tensor=2 has 16 devices, but 8 devices "
-     r"are present"),
-    (dict(preset=Preset.DATA_EXPERT, data=1, expert=8, model=dataclasses.replace(
-        cases.CFG, n_routed_experts=12, n_group=4)),
-     r"model.n_routed_experts=12 is not divisible by expert=8"),
-    (dict(model=dataclasses.replace(cases.CFG, n_heads=3)),
-     r"model.n_heads=3 is not divisible by tensor=2"),
-    (dict(model=dataclasses.replace(cases.CFG, intermediate_size=47)),
-     r"model.intermediate_size=47 is not divisible by tensor=2"),
-    (dict(model=dataclasses.replace(cases.CFG, moe_intermediate_size=15)),
-     r"model.moe_intermediate_size=15 is not divisible by tensor=2"),
-    (dict(batch=6), r"train.global_batch_size=6 is not divisible by the 4 batch shards "
-                    r"\(fsdp=2 x expert=2\)"),
-    (dict(preset=Preset.DATA, data=2, fsdp=4),
-     r"preset data shards nothing over `fsdp`, so fsdp=4 would only replicate"),
-    (dict(pipe=2, fsdp=1), r"pipe=2"),
-], ids=["mesh-product", "experts", "heads", "ffn", "expert-ffn", "batch", "unused-axis", "pipe"])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (
+            dict(data=1, fsdp=4),
+            r"the mesh pipe=1 x data=1 x fsdp=4 x expert=2 x tensor=2 has 16 devices, "
+            r"but 8 devices are present",
+        ),
+        (
+            dict(
+                preset=Preset.DATA_EXPERT,
+                data=1,
+                expert=8,
+                model=dataclasses.replace(cases.CFG, n_routed_experts=12, n_group=4),
+            ),
+            r"model.n_routed_experts=12 is not divisible by expert=8",
+        ),
+        (
+            dict(model=dataclasses.replace(cases.CFG, n_heads=3)),
+            r"model.n_heads=3 is not divisible by tensor=2",
+        ),
+        (
+            dict(model=dataclasses.replace(cases.CFG, intermediate_size=47)),
+            r"model.intermediate_size=47 is not divisible by tensor=2",
+        ),
+        (
+            dict(model=dataclasses.replace(cases.CFG, moe_intermediate_size=15)),
+            r"model.moe_intermediate_size=15 is not divisible by tensor=2",
+        ),
+        (
+            dict(batch=6),
+            r"train.global_batch_size=6 is not divisible by the 4 batch shards "
+            r"\(fsdp=2 x expert=2\)",
+        ),
+        (
+            dict(preset=Preset.DATA, data=2, fsdp=4),
+            r"preset data shards nothing over `fsdp`, so fsdp=4 would only replicate",
+        ),
+        (dict(pipe=2, fsdp=1), r"pipe=2"),
+    ],
+    ids=["mesh-product", "experts", "heads", "ffn", "expert-ffn", "batch", "unused-axis", "pipe"],
+)
 def test_bad_layouts_fail_before_compile(kwargs, message):
     with pytest.raises(ValueError, match=message):
         plan(**kwargs)
@@ -171,14 +202,18 @@ def test_activation_constraints_are_installed_at_block_boundaries():
     p = plan(Preset.FSDP_TP)
     graphdef, _, _ = state_lib.abstract_model(cases.CFG)
     fn = step_lib.make_train_step(graphdef, cases.TRAIN, TX)
-    batch = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype,
-                                                        sharding=p.batch_sharding()),
-                         cases.batch())
+    batch = jax.tree.map(
+        lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=p.batch_sharding()), cases.batch()
+    )
     state = sharded.abstract_state(p, cases.CFG, TX)
+
     def constraints(lowered) -> int:  # Shardy or GSPMD spelling
         text = lowered.as_text()
         return text.count("sdy.sharding_constraint") + text.count("@Sharding")
 
     # embed, 3 blocks x (in, out), main logits, MTP logits.
-    assert constraints(sharded.jit_train_step(p, fn, cases.CFG, TX).lower(state, batch)) >= 1 + 3 * 2 + 2
+    assert (
+        constraints(sharded.jit_train_step(p, fn, cases.CFG, TX).lower(state, batch))
+        >= 1 + 3 * 2 + 2
+    )
     assert constraints(jax.jit(fn).lower(state, batch)) == 0

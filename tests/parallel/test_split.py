@@ -40,9 +40,17 @@ def _env(dtype: str):
     take0 = lambda t: ops_lib.take(stages.to_pipeline(t, placement, 2), 0)  # noqa: E731
     norms = losses.norms(batch, cfg.mtp_depth, stage.acc_dtype, h.MICROBATCHES)
     weights = losses.Weights(jnp.asarray(0.3, stage.acc_dtype), 1e-2)
-    env = ops_lib.make_env(take0(stack), take0(bstack), glob, bglob,
-                           pipeline_step.microbatched(batch, h.MICROBATCHES), norms, weights,
-                           jnp.array([1, 0]), jnp.array([0, 1]))
+    env = ops_lib.make_env(
+        take0(stack),
+        take0(bstack),
+        glob,
+        bglob,
+        pipeline_step.microbatched(batch, h.MICROBATCHES),
+        norms,
+        weights,
+        jnp.array([1, 0]),
+        jnp.array([0, 1]),
+    )
     return stage, env
 
 
@@ -118,8 +126,9 @@ def test_w_runs_only_weight_gemms_and_needs_every_residual():
     # W holds no equation of the forward or of the input-gradient chain: none of its outputs
     # is read by a Bi equation.
     w_out = {v for e in sp.w_eqns for v in e.outvars}
-    assert not any(v in w_out for e in sp.bi_eqns for v in e.invars
-                   if not isinstance(v, jcore.Literal))
+    assert not any(
+        v in w_out for e in sp.bi_eqns for v in e.invars if not isinstance(v, jcore.Literal)
+    )
     (d_glob, d_x), res = sp.input_grads(stable, transient)
     want = ops._grads(stable, transient)[1]
     got = sp.weight_grads(stable, res)
@@ -133,9 +142,11 @@ def test_w_runs_only_weight_gemms_and_needs_every_residual():
     # And a residual W was handed wrong (zeros) changes the weight gradients.
     zeroed = [jnp.zeros_like(r) if j == len(res) // 2 else r for j, r in enumerate(res)]
     assert h.worst(sp.weight_grads(stable, zeroed), want)[0] > 1e-3
-    print(f"residuals: {len(res)} arrays, {sp.residual_bytes} bytes per micro-batch "
-          f"(stage input: {x_bytes(transient[1])} bytes); W: {w_gemms} GEMMs, "
-          f"{len(sp.w_eqns)} equations; Bi: {len(sp.bi_eqns)} equations")
+    print(
+        f"residuals: {len(res)} arrays, {sp.residual_bytes} bytes per micro-batch "
+        f"(stage input: {x_bytes(transient[1])} bytes); W: {w_gemms} GEMMs, "
+        f"{len(sp.w_eqns)} equations; Bi: {len(sp.bi_eqns)} equations"
+    )
 
 
 def x_bytes(x) -> int:

@@ -6,14 +6,15 @@ import pytest
 
 from deepseek_jax.batch import Batch
 from deepseek_jax.parallel.pipeline import executor, schedules, stages, ticks
-from deepseek_jax.train import pipeline_step
 from deepseek_jax.parallel.pipeline.schedules import Schedule
 from deepseek_jax.parallel.pipeline.ticks import Code
+from deepseek_jax.train import pipeline_step
 
 
-@pytest.mark.parametrize("schedule,pp,num_stages", [(Schedule.DUALPIPE, 4, 4),
-                                                    (Schedule.DUALPIPEV, 2, 4),
-                                                    (Schedule.ONE_F_ONE_B, 4, 4)])
+@pytest.mark.parametrize(
+    "schedule,pp,num_stages",
+    [(Schedule.DUALPIPE, 4, 4), (Schedule.DUALPIPEV, 2, 4), (Schedule.ONE_F_ONE_B, 4, 4)],
+)
 def test_pipeline_layout_places_stages_and_sums_copies(schedule, pp, num_stages):
     table = ticks.build(schedules.build(schedule, pp, 2 * pp))
     placement = np.asarray(table.stage)
@@ -24,7 +25,7 @@ def test_pipeline_layout_places_stages_and_sums_copies(schedule, pp, num_stages)
     for r in range(pp):
         for c in range(table.chunks):
             s = placement[r, c]
-            np.testing.assert_array_equal(pipe[r, c], layers[2 * s:2 * s + 2])
+            np.testing.assert_array_equal(pipe[r, c], layers[2 * s : 2 * s + 2])
     back = np.asarray(stages.from_pipeline({"w": pipe}, placement, num_stages)["w"])
     copies = np.bincount(placement.ravel(), minlength=num_stages)  # DualPipe: 2 per stage
     np.testing.assert_array_equal(back, layers * np.repeat(copies, 2)[:, None])
@@ -55,7 +56,7 @@ def test_encoding_pads_with_idle_and_maps_dualpipe_halves():
     assert layout.codes == tuple(Code)
     enc = executor.encode(dp, layout)
     assert enc["branch"].shape == (4, layout.ticks)
-    assert (enc["branch"][:, dp.num_ticks:] == 0).all()  # padding ticks are IDLE
+    assert (enc["branch"][:, dp.num_ticks :] == 0).all()  # padding ticks are IDLE
     c, m, mb = enc["c"], enc["m"], enc["mb"]
     np.testing.assert_array_equal(mb[c == 1], m[c == 1] + 4)  # direction 1: second half
     np.testing.assert_array_equal(mb[c == 0], m[c == 0])

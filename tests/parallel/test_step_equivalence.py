@@ -25,8 +25,7 @@ import pytest
 
 from deepseek_jax.parallel import hlo_stats
 from deepseek_jax.parallel import plan as plan_lib
-from deepseek_jax.train import optim
-from deepseek_jax.train import sharded
+from deepseek_jax.train import optim, sharded
 from deepseek_jax.train import state as state_lib
 from deepseek_jax.train import step as step_lib
 from tests.parallel import cases
@@ -87,8 +86,9 @@ def _fn(setup: Setup):
 
 
 def _structs(tree, sharding_of):
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree,
-                        sharding_of(tree))
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, sharding_of(tree)
+    )
 
 
 def _lower(dtype: str, preset: cases.Preset | None):
@@ -101,8 +101,7 @@ def _lower(dtype: str, preset: cases.Preset | None):
         if preset is None:
             one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             every = lambda tree: jax.tree.map(lambda _: one, tree)  # noqa: E731
-            return step_lib.jit_train_step(fn).lower(_structs(state, every),
-                                                     _structs(batch, every))
+            return step_lib.jit_train_step(fn).lower(_structs(state, every), _structs(batch, every))
         plan = plan_lib.make_plan(cases.parallel(preset), setup.model, cases.B)
         batch = _structs(batch, lambda tree: jax.tree.map(lambda _: plan.batch_sharding(), tree))
         graphdef, _, _ = state_lib.abstract_model(setup.model)
@@ -164,8 +163,10 @@ def test_sharded_step_equals_single_device(dtype, preset):
         "expert_bias": cases.worst(got.state.expert_bias, ref.state.expert_bias),
         "grad_norm": cases.rel_err(got.metrics["grad_norm"], ref.metrics["grad_norm"]),
     }
-    print(f"\n{dtype} {preset.value}: " + ", ".join(
-        f"{k} {v[0] if isinstance(v, tuple) else v:.2e}" for k, v in figures.items()))
+    print(
+        f"\n{dtype} {preset.value}: "
+        + ", ".join(f"{k} {v[0] if isinstance(v, tuple) else v:.2e}" for k, v in figures.items())
+    )
     for name, value in figures.items():
         err, where = value if isinstance(value, tuple) else (value, "")
         assert err <= tol, f"{name} {where}: relative error {err:.3e} > {tol}"
@@ -196,8 +197,11 @@ def expert_groups(plan) -> frozenset:
 def test_compiled_ep_step_contains_the_expert_all_to_all(preset):
     run = run_sharded("float32", preset)
     plan = plan_lib.make_plan(cases.parallel(preset), cases.CFG, cases.B)
-    ops = [c for c in hlo_stats.collectives(run.hlo)
-           if c.kind == "all-to-all" and "shard_map" in c.op_name]
+    ops = [
+        c
+        for c in hlo_stats.collectives(run.hlo)
+        if c.kind == "all-to-all" and "shard_map" in c.op_name
+    ]
     rows = [c for c in ops if "s32[" not in c.result_type]  # token rows, not per-expert counts
     # MoE layer + MTP MoE layer, each: dispatch and return, forward and backward.
     assert len(rows) == 2 * 2 * 2, [c.result_type for c in ops]
@@ -206,5 +210,8 @@ def test_compiled_ep_step_contains_the_expert_all_to_all(preset):
 
 def test_non_ep_step_has_no_expert_all_to_all():
     run = run_sharded("float32", cases.Preset.FSDP_TP)
-    assert not [c for c in hlo_stats.collectives(run.hlo)
-                if c.kind == "all-to-all" and "shard_map" in c.op_name]
+    assert not [
+        c
+        for c in hlo_stats.collectives(run.hlo)
+        if c.kind == "all-to-all" and "shard_map" in c.op_name
+    ]

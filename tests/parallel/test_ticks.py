@@ -1,5 +1,5 @@
-"""Tick tables: equality with the reference tables, the executor-facing arrays, buffer slots, and the
-symbolic simulator accepting every generated table and rejecting broken ones."""
+"""Tick tables: equality with the reference tables, the executor-facing arrays, buffer slots, and
+the symbolic simulator accepting every generated table and rejecting broken ones."""
 
 import dataclasses
 import json
@@ -126,10 +126,17 @@ def _live_intervals(orders: OpOrders, table: ticks.TickTable, r: int) -> list[tu
     for c in range(orders.chunks):
         for m in range(orders.per_chunk):
             src = orders.upstream(r, c)
-            start = ticks_of[(r, c, m, OpKind.F)][0] if src is None else (
-                ticks_of[(*src, m, OpKind.F)][0] + 1)
-            end = max(t for (rank, cc, mm, _), ts in ticks_of.items()
-                      if (rank, cc, mm) == (r, c, m) for t in ts)
+            start = (
+                ticks_of[(r, c, m, OpKind.F)][0]
+                if src is None
+                else (ticks_of[(*src, m, OpKind.F)][0] + 1)
+            )
+            end = max(
+                t
+                for (rank, cc, mm, _), ts in ticks_of.items()
+                if (rank, cc, mm) == (r, c, m)
+                for t in ts
+            )
             out.append((start, end))
     return out
 
@@ -137,7 +144,7 @@ def _live_intervals(orders: OpOrders, table: ticks.TickTable, r: int) -> list[tu
 def _max_overlap(intervals):
     counts = np.zeros(max(e for _, e in intervals) + 2, int)
     for s, e in intervals:
-        counts[s:e + 1] += 1
+        counts[s : e + 1] += 1
     return int(counts.max())
 
 
@@ -225,8 +232,12 @@ def test_broken_tables_are_rejected():
 
 
 def test_deadlocked_orders_are_reported():
-    f0, f1, b0, b1 = (Op(OpKind.F, 0, 0), Op(OpKind.F, 0, 1), Op(OpKind.B, 0, 0),
-                      Op(OpKind.B, 0, 1))
+    f0, f1, b0, b1 = (
+        Op(OpKind.F, 0, 0),
+        Op(OpKind.F, 0, 1),
+        Op(OpKind.B, 0, 0),
+        Op(OpKind.B, 0, 1),
+    )
     orders = OpOrders(Schedule.ONE_F_ONE_B, 2, 2, ((f0, b0, f1, b1), (f0, f1, b0, b1)))
     schedules.check_order(orders)
     with pytest.raises(ValueError, match="deadlock"):

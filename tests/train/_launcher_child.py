@@ -37,12 +37,21 @@ def main() -> int:
     signal.signal(signal.SIGTERM, record_signal)
     signal.signal(signal.SIGINT, record_signal)
     info = {
-        "config": args.config, "coordinator": args.coordinator,
-        "num_processes": args.num_processes, "process_id": pid, "extra": extra,
+        "config": args.config,
+        "coordinator": args.coordinator,
+        "num_processes": args.num_processes,
+        "process_id": pid,
+        "extra": extra,
         "pid": os.getpid(),
-        "env": {k: os.environ.get(k) for k in
-                ("XLA_FLAGS", "JAX_PLATFORMS", "JAX_CPU_COLLECTIVES_IMPLEMENTATION",
-                 "JAX_LOCAL_DEVICE_IDS")},
+        "env": {
+            k: os.environ.get(k)
+            for k in (
+                "XLA_FLAGS",
+                "JAX_PLATFORMS",
+                "JAX_CPU_COLLECTIVES_IMPLEMENTATION",
+                "JAX_LOCAL_DEVICE_IDS",
+            )
+        },
         "cwd": os.getcwd(),
     }
     os.makedirs(workdir, exist_ok=True)
@@ -60,8 +69,10 @@ def main() -> int:
     if mode in ("fail_one", "stubborn") and pid == 1:
         # Fail only once every sibling is up, so the test sees each one being stopped.
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and len(
-                [n for n in os.listdir(workdir) if n.endswith(".json")]) < args.num_processes:
+        while (
+            time.monotonic() < deadline
+            and len([n for n in os.listdir(workdir) if n.endswith(".json")]) < args.num_processes
+        ):
             time.sleep(0.02)
         print("child 1 failing on purpose", flush=True)
         return 3

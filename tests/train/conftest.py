@@ -22,14 +22,21 @@ class Toy:
     def __init__(self, args, *, devices: int, cache_dir: Path) -> None:
         env = dict(os.environ)
         env.update(
-            PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
+            PYTHONPATH=str(REPO),
+            JAX_PLATFORMS="cpu",
             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
             # The same programs compile in every run; share them (and identical executables).
             JAX_COMPILATION_CACHE_DIR=str(cache_dir),
             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-        self.proc = subprocess.Popen([sys.executable, str(TOY), *args], env=env, text=True,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, str(TOY), *args],
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         self.lines: list[str] = []
         self._queue: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -86,8 +93,10 @@ def toy(tmp_path_factory):
 @pytest.fixture
 def free_port():
     """free_port() -> a TCP port nobody listens on now (for jax.distributed's coordinator)."""
+
     def pick() -> int:
         with socket.socket() as s:
             s.bind(("localhost", 0))
             return s.getsockname()[1]
+
     return pick

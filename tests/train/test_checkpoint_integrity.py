@@ -14,9 +14,12 @@ from deepseek_jax.train import checkpoint
 
 
 def state_at(step):
-    return {"w": jnp.arange(4096, dtype=jnp.float32).reshape(64, 64) + step,
-            "h": jnp.full((8,), step, jnp.bfloat16),
-            "step": jnp.int32(step), "key": jax.random.key(step)}
+    return {
+        "w": jnp.arange(4096, dtype=jnp.float32).reshape(64, 64) + step,
+        "h": jnp.full((8,), step, jnp.bfloat16),
+        "step": jnp.int32(step),
+        "key": jax.random.key(step),
+    }
 
 
 ABSTRACT = checkpoint.abstract_state(state_at(0))
@@ -97,8 +100,9 @@ def test_corrupt_latest_falls_back(workdir, corrupt, caplog):
             restored = ckpt.restore(None, ABSTRACT)
         assert restored.step == 10
         assert restored.data == {"next": 10}
-        np.testing.assert_array_equal(np.asarray(restored.state["w"]),
-                                      np.asarray(state_at(10)["w"]))
+        np.testing.assert_array_equal(
+            np.asarray(restored.state["w"]), np.asarray(state_at(10)["w"])
+        )
         warning = caplog.text
         assert "step 20" in warning and CORRUPTIONS[corrupt] in warning
         # Moved aside, not deleted; the number can be saved again; 10 survives.

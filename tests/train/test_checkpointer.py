@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P, SingleDeviceSharding
+from jax.sharding import AxisType, NamedSharding, SingleDeviceSharding
+from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.train import checkpoint, checkpoint_integrity
 
@@ -16,16 +17,23 @@ def fsdp_state(mesh, shard):
     """A train-state-shaped pytree: FSDP params, AdamW moments, step, expert bias, typed key."""
     params = {
         "embed": jnp.arange(64 * 16, dtype=jnp.float32).reshape(64, 16) / 7.0,
-        "mlp": {"w_in": jnp.sin(jnp.arange(16 * 32, dtype=jnp.float32)).reshape(16, 32),
-                "w_out": jnp.cos(jnp.arange(32 * 16, dtype=jnp.float32)).reshape(32, 16)},
+        "mlp": {
+            "w_in": jnp.sin(jnp.arange(16 * 32, dtype=jnp.float32)).reshape(16, 32),
+            "w_out": jnp.cos(jnp.arange(32 * 16, dtype=jnp.float32)).reshape(32, 16),
+        },
         "norm": jnp.linspace(0.5, 1.5, 16, dtype=jnp.float32).astype(jnp.bfloat16),
     }
-    state = {"params": params, "opt_state": optax.adamw(1e-3).init(params),
-             "step": jnp.int32(1234), "expert_bias": jnp.linspace(-1, 1, 8 * 4).reshape(8, 4),
-             "key": jax.random.key(7)}
+    state = {
+        "params": params,
+        "opt_state": optax.adamw(1e-3).init(params),
+        "step": jnp.int32(1234),
+        "expert_bias": jnp.linspace(-1, 1, 8 * 4).reshape(8, 4),
+        "key": jax.random.key(7),
+    }
     # Perturb the moments so that they are not all zeros (a swapped leaf must show).
-    state["opt_state"] = jax.tree.map(lambda x: x + 0.25 if x.dtype == jnp.float32 else x,
-                                      state["opt_state"])
+    state["opt_state"] = jax.tree.map(
+        lambda x: x + 0.25 if x.dtype == jnp.float32 else x, state["opt_state"]
+    )
     return jax.tree.map(lambda x: jax.device_put(x, shard(mesh, x)), state)
 
 
@@ -41,8 +49,10 @@ def fsdp_sharding(mesh, x):
 
 
 def host(tree):
-    return [np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-                       else x) for x in jax.tree.leaves(tree)]
+    return [
+        np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
+        for x in jax.tree.leaves(tree)
+    ]
 
 
 def assert_bit_identical(a, b):
@@ -66,8 +76,13 @@ def saved(tmp_path_factory, state8):
     """One checkpoint (step 1234) saved from the 8-device FSDP mesh."""
     workdir = tmp_path_factory.mktemp("saved")
     with checkpoint.Checkpointer(workdir) as ckpt:
-        assert ckpt.save(1234, state8, data={"next_index": 99}, config={"model": {"dim": 16}},
-                         meta={"note": "test"})
+        assert ckpt.save(
+            1234,
+            state8,
+            data={"next_index": 99},
+            config={"model": {"dim": 16}},
+            meta={"note": "test"},
+        )
     return workdir
 
 
@@ -85,36 +100,47 @@ def test_round_trip_and_items(saved, state8, mesh8):
     assert meta["jax_version"] == jax.__version__
     step_dir = saved / "checkpoints" / "1234"
     assert sorted(os.listdir(step_dir)) == sorted(
-        ["_CHECKPOINT_METADATA", "commit_success.txt", "manifest.json", *checkpoint.ITEMS])
+        ["_CHECKPOINT_METADATA", "commit_success.txt", "manifest.json", *checkpoint.ITEMS]
+    )
 
 
 @pytest.mark.parametrize("target", ["mesh4", "single_device", "mesh8_explicit"])
 def test_restore_onto_other_mesh(saved, state8, target):
     if target == "mesh4":
-        mesh = jax.make_mesh((4,), ("fsdp",), devices=jax.devices()[4:],
-                             axis_types=(AxisType.Auto,))
+        mesh = jax.make_mesh(
+            (4,), ("fsdp",), devices=jax.devices()[4:], axis_types=(AxisType.Auto,)
+        )
         shard = lambda x: fsdp_sharding(mesh, x)  # noqa: E731
     elif target == "single_device":
         shard = lambda x: SingleDeviceSharding(jax.devices()[5])  # noqa: E731
     else:  # the same devices, but another layout and explicit-sharding axes
         mesh = jax.make_mesh((8, 1), ("fsdp", "data"), axis_types=(AxisType.Explicit,) * 2)
         shard = lambda x: fsdp_sharding(mesh, x)  # noqa: E731
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shard(x)),
-                            state8)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shard(x)), state8
+    )
     with checkpoint.Checkpointer(saved) as ckpt:
         restored = ckpt.restore(1234, abstract)
     assert_bit_identical(restored.state, state8)
     for got, want in zip(jax.tree.leaves(restored.state), jax.tree.leaves(abstract)):
         assert got.sharding.is_equivalent_to(want.sharding, got.ndim)
-    assert (checkpoint_integrity.fingerprints(restored.state)
-            == checkpoint_integrity.fingerprints(state8))
+    assert checkpoint_integrity.fingerprints(restored.state) == checkpoint_integrity.fingerprints(
+        state8
+    )
 
 
 def test_save_returns_before_donation_can_hurt(tmp_path, mesh8, state8):
     """The state may be donated right after save(): the checkpoint holds the old values."""
     state = jax.tree.map(jnp.copy, state8)
-    bump = jax.jit(lambda s: jax.tree.map(lambda x: x if x.dtype == jnp.int32 or jnp.issubdtype(
-        x.dtype, jax.dtypes.prng_key) else x + 1, s), donate_argnums=0)
+    bump = jax.jit(
+        lambda s: jax.tree.map(
+            lambda x: (
+                x if x.dtype == jnp.int32 or jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x + 1
+            ),
+            s,
+        ),
+        donate_argnums=0,
+    )
     with checkpoint.Checkpointer(tmp_path) as ckpt:
         ckpt.save(1, state)
         state = bump(state)  # overwrites the saved buffers in place while the write runs
@@ -133,7 +159,8 @@ def test_fingerprint_is_layout_independent_and_position_sensitive(mesh8):
     assert checkpoint_integrity.fingerprints({"x": swapped}) != base
     assert checkpoint_integrity.fingerprints({"x": x.at[3, 3].add(1e-5)}) != base
     assert checkpoint_integrity.fingerprints({"x": -0.0 * jnp.ones(3)}) != (
-        checkpoint_integrity.fingerprints({"x": jnp.zeros(3)}))
+        checkpoint_integrity.fingerprints({"x": jnp.zeros(3)})
+    )
 
 
 def small_state(step):
@@ -148,7 +175,8 @@ def test_relative_workdir(tmp_path, monkeypatch):
         ckpt.wait_until_finished()
         assert ckpt.all_steps() == [3]
         abstract = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), small_state(3))
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), small_state(3)
+        )
         restored = ckpt.restore(None, abstract)
     assert restored.step == 3 and float(restored.state["w"][0, 0]) == 3.0
     assert (tmp_path / "runs" / "rel" / "checkpoints" / "3").is_dir()

@@ -19,16 +19,19 @@ from deepseek_jax import cli, errors
 from deepseek_jax import config as config_lib
 from deepseek_jax.parallel import plan as plan_lib
 from deepseek_jax.train import __main__ as train_main
-from deepseek_jax.train import checkpoint, optim
-from deepseek_jax.train import sharded
+from deepseek_jax.train import checkpoint, optim, sharded
 from tests.data import corpora
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TINY = str(REPO / "configs" / "tiny.py")
 # configs/tiny.py on a small text corpus: every case below gets past the data unless it is the
 # data that is wrong.
-SMALL = {"train.seq_len": 16, "train.global_batch_size": 8, "train.eval_batches": 1,
-         "data.eval_fraction": 0.3}
+SMALL = {
+    "train.seq_len": 16,
+    "train.global_batch_size": 8,
+    "train.eval_batches": 1,
+    "data.eval_fraction": 0.3,
+}
 
 
 def _flags(overrides: dict) -> list[str]:
@@ -60,8 +63,11 @@ def _tokenizer(path: pathlib.Path, vocab_size: int) -> str:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(list(corpora.DOCS.values()) * 3, trainer=trainer)
     tok.save(str(path))
     return str(path)
@@ -70,15 +76,15 @@ def _tokenizer(path: pathlib.Path, vocab_size: int) -> str:
 @pytest.fixture(scope="module")
 def saved_run(tmp_path_factory, files) -> pathlib.Path:
     """A workdir with one committed checkpoint of the base config (step 3)."""
-    exp = config_lib.load(TINY, {**SMALL, "data.source": "text",
-                                 "data.paths": (files["corpus"],)})
+    exp = config_lib.load(TINY, {**SMALL, "data.source": "text", "data.paths": (files["corpus"],)})
     workdir = tmp_path_factory.mktemp("saved")
     tx = optim.optimizer(exp.train)
     plan = plan_lib.make_plan(exp.parallel, exp.model, exp.train.global_batch_size)
     abstract = sharded.abstract_state(plan, exp.model, tx)
     rng = np.random.default_rng(0)
-    state = jax.tree.map(lambda a: jax.device_put(
-        rng.standard_normal(a.shape).astype(a.dtype), a.sharding), abstract)
+    state = jax.tree.map(
+        lambda a: jax.device_put(rng.standard_normal(a.shape).astype(a.dtype), a.sharding), abstract
+    )
     with checkpoint.Checkpointer(workdir) as ckpt:
         ckpt.save(3, state, data={"position": 0}, config=exp.to_dict(), wait=True)
     return workdir
@@ -126,71 +132,207 @@ def _hf(files, path):
 # workdir kind: "fresh" (an empty directory), "saved" (a copy of saved_run), "corrupt" (saved_run
 # with a truncated state file), "file" (a plain file).
 CASES = [
-    ("data path missing", "fresh", TINY, lambda f: _text(f) | {"data.paths": "/no/such/corpus"},
-     [], "data.paths[0]: no such file or directory: '/no/such/corpus'"),
+    (
+        "data path missing",
+        "fresh",
+        TINY,
+        lambda f: _text(f) | {"data.paths": "/no/such/corpus"},
+        [],
+        "data.paths[0]: no such file or directory: '/no/such/corpus'",
+    ),
     ("empty data file", "fresh", TINY, lambda f: _text(f, "empty"), [], "empty document"),
-    ("JSONL line not a string", "fresh", TINY, lambda f: _jsonl(f, "nonstring"), [],
-     "nonstring.jsonl line 2"),
-    ("JSONL line not JSON", "fresh", TINY, lambda f: _jsonl(f, "nonjson"), [],
-     "nonjson.jsonl line 2"),
-    ("tokenizer.json missing", "fresh", TINY, lambda f: _hf(f, "/no/tokenizer.json"), [],
-     "data.tokenizer_path: no such file"),
-    ("tokenizer.json corrupt", "fresh", TINY, lambda f: _hf(f, f["corrupt_tokenizer"]), [],
-     "is not a valid tokenizer.json"),
-    ("tokenizer vocabulary > model's", "fresh", TINY, lambda f: _hf(f, f["big_tokenizer"]), [],
-     "raise the model's vocab_size to at least 320"),
-    ("devices not divisible by the mesh", "fresh", TINY,
-     lambda f: _text(f) | {"parallel.preset": "data_expert", "parallel.expert": 3}, [],
-     "parallel: 8 devices are not divisible by the other mesh axes"),
-    ("unknown config field", "fresh", TINY, lambda f: _text(f) | {"model.n_expertz": 8}, [],
-     "section model has no field 'n_expertz' (did you mean n_shared_experts?)"),
-    ("unknown config section", "fresh", TINY, lambda f: _text(f) | {"modle.d_model": 8}, [],
-     "unknown config section 'modle' (did you mean model?)"),
-    ("config value of the wrong type", "fresh", TINY, lambda f: _text(f) | {"train.steps": "x"},
-     [], "--config.train.steps=x"),
-    ("config file missing", "fresh", "configs/nope.py", lambda f: {}, [],
-     "--config=configs/nope.py: no such file"),
-    ("invalid config value", "fresh", TINY, lambda f: _text(f) | {"model.n_group": 3}, [],
-     "model.n_group: n_routed_experts=8 is not divisible by n_group=3"),
+    (
+        "JSONL line not a string",
+        "fresh",
+        TINY,
+        lambda f: _jsonl(f, "nonstring"),
+        [],
+        "nonstring.jsonl line 2",
+    ),
+    (
+        "JSONL line not JSON",
+        "fresh",
+        TINY,
+        lambda f: _jsonl(f, "nonjson"),
+        [],
+        "nonjson.jsonl line 2",
+    ),
+    (
+        "tokenizer.json missing",
+        "fresh",
+        TINY,
+        lambda f: _hf(f, "/no/tokenizer.json"),
+        [],
+        "data.tokenizer_path: no such file",
+    ),
+    (
+        "tokenizer.json corrupt",
+        "fresh",
+        TINY,
+        lambda f: _hf(f, f["corrupt_tokenizer"]),
+        [],
+        "is not a valid tokenizer.json",
+    ),
+    (
+        "tokenizer vocabulary > model's",
+        "fresh",
+        TINY,
+        lambda f: _hf(f, f["big_tokenizer"]),
+        [],
+        "raise the model's vocab_size to at least 320",
+    ),
+    (
+        "devices not divisible by the mesh",
+        "fresh",
+        TINY,
+        lambda f: _text(f) | {"parallel.preset": "data_expert", "parallel.expert": 3},
+        [],
+        "parallel: 8 devices are not divisible by the other mesh axes",
+    ),
+    (
+        "unknown config field",
+        "fresh",
+        TINY,
+        lambda f: _text(f) | {"model.n_expertz": 8},
+        [],
+        "section model has no field 'n_expertz' (did you mean n_shared_experts?)",
+    ),
+    (
+        "unknown config section",
+        "fresh",
+        TINY,
+        lambda f: _text(f) | {"modle.d_model": 8},
+        [],
+        "unknown config section 'modle' (did you mean model?)",
+    ),
+    (
+        "config value of the wrong type",
+        "fresh",
+        TINY,
+        lambda f: _text(f) | {"train.steps": "x"},
+        [],
+        "--config.train.steps=x",
+    ),
+    (
+        "config file missing",
+        "fresh",
+        "configs/nope.py",
+        lambda f: {},
+        [],
+        "--config=configs/nope.py: no such file",
+    ),
+    (
+        "invalid config value",
+        "fresh",
+        TINY,
+        lambda f: _text(f) | {"model.n_group": 3},
+        [],
+        "model.n_group: n_routed_experts=8 is not divisible by n_group=3",
+    ),
     ("workdir is a file", "file", TINY, _text, [], "is a file, not a directory"),
-    ("resume with another d_model", "saved", TINY, lambda f: _text(f) | {"model.d_model": 128},
-     [], "model.d_model is 64 there, 128 now"),
-    ("resume with other n_routed_experts", "saved", TINY,
-     lambda f: _text(f) | {"model.n_routed_experts": 16, "model.n_group": 4}, [],
-     "model.n_routed_experts is 8 there, 16 now"),
+    (
+        "resume with another d_model",
+        "saved",
+        TINY,
+        lambda f: _text(f) | {"model.d_model": 128},
+        [],
+        "model.d_model is 64 there, 128 now",
+    ),
+    (
+        "resume with other n_routed_experts",
+        "saved",
+        TINY,
+        lambda f: _text(f) | {"model.n_routed_experts": 16, "model.n_group": 4},
+        [],
+        "model.n_routed_experts is 8 there, 16 now",
+    ),
     ("only checkpoint corrupt", "corrupt", TINY, _text, [], "no usable checkpoint in"),
-    ("Optional field set: tokenizer_path without HF", "fresh", TINY,
-     lambda f: _text(f) | {"data.tokenizer_path": "tok.json"}, [],
-     "data.tokenizer_path is only used with data.tokenizer=HF"),
-    ("Optional field set: init_from missing", "fresh", TINY,
-     lambda f: _text(f) | {"checkpoint.init_from": "/no/such/run"}, [],
-     "checkpoint.init_from=/no/such/run: /no/such/run: neither a checkpoint step directory"),
-    ("coordinator host:notaport", "fresh", TINY, _text,
-     ["--coordinator=host:notaport", "--num_processes=2", "--process_id=0"],
-     "the port must be a number in 1-65535, got 'notaport'"),
-    ("coordinator without a colon", "fresh", TINY, _text,
-     ["--coordinator=nocolon", "--num_processes=2", "--process_id=0"],
-     "--coordinator=nocolon: expected HOST:PORT"),
-    ("coordinator :::", "fresh", TINY, _text,
-     ["--coordinator=:::", "--num_processes=2", "--process_id=0"], "needs brackets"),
-    ("coordinator port out of range", "fresh", TINY, _text,
-     ["--coordinator=localhost:70000", "--num_processes=2", "--process_id=0"],
-     "got '70000'"),
-    ("process id out of range", "fresh", TINY, _text,
-     ["--coordinator=localhost:1234", "--num_processes=2", "--process_id=2"],
-     "--process_id must be in [0, 2) for --num_processes=2, got 2"),
-    ("coordinator without the process flags", "fresh", TINY, _text,
-     ["--coordinator=localhost:1234"], "missing --num_processes, --process_id"),
-    ("coordinator unreachable", "fresh", TINY, _text,
-     ["--coordinator=127.0.0.1:1", "--num_processes=2", "--process_id=1",
-      "--coordinator_timeout_s=1"], "could not reach the coordinator (process 0) within 1 s"),
+    (
+        "Optional field set: tokenizer_path without HF",
+        "fresh",
+        TINY,
+        lambda f: _text(f) | {"data.tokenizer_path": "tok.json"},
+        [],
+        "data.tokenizer_path is only used with data.tokenizer=HF",
+    ),
+    (
+        "Optional field set: init_from missing",
+        "fresh",
+        TINY,
+        lambda f: _text(f) | {"checkpoint.init_from": "/no/such/run"},
+        [],
+        "checkpoint.init_from=/no/such/run: /no/such/run: neither a checkpoint step directory",
+    ),
+    (
+        "coordinator host:notaport",
+        "fresh",
+        TINY,
+        _text,
+        ["--coordinator=host:notaport", "--num_processes=2", "--process_id=0"],
+        "the port must be a number in 1-65535, got 'notaport'",
+    ),
+    (
+        "coordinator without a colon",
+        "fresh",
+        TINY,
+        _text,
+        ["--coordinator=nocolon", "--num_processes=2", "--process_id=0"],
+        "--coordinator=nocolon: expected HOST:PORT",
+    ),
+    (
+        "coordinator :::",
+        "fresh",
+        TINY,
+        _text,
+        ["--coordinator=:::", "--num_processes=2", "--process_id=0"],
+        "needs brackets",
+    ),
+    (
+        "coordinator port out of range",
+        "fresh",
+        TINY,
+        _text,
+        ["--coordinator=localhost:70000", "--num_processes=2", "--process_id=0"],
+        "got '70000'",
+    ),
+    (
+        "process id out of range",
+        "fresh",
+        TINY,
+        _text,
+        ["--coordinator=localhost:1234", "--num_processes=2", "--process_id=2"],
+        "--process_id must be in [0, 2) for --num_processes=2, got 2",
+    ),
+    (
+        "coordinator without the process flags",
+        "fresh",
+        TINY,
+        _text,
+        ["--coordinator=localhost:1234"],
+        "missing --num_processes, --process_id",
+    ),
+    (
+        "coordinator unreachable",
+        "fresh",
+        TINY,
+        _text,
+        [
+            "--coordinator=127.0.0.1:1",
+            "--num_processes=2",
+            "--process_id=1",
+            "--coordinator_timeout_s=1",
+        ],
+        "could not reach the coordinator (process 0) within 1 s",
+    ),
 ]
 
 
-@pytest.mark.parametrize("name,kind,config,overrides,extra,expected", CASES,
-                         ids=[c[0] for c in CASES])
-def test_bad_input_is_one_error_line(name, kind, config, overrides, extra, expected, files,
-                                     saved_run, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "name,kind,config,overrides,extra,expected", CASES, ids=[c[0] for c in CASES]
+)
+def test_bad_input_is_one_error_line(
+    name, kind, config, overrides, extra, expected, files, saved_run, tmp_path, capsys
+):
     workdir = tmp_path / "run"
     if kind == "file":
         workdir = pathlib.Path(files["file"])
@@ -198,15 +340,20 @@ def test_bad_input_is_one_error_line(name, kind, config, overrides, extra, expec
         shutil.copytree(saved_run, workdir)
         if kind == "corrupt":
             state = workdir / "checkpoints" / "3" / "state"
-            victim = max((p for p in state.rglob("*") if p.is_file()),
-                         key=lambda p: p.stat().st_size)
+            victim = max(
+                (p for p in state.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size
+            )
             victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     else:
         workdir.mkdir()
         (workdir / "notes.txt").write_text("the user's own file")
     before = _snapshot(workdir)
-    argv = [f"--config={config}", f"--workdir={workdir}",
-            *_flags({**SMALL, **overrides(files)}), *extra]
+    argv = [
+        f"--config={config}",
+        f"--workdir={workdir}",
+        *_flags({**SMALL, **overrides(files)}),
+        *extra,
+    ]
 
     code, err = run_train(argv, capsys)
 
@@ -221,8 +368,9 @@ def test_corrupt_only_checkpoint_says_what_to_do(files, saved_run, tmp_path, cap
     workdir = tmp_path / "run"
     shutil.copytree(saved_run, workdir)
     (workdir / "checkpoints" / "3" / "manifest.json").write_text("{")
-    code, err = run_train([f"--config={TINY}", f"--workdir={workdir}",
-                           *_flags({**SMALL, **_text(files)})], capsys)
+    code, err = run_train(
+        [f"--config={TINY}", f"--workdir={workdir}", *_flags({**SMALL, **_text(files)})], capsys
+    )
     assert code == errors.EXIT_BAD_INPUT, err
     assert "step 3: manifest.json unreadable" in err
     assert "Nothing was moved or deleted" in err and "new --workdir" in err
@@ -233,8 +381,17 @@ def test_corrupt_only_checkpoint_says_what_to_do(files, saved_run, tmp_path, cap
 def test_resume_with_train_changes_is_allowed_and_logged(files, saved_run, tmp_path, caplog):
     from deepseek_jax.train import config_diff
 
-    exp = config_lib.load(TINY, {**SMALL, **_text(files), "data.paths": (files["corpus"],),
-                                 "train.steps": 900, "train.lr": 1e-3, "model.remat": "full"})
+    exp = config_lib.load(
+        TINY,
+        {
+            **SMALL,
+            **_text(files),
+            "data.paths": (files["corpus"],),
+            "train.steps": 900,
+            "train.lr": 1e-3,
+            "model.remat": "full",
+        },
+    )
     changes = config_diff.check_resume(saved_run, exp)
     assert set(changes) == {"train.steps", "train.lr", "model.remat"}
     assert "resuming step 3 with train.steps changed: 600 -> 900" in caplog.text
@@ -267,8 +424,11 @@ def test_every_optional_field_is_settable_on_the_command_line(tmp_path):
 def test_a_config_file_with_an_unknown_field_names_section_and_closest_name():
     cd = config_lib.default_config_dict()
     cd.train.warmup_step = 10
-    with pytest.raises(config_lib.ConfigError, match=r"train.warmup_step: unknown field: section "
-                       r"train has no field 'warmup_step' \(did you mean warmup_steps\?\)"):
+    with pytest.raises(
+        config_lib.ConfigError,
+        match=r"train.warmup_step: unknown field: section "
+        r"train has no field 'warmup_step' \(did you mean warmup_steps\?\)",
+    ):
         config_lib.from_config_dict(cd)
 
 

@@ -23,19 +23,34 @@ TIMEOUT_S = 600
 
 def _launch(workdir: pathlib.Path, *flags: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env.update(PYTHONPATH=str(REPO), PYTHON=sys.executable, CONFIG=str(CONFIG),
-               WORKDIR=str(workdir), DEVICES="4", XLA_FLAGS=FAST_COMPILE,
-               GRACE_S="300")  # longer than the heartbeat: the survivor must stop on its own
-    return subprocess.Popen([str(REPO / "launch" / "local.sh"), "2", *flags], cwd=REPO,
-                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    env.update(
+        PYTHONPATH=str(REPO),
+        PYTHON=sys.executable,
+        CONFIG=str(CONFIG),
+        WORKDIR=str(workdir),
+        DEVICES="4",
+        XLA_FLAGS=FAST_COMPILE,
+        GRACE_S="300",
+    )  # longer than the heartbeat: the survivor must stop on its own
+    return subprocess.Popen(
+        [str(REPO / "launch" / "local.sh"), "2", *flags],
+        cwd=REPO,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
 
 
 def _committed(workdir: pathlib.Path) -> list[int]:
     root = workdir / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(int(p.name) for p in root.iterdir()
-                  if p.name.isdigit() and (p / "commit_success.txt").exists())
+    return sorted(
+        int(p.name)
+        for p in root.iterdir()
+        if p.name.isdigit() and (p / "commit_success.txt").exists()
+    )
 
 
 def test_survivor_of_a_dead_peer_exits_naming_it_and_the_run_resumes(tmp_path):
@@ -65,17 +80,24 @@ def test_survivor_of_a_dead_peer_exits_naming_it_and_the_run_resumes(tmp_path):
         assert "error: lost contact with another process" in out, out
         assert "Traceback" not in out, out
         assert took < HEARTBEAT_S + 60, (took, out)
-        print(f"\nsurvivor stopped {took:.1f} s after the kill:",
-              *[line for line in out.splitlines() if "local.sh:" in line or "unhealthy" in line
-                or "error:" in line], sep="\n")
+        print(
+            f"\nsurvivor stopped {took:.1f} s after the kill:",
+            *[
+                line
+                for line in out.splitlines()
+                if "local.sh:" in line or "unhealthy" in line or "error:" in line
+            ],
+            sep="\n",
+        )
 
         # The last committed step is intact, and a relaunch of both resumes from it.
         steps = _committed(workdir)
         assert steps, out
         with checkpoint.Checkpointer(workdir) as ckpt:
             assert ckpt.verify(steps[-1]) is None
-        second = _launch(workdir, f"--config.train.steps={steps[-1] + 2}",
-                         f"--heartbeat_timeout_s={HEARTBEAT_S}")
+        second = _launch(
+            workdir, f"--config.train.steps={steps[-1] + 2}", f"--heartbeat_timeout_s={HEARTBEAT_S}"
+        )
         out2, _ = second.communicate(timeout=TIMEOUT_S)
         assert second.returncode == 0, out2
         resumed = re.search(r"resumed from step (\d+)", out2)

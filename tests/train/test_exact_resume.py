@@ -18,8 +18,7 @@ def test_sigkill_then_resume_is_bit_identical(toy, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     common = [f"--steps={STEPS}", "--save-every=3"]
     ref = toy(f"--workdir={straight}", f"--log={tmp_path / 'straight.log'}", *common)
-    victim = toy(f"--workdir={killed}", f"--log={tmp_path / 'killed.log'}", "--sleep=0.1",
-                 *common)
+    victim = toy(f"--workdir={killed}", f"--log={tmp_path / 'killed.log'}", "--sleep=0.1", *common)
     victim.wait_for(rf"step {KILL_AFTER}$")
     victim.proc.kill()  # SIGKILL: no handler, no flush, maybe mid-save
     victim.proc.wait()
@@ -38,8 +37,9 @@ def test_sigkill_then_resume_is_bit_identical(toy, tmp_path):
         np.testing.assert_array_equal(a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8))
 
     # The data the final state saw: the killed run up to its checkpoint, then the resumed run.
-    applied = ([row for row in read_log(tmp_path / "killed.log") if row[0] < start]
-               + read_log(tmp_path / "resumed.log"))
+    applied = [row for row in read_log(tmp_path / "killed.log") if row[0] < start] + read_log(
+        tmp_path / "resumed.log"
+    )
     reference = read_log(tmp_path / "straight.log")
     assert applied == reference
     assert [s for s, _ in reference] == list(range(STEPS))

@@ -12,15 +12,22 @@ import numpy as np
 import pytest
 
 from deepseek_jax import config as experiment
-from deepseek_jax.train import checkpoint, optim, state as state_lib
+from deepseek_jax.train import checkpoint, optim
+from deepseek_jax.train import state as state_lib
 from tests.conftest import FAST_COMPILE
 from tests.train.conftest import Toy  # reads a child's output without blocking
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-FLAGS = ["--config=configs/tiny.py", "--config.train.steps=8", "--config.train.seq_len=32",
-         "--config.train.global_batch_size=4", "--config.train.log_every=1",
-         "--config.train.eval_every=100", "--config.train.eval_batches=1",
-         "--config.checkpoint.every_steps=2"]
+FLAGS = [
+    "--config=configs/tiny.py",
+    "--config.train.steps=8",
+    "--config.train.seq_len=32",
+    "--config.train.global_batch_size=4",
+    "--config.train.log_every=1",
+    "--config.train.eval_every=100",
+    "--config.train.eval_batches=1",
+    "--config.checkpoint.every_steps=2",
+]
 
 
 class Trainer(Toy):
@@ -30,14 +37,23 @@ class Trainer(Toy):
         import queue
         import threading
 
-        env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu",
-                   XLA_FLAGS=f"{FAST_COMPILE} --xla_force_host_platform_device_count=1",
-                   JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+        env = dict(
+            os.environ,
+            PYTHONPATH=str(REPO),
+            JAX_PLATFORMS="cpu",
+            XLA_FLAGS=f"{FAST_COMPILE} --xla_force_host_platform_device_count=1",
+            JAX_COMPILATION_CACHE_DIR=str(cache_dir),
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+        )
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "deepseek_jax.train", f"--workdir={workdir}", *FLAGS, *extra],
-            cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            cwd=REPO,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
         self.lines, self._queue = [], queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -68,15 +84,21 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, cache_dir):
     assert any("resumed from step" in line for line in resumed.lines), resumed.lines
 
     a, b = final_params(tmp_path / "straight"), final_params(tmp_path / "killed")
-    for x, y in zip(jax.tree.leaves((a.params, a.expert_bias, a.opt_state)),
-                    jax.tree.leaves((b.params, b.expert_bias, b.opt_state))):
+    for x, y in zip(
+        jax.tree.leaves((a.params, a.expert_bias, a.opt_state)),
+        jax.tree.leaves((b.params, b.expert_bias, b.opt_state)),
+    ):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
     assert int(a.step) == int(b.step) == 8
 
 
 def test_sigterm_saves_at_step_boundary_and_exits_zero(tmp_path, cache_dir):
-    run = Trainer(tmp_path, "--config.train.steps=1000", "--config.checkpoint.every_steps=1000",
-                  cache_dir=cache_dir)
+    run = Trainer(
+        tmp_path,
+        "--config.train.steps=1000",
+        "--config.checkpoint.every_steps=1000",
+        cache_dir=cache_dir,
+    )
     m = run.wait_for(r"step (\d+)/1000", timeout=600)
     run.proc.send_signal(signal.SIGTERM)
     assert run.finish(timeout=120) == 0, "\n".join(run.lines)
@@ -89,8 +111,13 @@ def test_sigterm_saves_at_step_boundary_and_exits_zero(tmp_path, cache_dir):
 def test_non_finite_steps_stop_the_run_naming_step_metric_batch(tmp_path, cache_dir):
     # lr 1e30: the first update throws the weights to ~1e30; every later step is non-finite
     # and skipped (weights unchanged), so the streak limit is reached.
-    run = Trainer(tmp_path, "--config.train.lr=1e30", "--config.train.warmup_steps=0",
-                  "--config.train.max_nonfinite_in_a_row=3", cache_dir=cache_dir)
+    run = Trainer(
+        tmp_path,
+        "--config.train.lr=1e30",
+        "--config.train.warmup_steps=0",
+        "--config.train.max_nonfinite_in_a_row=3",
+        cache_dir=cache_dir,
+    )
     rc = run.finish(timeout=600)
     text = "\n".join(run.lines)
     assert rc != 0, text

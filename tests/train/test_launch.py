@@ -45,8 +45,14 @@ def workdir(tmp_path):
 
 def _env(workdir: str, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env.update(PYTHONPATH=_CHILD_DIR, DSJ_MODULE="_launcher_child", WORKDIR=workdir,
-               PYTHON=sys.executable, DEVICES="2", GRACE_S="2")
+    env.update(
+        PYTHONPATH=_CHILD_DIR,
+        DSJ_MODULE="_launcher_child",
+        WORKDIR=workdir,
+        PYTHON=sys.executable,
+        DEVICES="2",
+        GRACE_S="2",
+    )
     env.update(extra)
     return env
 
@@ -57,8 +63,13 @@ def _children(workdir: str) -> list[dict]:
 
 
 def _local(workdir: str, *args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([os.path.join(_LAUNCH, "local.sh"), *args], env=_env(workdir, **env),
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [os.path.join(_LAUNCH, "local.sh"), *args],
+        env=_env(workdir, **env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.mark.parametrize("script", ["local.sh", "tpu_pod.sh", "slurm_gpu.sbatch"])
@@ -114,9 +125,13 @@ def test_local_failure_stops_the_rest_and_propagates(workdir, mode) -> None:
 
 @pytest.mark.parametrize("sig,status", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
 def test_local_forwards_signals(workdir, sig, status) -> None:
-    launcher = subprocess.Popen([os.path.join(_LAUNCH, "local.sh"), "2"],
-                                env=_env(workdir, CHILD_MODE="wait"),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(
+        [os.path.join(_LAUNCH, "local.sh"), "2"],
+        env=_env(workdir, CHILD_MODE="wait"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while len(_children(workdir)) < 2:
@@ -147,15 +162,25 @@ def test_tpu_pod_runs_one_command_on_all_workers(workdir, tmp_path) -> None:
     os.makedirs(bin_dir)
     argv_file = str(tmp_path / "gcloud_argv")
     _fake_tool(bin_dir, "gcloud", f'printf "%s\\0" "$@" > {shlex.quote(argv_file)}\n')
-    env = _env(workdir, TPU_NAME="my-slice", ZONE="us-east5-a", REPO_DIR=_ROOT,
-               PATH=bin_dir + os.pathsep + os.environ["PATH"])
-    result = subprocess.run([os.path.join(_LAUNCH, "tpu_pod.sh"), "--config.train.steps=5",
-                             "--name=a b"], env=env, capture_output=True, text=True, timeout=30)
+    env = _env(
+        workdir,
+        TPU_NAME="my-slice",
+        ZONE="us-east5-a",
+        REPO_DIR=_ROOT,
+        PATH=bin_dir + os.pathsep + os.environ["PATH"],
+    )
+    result = subprocess.run(
+        [os.path.join(_LAUNCH, "tpu_pod.sh"), "--config.train.steps=5", "--name=a b"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert result.returncode == 0, result.stderr
     argv = open(argv_file).read().split("\0")[:-1]
     assert argv[:5] == ["compute", "tpus", "tpu-vm", "ssh", "my-slice"]
     assert "--zone=us-east5-a" in argv and "--worker=all" in argv
-    (command,) = [a[len("--command="):] for a in argv if a.startswith("--command=")]
+    (command,) = [a[len("--command=") :] for a in argv if a.startswith("--command=")]
     # What each worker's shell runs: the flags must arrive intact, with no coordinator flags.
     subprocess.run(["bash", "-c", command], env=env, check=True, timeout=30)
     (child,) = _children(workdir)
@@ -164,8 +189,9 @@ def test_tpu_pod_runs_one_command_on_all_workers(workdir, tmp_path) -> None:
     assert child["cwd"] == _ROOT and child["config"] == "configs/tiny.py"
 
     del env["TPU_NAME"]
-    result = subprocess.run([os.path.join(_LAUNCH, "tpu_pod.sh")], env=env, capture_output=True,
-                            text=True, timeout=30)
+    result = subprocess.run(
+        [os.path.join(_LAUNCH, "tpu_pod.sh")], env=env, capture_output=True, text=True, timeout=30
+    )
     assert result.returncode != 0 and "TPU_NAME" in result.stderr
 
 
@@ -175,18 +201,34 @@ def test_slurm_sets_coordinator_ids_and_devices(workdir, tmp_path, tasks_per_nod
     os.makedirs(bin_dir)
     _fake_tool(bin_dir, "scontrol", 'printf "node-a\\nnode-b\\n"\n')
     # srun stand-in: every task of the allocation, with its SLURM_PROCID/SLURM_LOCALID.
-    _fake_tool(bin_dir, "srun", """[[ $1 == --kill-on-bad-exit=1 ]] || exit 9; shift
+    _fake_tool(
+        bin_dir,
+        "srun",
+        """[[ $1 == --kill-on-bad-exit=1 ]] || exit 9; shift
 per_node=$((SLURM_NTASKS / SLURM_JOB_NUM_NODES))
 for ((t = 0; t < SLURM_NTASKS; t++)); do
     SLURM_PROCID=$t SLURM_LOCALID=$((t % per_node)) "$@" &
 done
 wait
-""")
-    env = _env(workdir, PATH=bin_dir + os.pathsep + os.environ["PATH"], REPO_DIR=_ROOT,
-               SLURM_JOB_NODELIST="node-[a-b]", SLURM_JOB_NUM_NODES="2", SLURM_JOB_ID="1234",
-               SLURM_NTASKS=str(2 * tasks_per_node), SLURM_GPUS_ON_NODE="4")
-    result = subprocess.run([os.path.join(_LAUNCH, "slurm_gpu.sbatch"), "--name=a b"], env=env,
-                            capture_output=True, text=True, timeout=60)
+""",
+    )
+    env = _env(
+        workdir,
+        PATH=bin_dir + os.pathsep + os.environ["PATH"],
+        REPO_DIR=_ROOT,
+        SLURM_JOB_NODELIST="node-[a-b]",
+        SLURM_JOB_NUM_NODES="2",
+        SLURM_JOB_ID="1234",
+        SLURM_NTASKS=str(2 * tasks_per_node),
+        SLURM_GPUS_ON_NODE="4",
+    )
+    result = subprocess.run(
+        [os.path.join(_LAUNCH, "slurm_gpu.sbatch"), "--name=a b"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     children = _children(workdir)
     assert [c["process_id"] for c in children] == list(range(2 * tasks_per_node))
@@ -214,9 +256,15 @@ def test_gke_jobset_is_consistent_and_its_command_runs(workdir) -> None:
     assert "python -m deepseek_jax.train" in script
     # Run the container's command with the stand-in trainer and the env Kubernetes would set.
     script = script.replace("deepseek_jax.train", "_launcher_child")
-    run_env = _env(workdir, JOBSET_NAME=jobset["metadata"]["name"], JOB_COMPLETION_INDEX="2",
-                   NUM_PROCESSES="4", CONFIG="configs/x.py", EXTRA_ARGS="--a=1 --b=2",
-                   PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
+    run_env = _env(
+        workdir,
+        JOBSET_NAME=jobset["metadata"]["name"],
+        JOB_COMPLETION_INDEX="2",
+        NUM_PROCESSES="4",
+        CONFIG="configs/x.py",
+        EXTRA_ARGS="--a=1 --b=2",
+        PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"],
+    )
     subprocess.run(["bash", "-c", script], env=run_env, check=True, timeout=30)
     (child,) = _children(workdir)
     name = jobset["metadata"]["name"]

@@ -1,8 +1,5 @@
 """The real training loop on the embedded corpus: learning, metrics, checkpoints, resume, plots."""
 
-import json
-import pathlib
-
 import pytest
 
 from deepseek_jax import config as experiment
@@ -10,9 +7,16 @@ from deepseek_jax import plot
 from deepseek_jax.train import loop, metrics
 
 OVERRIDES = {
-    "train.steps": 12, "train.global_batch_size": 8, "train.seq_len": 64, "train.lr": 1e-2,
-    "train.warmup_steps": 2, "train.log_every": 4, "train.eval_every": 6,
-    "train.eval_batches": 2, "checkpoint.every_steps": 6, "checkpoint.async_save": False,
+    "train.steps": 12,
+    "train.global_batch_size": 8,
+    "train.seq_len": 64,
+    "train.lr": 1e-2,
+    "train.warmup_steps": 2,
+    "train.log_every": 4,
+    "train.eval_every": 6,
+    "train.eval_batches": 2,
+    "checkpoint.every_steps": 6,
+    "checkpoint.async_save": False,
 }
 
 
@@ -33,13 +37,26 @@ def test_short_run_learns_and_logs(run):
     evals = [r for r in records if r["split"] == "eval"]
     assert [r["step"] for r in train] == [4, 8, 12]
     assert [r["step"] for r in evals] == [0, 6, 12]
-    for key in ["loss", "lm_loss", "mtp_loss", "balance_loss", "lr", "grad_norm",
-                "tokens_per_s", "mfu", "skipped_steps", "expert_load", "expert_bias_norm"]:
+    for key in [
+        "loss",
+        "lm_loss",
+        "mtp_loss",
+        "balance_loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "mfu",
+        "skipped_steps",
+        "expert_load",
+        "expert_bias_norm",
+    ]:
         assert key in train[-1], key
     assert len(train[-1]["expert_load"]) == 3  # 2 main MoE layers + 1 MTP layer
     assert train[-1]["moe_layer_ids"] == [1, 2, 3]
-    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == \
-        ["12", "6"]
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [
+        "12",
+        "6",
+    ]
 
 
 def test_resume_continues_from_the_last_checkpoint(run):
@@ -63,19 +80,45 @@ def test_fine_tune_from_a_converted_checkpoint(run, tmp_path):
     from deepseek_jax.convert import __main__ as convert_cli
 
     workdir, summary = run
-    assert convert_cli.main(["to-hf", f"--checkpoint={workdir}", "--step=12",
-                             f"--out={tmp_path / 'hf'}", "--dtype=float32"]) == 0
-    assert convert_cli.main(["from-hf", f"--hf-dir={tmp_path / 'hf'}",
-                             f"--out={tmp_path / 'imported'}"]) == 0
-    tuned = loop.run(experiment.load("configs/tiny.py", {
-        **OVERRIDES, "train.steps": 2, "checkpoint.init_from": str(tmp_path / "imported")}),
-        tmp_path / "tune")
+    assert (
+        convert_cli.main(
+            [
+                "to-hf",
+                f"--checkpoint={workdir}",
+                "--step=12",
+                f"--out={tmp_path / 'hf'}",
+                "--dtype=float32",
+            ]
+        )
+        == 0
+    )
+    assert (
+        convert_cli.main(
+            ["from-hf", f"--hf-dir={tmp_path / 'hf'}", f"--out={tmp_path / 'imported'}"]
+        )
+        == 0
+    )
+    tuned = loop.run(
+        experiment.load(
+            "configs/tiny.py",
+            {**OVERRIDES, "train.steps": 2, "checkpoint.init_from": str(tmp_path / "imported")},
+        ),
+        tmp_path / "tune",
+    )
     assert tuned["start_step"] == 0
     assert abs(tuned["eval_bpb_start"] - summary["eval_bpb_end"]) < 1e-4
     with pytest.raises(ValueError, match="model.*n_layers: checkpoint 3 vs config 4"):
-        loop.run(experiment.load("configs/tiny.py", {
-            **OVERRIDES, "model.n_layers": 4, "checkpoint.init_from": str(tmp_path / "imported")}),
-            tmp_path / "bad")
+        loop.run(
+            experiment.load(
+                "configs/tiny.py",
+                {
+                    **OVERRIDES,
+                    "model.n_layers": 4,
+                    "checkpoint.init_from": str(tmp_path / "imported"),
+                },
+            ),
+            tmp_path / "bad",
+        )
 
 
 def test_persistent_cache_is_turned_off_for_multi_device_cpu(tmp_path):

@@ -128,12 +128,24 @@ def test_resume_appends_and_supersedes(tmp_path) -> None:
     assert len(metrics.read_metrics(workdir, dedupe=False)) == 10
     records = metrics.read_metrics(workdir)
     assert [(r["step"], r["loss"]) for r in records if r["split"] == "train"] == [
-        (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0), (6, 60.0)]
+        (1, 1.0),
+        (2, 2.0),
+        (3, 3.0),
+        (4, 40.0),
+        (5, 50.0),
+        (6, 60.0),
+    ]
     # The killed run's eval at step 5 evaluated state the resumed run replaced: stale too.
     assert [(r["step"], r["eval_loss"]) for r in records if r["split"] == "eval"] == [(3, 1.5)]
     # TensorBoard purges the same steps thanks to the START session log.
     assert _scalars(_accumulator(workdir), "train/loss") == [
-        (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0), (6, 60.0)]
+        (1, 1.0),
+        (2, 2.0),
+        (3, 3.0),
+        (4, 40.0),
+        (5, 50.0),
+        (6, 60.0),
+    ]
 
 
 def test_truncated_last_line_is_tolerated_and_isolated(tmp_path) -> None:
@@ -170,8 +182,9 @@ def test_missing_file_and_bad_values(tmp_path) -> None:
 
 def test_tensorboard_flush_policy(tmp_path) -> None:
     now = [0.0]
-    writer = metrics.MetricsWriter(str(tmp_path), process_index=0, flush_every_s=10.0,
-                                   clock=lambda: now[0])
+    writer = metrics.MetricsWriter(
+        str(tmp_path), process_index=0, flush_every_s=10.0, clock=lambda: now[0]
+    )
     writer.write(1, {"loss": 1.0})
     # JSON lines are durable at once; TensorBoard waits for the flush interval.
     assert metrics.read_metrics(str(tmp_path))[0]["loss"] == 1.0
@@ -187,8 +200,13 @@ def test_bfloat16_values_are_written(tmp_path) -> None:
 
     bf16 = ml_dtypes.bfloat16
     with metrics.MetricsWriter(str(tmp_path), process_index=0) as writer:
-        writer.write(1, {"loss": np.asarray(2.5, dtype=bf16),
-                         "expert_bias_norm": np.asarray([0.5, 1.5], dtype=bf16)})
+        writer.write(
+            1,
+            {
+                "loss": np.asarray(2.5, dtype=bf16),
+                "expert_bias_norm": np.asarray([0.5, 1.5], dtype=bf16),
+            },
+        )
     (record,) = metrics.read_metrics(str(tmp_path))
     assert record["loss"] == 2.5 and record["expert_bias_norm"] == [0.5, 1.5]
     acc = _accumulator(str(tmp_path))

@@ -60,8 +60,9 @@ def direct(objective, batch) -> tuple:
     def run(params, bias, batch):
         out = nnx.merge(graphdef, params, bias)(batch.inputs)
         norms = losses.norms(batch, cfg.mtp_depth, out.logits_BSY.dtype)
-        weights = losses.Weights(optim.piecewise(h.TRAIN.mtp_lambda, st.step),
-                                 h.TRAIN.balance_alpha)
+        weights = losses.Weights(
+            optim.piecewise(h.TRAIN.mtp_lambda, st.step), h.TRAIN.balance_alpha
+        )
         return objective(out, batch, norms, weights)
 
     return jax.device_get(run(st.params, st.expert_bias, batch))
@@ -86,24 +87,36 @@ def pipelined_weighted():
         cfg = h.model_config(DTYPE)
         graphdef, _, _ = state_lib.abstract_model(cfg)
         plan = h.plan_for(schedule, pp, DTYPE)
-        pipe = pipeline_step.build(schedule, pp, h.MICROBATCHES, graphdef, cfg,
-                                   experts=plan.experts(), objective=weighted_objective)
+        pipe = pipeline_step.build(
+            schedule,
+            pp,
+            h.MICROBATCHES,
+            graphdef,
+            cfg,
+            experts=plan.experts(),
+            objective=weighted_objective,
+        )
         run = executor.build(pipe.stage, pipe.layout, plan.mesh)
 
         def pipelined(st, batch, tbl):
             loss, (metrics, _, _), grads, _ = pipeline_step.loss_and_grads(
-                pipe, run, h.TRAIN, st, batch, tbl)
+                pipe, run, h.TRAIN, st, batch, tbl
+            )
             return loss, metrics, grads
 
         def plain(st, batch):
             loss, (metrics, _, _), grads = step_lib.loss_and_grads(
-                graphdef, h.TRAIN, st, batch, objective=weighted_objective)
+                graphdef, h.TRAIN, st, batch, objective=weighted_objective
+            )
             return loss, metrics, grads
 
         placed_st, placed_batch = h.placed(plan, DTYPE)
         placed_batch = jax.device_put(batch, plan.batch_sharding())
-        got = jax.jit(plan.wrap(pipelined)).lower(placed_st, placed_batch, pipe.tables()).compile(
-            h.FAST_COMPILE)(placed_st, placed_batch, pipe.tables())
+        got = (
+            jax.jit(plan.wrap(pipelined))
+            .lower(placed_st, placed_batch, pipe.tables())
+            .compile(h.FAST_COMPILE)(placed_st, placed_batch, pipe.tables())
+        )
         want = jax.jit(plain).lower(st, batch).compile(h.FAST_COMPILE)(st, batch)
         return jax.device_get(got), jax.device_get(want), batch
 

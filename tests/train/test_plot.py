@@ -16,14 +16,21 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _write_run(workdir: str, *, steps: int = 20, with_moe: bool = True, with_lr: bool = True
-               ) -> None:
+def _write_run(
+    workdir: str, *, steps: int = 20, with_moe: bool = True, with_lr: bool = True
+) -> None:
     rng = np.random.default_rng(0)
     with metrics.MetricsWriter(workdir, process_index=0) as writer:
         for step in range(1, steps + 1):
-            record = {"loss": 5.0 / step + 2, "mtp_loss": 5.0 / step + 2.2,
-                      "balance_loss": 0.01 / step, "grad_norm": 1.0 + rng.random(),
-                      "tokens_per_s": 4e4, "mfu": 0.35, "skipped_steps": step // 10}
+            record = {
+                "loss": 5.0 / step + 2,
+                "mtp_loss": 5.0 / step + 2.2,
+                "balance_loss": 0.01 / step,
+                "grad_norm": 1.0 + rng.random(),
+                "tokens_per_s": 4e4,
+                "mfu": 0.35,
+                "skipped_steps": step // 10,
+            }
             if with_lr:
                 record["lr"] = 1e-3 * min(1.0, step / 5)
             if with_moe:
@@ -47,8 +54,13 @@ def test_all_plots_from_full_metrics(tmp_path, capsys) -> None:
     workdir, out = str(tmp_path / "run"), str(tmp_path / "png")
     _write_run(workdir)
     assert plot.main([f"--workdir={workdir}", f"--out={out}", "--dpi=40"]) == 0
-    expected = ["diagnostics.png", "expert_load.png", "expert_load_summary.png", "loss.png",
-                "lr.png"]
+    expected = [
+        "diagnostics.png",
+        "expert_load.png",
+        "expert_load_summary.png",
+        "loss.png",
+        "lr.png",
+    ]
     assert sorted(os.listdir(out)) == expected
     for name in expected:
         _assert_png(os.path.join(out, name))
@@ -101,9 +113,18 @@ def test_command_line_exit_status(tmp_path, status) -> None:
         with metrics.MetricsWriter(workdir, process_index=0) as writer:
             writer.write(1, {"lr": 1e-3})
     result = subprocess.run(
-        [sys.executable, "-m", "deepseek_jax.plot", f"--workdir={workdir}",
-         f"--out={tmp_path / 'png'}", "--dpi=40"],
-        capture_output=True, text=True, cwd=_ROOT, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "deepseek_jax.plot",
+            f"--workdir={workdir}",
+            f"--out={tmp_path / 'png'}",
+            "--dpi=40",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=_ROOT,
+        timeout=120,
         env={**os.environ, "PYTHONPATH": _ROOT},
     )
     assert result.returncode == status, result.stderr

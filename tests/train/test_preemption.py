@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType
 
-from tests.train import toy_loop
 from deepseek_jax.train import checkpoint, preemption
+from tests.train import toy_loop
 
 
 def test_sigterm_stops_at_next_check_and_handlers_are_restored():
@@ -44,8 +44,9 @@ def test_request_stop_and_uninstalled_use():
 
 
 def restore_toy(workdir, n_devices):
-    mesh = jax.make_mesh((n_devices,), ("fsdp",), devices=jax.devices()[:n_devices],
-                         axis_types=(AxisType.Auto,))
+    mesh = jax.make_mesh(
+        (n_devices,), ("fsdp",), devices=jax.devices()[:n_devices], axis_types=(AxisType.Auto,)
+    )
     with checkpoint.Checkpointer(workdir) as ckpt:
         return ckpt.restore(None, toy_loop.abstract_state(mesh))
 
@@ -65,14 +66,25 @@ def test_sigterm_saves_at_step_boundary_and_exits_zero(toy, tmp_path):
 def test_two_processes_agree_on_the_preemption_step(toy, tmp_path, free_port):
     """SIGTERM to one host only: JAX's preemption service makes both save the same step."""
     coordinator = f"localhost:{free_port()}"
-    runs = [toy(f"--workdir={tmp_path}", "--steps=1000", "--save-every=4", "--sleep=0.05",
-                f"--coordinator={coordinator}", "--num-processes=2", f"--process-id={i}")
-            for i in range(2)]
+    runs = [
+        toy(
+            f"--workdir={tmp_path}",
+            "--steps=1000",
+            "--save-every=4",
+            "--sleep=0.05",
+            f"--coordinator={coordinator}",
+            "--num-processes=2",
+            f"--process-id={i}",
+        )
+        for i in range(2)
+    ]
     for run in runs:
         run.wait_for(r"step 5$", timeout=120)
     runs[1].proc.send_signal(signal.SIGTERM)
-    stopped = [int(run.wait_for(r"preempted: saved step (\d+) \(preemption notice").group(1))
-               for run in runs]
+    stopped = [
+        int(run.wait_for(r"preempted: saved step (\d+) \(preemption notice").group(1))
+        for run in runs
+    ]
     assert [run.finish() for run in runs] == [0, 0], runs[0].output() + runs[1].output()
     assert stopped[0] == stopped[1]
     step_dir = tmp_path / "checkpoints" / str(stopped[0])
@@ -85,9 +97,17 @@ def test_two_processes_agree_on_the_preemption_step(toy, tmp_path, free_port):
     assert np.isfinite(np.asarray(restored.state["params"]["w"])).all()
     # And both hosts resume from it together (the multi-process restore path).
     coordinator = f"localhost:{free_port()}"
-    runs = [toy(f"--workdir={tmp_path}", f"--steps={stopped[0] + 2}", "--save-every=100",
-                f"--coordinator={coordinator}", "--num-processes=2", f"--process-id={i}")
-            for i in range(2)]
+    runs = [
+        toy(
+            f"--workdir={tmp_path}",
+            f"--steps={stopped[0] + 2}",
+            "--save-every=100",
+            f"--coordinator={coordinator}",
+            "--num-processes=2",
+            f"--process-id={i}",
+        )
+        for i in range(2)
+    ]
     for i, run in enumerate(runs):
         run.wait_for(rf"\[{i}\] resumed at step {stopped[0]}$", timeout=120)
     assert [run.finish() for run in runs] == [0, 0], runs[0].output() + runs[1].output()

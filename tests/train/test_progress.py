@@ -47,8 +47,9 @@ def test_plain_lines_every_n_steps() -> None:
 
 def test_interactive_bar_redraws_in_place() -> None:
     stream, clock = io.StringIO(), FakeClock()
-    bar = progress.Progress(4, stream=stream, interactive=True, clock=clock, min_redraw_s=0.5,
-                            bar_width=8)
+    bar = progress.Progress(
+        4, stream=stream, interactive=True, clock=clock, min_redraw_s=0.5, bar_width=8
+    )
     clock.now = 1.0
     bar.update(1, loss=3.0)
     clock.now = 1.1
@@ -93,4 +94,8 @@ def test_plain_lines_when_updates_skip_the_multiples() -> None:
     for step in range(3, 13, 3):
         bar.update(step, loss=1.0)
     assert [line.split()[1] for line in stream.getvalue().splitlines()] == [
-        "3/12", "6/12", "9/12", "12/12"]
+        "3/12",
+        "6/12",
+        "9/12",
+        "12/12",
+    ]

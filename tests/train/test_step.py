@@ -1,4 +1,5 @@
-"""The single-device train step: loss falls, exact bias-update rule, non-finite skip, schedules,\ndecay mask."""
+"""The single-device train step: loss falls, exact bias-update rule, non-finite skip, schedules,
+decay mask."""
 
 import dataclasses
 
@@ -10,15 +11,39 @@ import pytest
 from deepseek_jax.batch import Batch
 from deepseek_jax.model import config as config_lib
 from deepseek_jax.train import config as train_config
-from deepseek_jax.train import optim, state as state_lib, step as step_lib
+from deepseek_jax.train import optim
+from deepseek_jax.train import state as state_lib
+from deepseek_jax.train import step as step_lib
 
 MODEL = config_lib.ModelConfig(
-    vocab_size=32, d_model=32, n_layers=2, first_k_dense_replace=1, intermediate_size=48,
-    n_heads=2, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
-    v_head_dim=8, n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=16,
-    num_experts_per_tok=2, n_group=2, topk_group=1, mtp_depth=1, init_std=0.1)
-TRAIN = train_config.TrainConfig(steps=40, global_batch_size=4, seq_len=16, lr=1e-2,
-                                 warmup_steps=4, bias_update_rate=train_config.Piecewise((0.01,)))
+    vocab_size=32,
+    d_model=32,
+    n_layers=2,
+    first_k_dense_replace=1,
+    intermediate_size=48,
+    n_heads=2,
+    q_lora_rank=16,
+    kv_lora_rank=16,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=4,
+    v_head_dim=8,
+    n_routed_experts=4,
+    n_shared_experts=1,
+    moe_intermediate_size=16,
+    num_experts_per_tok=2,
+    n_group=2,
+    topk_group=1,
+    mtp_depth=1,
+    init_std=0.1,
+)
+TRAIN = train_config.TrainConfig(
+    steps=40,
+    global_batch_size=4,
+    seq_len=16,
+    lr=1e-2,
+    warmup_steps=4,
+    bias_update_rate=train_config.Piecewise((0.01,)),
+)
 
 
 def batch(seed: int):
@@ -27,10 +52,12 @@ def batch(seed: int):
     start = rng.integers(0, 32, (4, 1))
     stride = rng.integers(1, 4, (4, 1))
     seq = (start + stride * np.arange(17)[None]) % 32
-    return Batch(inputs=jnp.asarray(seq[:, :-1], jnp.int32),
-                 targets=jnp.asarray(seq[:, 1:], jnp.int32),
-                 loss_mask=jnp.ones((4, 16), jnp.float32),
-                 target_bytes=jnp.ones((4, 16), jnp.int32))
+    return Batch(
+        inputs=jnp.asarray(seq[:, :-1], jnp.int32),
+        targets=jnp.asarray(seq[:, 1:], jnp.int32),
+        loss_mask=jnp.ones((4, 16), jnp.float32),
+        target_bytes=jnp.ones((4, 16), jnp.int32),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -67,16 +94,19 @@ def test_non_finite_step_changes_nothing(setup):
     new, m = fn(state, bad)
     assert int(m["skipped"]) == 1 and not bool(m["loss_finite"])
     assert int(new.step) == int(state.step) + 1
-    for a, b in zip(jax.tree.leaves((state.params, state.expert_bias, state.opt_state)),
-                    jax.tree.leaves((new.params, new.expert_bias, new.opt_state))):
+    for a, b in zip(
+        jax.tree.leaves((state.params, state.expert_bias, state.opt_state)),
+        jax.tree.leaves((new.params, new.expert_bias, new.opt_state)),
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     good, m = fn(new, batch(2))
     assert int(m["skipped"]) == 0
 
 
 def test_learning_rate_schedule_shape():
-    cfg = train_config.TrainConfig(steps=100, lr=1.0, lr_final=0.1, warmup_steps=10,
-                                   constant_steps=20, decay_steps=50)
+    cfg = train_config.TrainConfig(
+        steps=100, lr=1.0, lr_final=0.1, warmup_steps=10, constant_steps=20, decay_steps=50
+    )
     lr = optim.learning_rate(cfg)
     assert float(lr(0)) == 0.0 and abs(float(lr(5)) - 0.5) < 1e-6
     assert float(lr(10)) == 1.0 and float(lr(29)) == 1.0
@@ -86,8 +116,9 @@ def test_learning_rate_schedule_shape():
 
 def test_piecewise_and_decay_mask():
     sched = train_config.Piecewise((0.3, 0.1), (100,))
-    assert [float(optim.piecewise(sched, jnp.int32(s))) for s in (0, 99, 100, 500)] == \
-        pytest.approx([0.3, 0.3, 0.1, 0.1])
+    assert [
+        float(optim.piecewise(sched, jnp.int32(s))) for s in (0, 99, 100, 500)
+    ] == pytest.approx([0.3, 0.3, 0.1, 0.1])
     with pytest.raises(ValueError, match="len\\(values\\) == len\\(boundaries\\) \\+ 1"):
         train_config.Piecewise((0.3, 0.1))
     _, params, _ = state_lib.abstract_model(MODEL)

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.train import checkpoint, preemption
 
@@ -36,41 +37,53 @@ def make_mesh() -> jax.sharding.Mesh:
 def _init_params() -> dict[str, np.ndarray]:
     # numpy, not jax.random: threefry's CPU compile alone would cost seconds per process.
     rng = np.random.default_rng(0)
-    return {"w": rng.standard_normal((DIN, DOUT), dtype=np.float32),
-            "b": np.zeros((DOUT,), jnp.bfloat16)}
+    return {
+        "w": rng.standard_normal((DIN, DOUT), dtype=np.float32),
+        "b": np.zeros((DOUT,), jnp.bfloat16),
+    }
 
 
 def _abstract() -> dict[str, Any]:
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), _init_params())
-    return {"params": params, "opt_state": jax.eval_shape(optimizer.init, params),
-            "step": jax.ShapeDtypeStruct((), jnp.int32),
-            "key": jax.eval_shape(lambda: jax.random.key(0))}
+    return {
+        "params": params,
+        "opt_state": jax.eval_shape(optimizer.init, params),
+        "step": jax.ShapeDtypeStruct((), jnp.int32),
+        "key": jax.eval_shape(lambda: jax.random.key(0)),
+    }
 
 
 def state_shardings(mesh: jax.sharding.Mesh) -> Any:
     """FSDP: the weight and its Adam moments split by rows, everything else replicated."""
     return jax.tree.map(
         lambda a: NamedSharding(mesh, P("fsdp", None) if a.shape == (DIN, DOUT) else P()),
-        _abstract())
+        _abstract(),
+    )
 
 
 def abstract_state(mesh: jax.sharding.Mesh) -> Any:
     """What the real loop will do: shapes from eval_shape, shardings from the mesh, no arrays."""
-    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        _abstract(), state_shardings(mesh))
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        _abstract(),
+        state_shardings(mesh),
+    )
 
 
 def init_state(mesh: jax.sharding.Mesh) -> dict[str, Any]:
     # make_array_from_callback builds global arrays on any number of processes.
     shardings = state_shardings(mesh)
     put = lambda value, sharding: jax.make_array_from_callback(  # noqa: E731
-        np.shape(value), sharding, lambda index: np.asarray(value)[index])
+        np.shape(value), sharding, lambda index: np.asarray(value)[index]
+    )
     params = jax.tree.map(put, _init_params(), shardings["params"])
     key_data = put(np.array([0, 42], np.uint32), shardings["key"])
-    return {"params": params,
-            "opt_state": jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(params),
-            "step": put(np.int32(0), shardings["step"]),
-            "key": jax.jit(jax.random.wrap_key_data, out_shardings=shardings["key"])(key_data)}
+    return {
+        "params": params,
+        "opt_state": jax.jit(optimizer.init, out_shardings=shardings["opt_state"])(params),
+        "step": put(np.int32(0), shardings["step"]),
+        "key": jax.jit(jax.random.wrap_key_data, out_shardings=shardings["key"])(key_data),
+    }
 
 
 def example(index: int) -> tuple[np.ndarray, np.ndarray]:
@@ -83,8 +96,10 @@ def example(index: int) -> tuple[np.ndarray, np.ndarray]:
 def batch(mesh: jax.sharding.Mesh, indices: list[int]) -> tuple[jax.Array, jax.Array]:
     xs, ys = zip(*(example(i) for i in indices))
     sharding = NamedSharding(mesh, P("fsdp"))
-    return (jax.make_array_from_process_local_data(sharding, np.stack(xs)),
-            jax.make_array_from_process_local_data(sharding, np.stack(ys)))
+    return (
+        jax.make_array_from_process_local_data(sharding, np.stack(xs)),
+        jax.make_array_from_process_local_data(sharding, np.stack(ys)),
+    )
 
 
 def loss_fn(params: dict, x: jax.Array, y: jax.Array, noise: jax.Array) -> jax.Array:
@@ -100,16 +115,21 @@ def train_step(state: dict, x: jax.Array, y: jax.Array) -> dict:
     grads = jax.grad(loss_fn)(state["params"], x, y, noise)
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     key = jax.random.wrap_key_data(bits * jnp.uint32(1664525) + jnp.uint32(1013904223))
-    return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state,
-            "step": state["step"] + 1, "key": key}
+    return {
+        "params": optax.apply_updates(state["params"], updates),
+        "opt_state": opt_state,
+        "step": state["step"] + 1,
+        "key": key,
+    }
 
 
 def jit_train_step(mesh: jax.sharding.Mesh) -> Any:
     # Fixed in/out shardings: one executable for fresh, restored and updated states alike.
     shardings = state_shardings(mesh)
     data = NamedSharding(mesh, P("fsdp"))
-    return jax.jit(train_step, donate_argnums=0, in_shardings=(shardings, data, data),
-                   out_shardings=shardings)
+    return jax.jit(
+        train_step, donate_argnums=0, in_shardings=(shardings, data, data), out_shardings=shardings
+    )
 
 
 def main(argv: list[str]) -> int:
@@ -157,9 +177,14 @@ def main(argv: list[str]) -> int:
         time.sleep(args.sleep)
     ckpt.close()
     if nproc == 1:
-        leaves = jax.tree.leaves(jax.tree.map(
-            lambda x: jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-            else x, state))
+        leaves = jax.tree.leaves(
+            jax.tree.map(
+                lambda x: (
+                    jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+                ),
+                state,
+            )
+        )
         np.savez(f"{args.workdir}/final.npz", *[np.asarray(x) for x in leaves])
     print(f"[{pid}] done at step {step}", flush=True)
     return 0

@@ -35,8 +35,13 @@ class Costs:
     def of(self, op: Op | None) -> float:
         if op is None:
             return 0.0
-        return {OpKind.F: self.F, OpKind.B: self.B, OpKind.BI: self.Bi, OpKind.W: self.W,
-                OpKind.FB: self.FB}[op.kind]
+        return {
+            OpKind.F: self.F,
+            OpKind.B: self.B,
+            OpKind.BI: self.Bi,
+            OpKind.W: self.W,
+            OpKind.FB: self.FB,
+        }[op.kind]
 
     @classmethod
     def parse(cls, text: str) -> Costs:
@@ -153,27 +158,44 @@ class Summary:
 
     def to_json(self) -> dict:
         return {
-            "schedule": self.schedule.value, "pp": self.pp, "microbatches": self.microbatches,
-            "ticks": self.ticks, "table_bubble": self.table_bubble,
-            "async": {"makespan": self.asynchronous.makespan, "idle": self.asynchronous.idle,
-                      "bubble": self.asynchronous.bubble},
-            "lockstep": {"makespan": self.lockstep.makespan, "idle": self.lockstep.idle,
-                         "bubble": self.lockstep.bubble},
-            "formula": self.formula, "peak_live": self.peak_live,
-            "act_slots": self.act_slots, "grd_slots": self.grd_slots,
+            "schedule": self.schedule.value,
+            "pp": self.pp,
+            "microbatches": self.microbatches,
+            "ticks": self.ticks,
+            "table_bubble": self.table_bubble,
+            "async": {
+                "makespan": self.asynchronous.makespan,
+                "idle": self.asynchronous.idle,
+                "bubble": self.asynchronous.bubble,
+            },
+            "lockstep": {
+                "makespan": self.lockstep.makespan,
+                "idle": self.lockstep.idle,
+                "bubble": self.lockstep.bubble,
+            },
+            "formula": self.formula,
+            "peak_live": self.peak_live,
+            "act_slots": self.act_slots,
+            "grd_slots": self.grd_slots,
             "wres_slots": self.wres_slots,
         }
 
 
-def summarize(orders: OpOrders, costs: Costs = Costs(),
-              split: parallel_config.BackwardSplit = parallel_config.BackwardSplit.EXACT
-              ) -> Summary:
+def summarize(
+    orders: OpOrders,
+    costs: Costs = Costs(),
+    split: parallel_config.BackwardSplit = parallel_config.BackwardSplit.EXACT,
+) -> Summary:
     table = ticks.build(orders, split)
     idle_cells = int((table.code == ticks.Code.IDLE).sum())
     return Summary(
-        schedule=orders.schedule, pp=orders.pp, microbatches=orders.microbatches,
-        ticks=table.num_ticks, table_bubble=idle_cells / table.code.size,
-        asynchronous=asynchronous(orders, costs), lockstep=lockstep(table, costs),
+        schedule=orders.schedule,
+        pp=orders.pp,
+        microbatches=orders.microbatches,
+        ticks=table.num_ticks,
+        table_bubble=idle_cells / table.code.size,
+        asynchronous=asynchronous(orders, costs),
+        lockstep=lockstep(table, costs),
         formula=formula(orders.schedule, orders.pp, costs),
         peak_live=tuple(schedules.peak_live(orders)),
         act_slots=tuple(int(x) for x in table.act_peak),

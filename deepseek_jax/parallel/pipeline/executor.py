@@ -15,7 +15,8 @@ returns the op it ran as an int row; the rows form the executed-op log.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,18 +53,25 @@ class Layout:
     def of(cls, *tables: TickTable, num_stages: int | None = None) -> Layout:
         """The smallest layout that runs every table (they must agree on PP and micro-batches)."""
         t0 = tables[0]
-        if any((t.pp, t.microbatches, t.split) != (t0.pp, t0.microbatches, t0.split)
-               for t in tables):
-            raise ValueError("tables of one layout must have the same pp, microbatches and "
-                             "backward split")
+        if any(
+            (t.pp, t.microbatches, t.split) != (t0.pp, t0.microbatches, t0.split) for t in tables
+        ):
+            raise ValueError(
+                "tables of one layout must have the same pp, microbatches and backward split"
+            )
         codes = {Code.IDLE} | {Code(int(x)) for t in tables for x in np.unique(t.code)}
-        return cls(pp=t0.pp, chunks=max(t.chunks for t in tables),
-                   num_stages=num_stages or max(int(t.stage.max()) + 1 for t in tables),
-                   microbatches=t0.microbatches, ticks=max(t.num_ticks for t in tables),
-                   act_slots=max(t.act_slots for t in tables),
-                   grd_slots=max(1, max(t.grd_slots for t in tables)),
-                   codes=tuple(sorted(codes)), split=t0.split,
-                   wres_slots=max(t.wres_slots for t in tables))
+        return cls(
+            pp=t0.pp,
+            chunks=max(t.chunks for t in tables),
+            num_stages=num_stages or max(int(t.stage.max()) + 1 for t in tables),
+            microbatches=t0.microbatches,
+            ticks=max(t.num_ticks for t in tables),
+            act_slots=max(t.act_slots for t in tables),
+            grd_slots=max(1, max(t.grd_slots for t in tables)),
+            codes=tuple(sorted(codes)),
+            split=t0.split,
+            wres_slots=max(t.wres_slots for t in tables),
+        )
 
 
 def encode(table: TickTable, layout: Layout) -> dict[str, np.ndarray]:
@@ -74,8 +82,11 @@ def encode(table: TickTable, layout: Layout) -> dict[str, np.ndarray]:
     chunk the schedule does not use).
     """
     T, Pn, K = layout.ticks, layout.pp, layout.chunks
-    if ((table.pp, table.microbatches, table.split) != (Pn, layout.microbatches, layout.split)
-            or table.num_ticks > T or table.wres_slots > layout.wres_slots):
+    if (
+        (table.pp, table.microbatches, table.split) != (Pn, layout.microbatches, layout.split)
+        or table.num_ticks > T
+        or table.wres_slots > layout.wres_slots
+    ):
         raise ValueError("table does not fit the executor layout")
     missing = {Code(int(x)) for x in np.unique(table.code)} - set(layout.codes)
     if missing:
@@ -84,23 +95,23 @@ def encode(table: TickTable, layout: Layout) -> dict[str, np.ndarray]:
     branch[list(layout.codes)] = np.arange(len(layout.codes))
     out = {k: np.full((Pn, T), -1, np.int32) for k in ROWS}
     out["branch"][:] = 0  # IDLE
-    out["branch"][:, :table.num_ticks] = branch[table.code.T]
+    out["branch"][:, : table.num_ticks] = branch[table.code.T]
     for name in ("c", "m", "act", "grd", "c2", "m2", "act2", "grd2", "wres"):
-        out[name][:, :table.num_ticks] = getattr(table, name).T
+        out[name][:, : table.num_ticks] = getattr(table, name).T
     half = table.per_chunk if table.schedule is config_lib.Schedule.DUALPIPE else 0
     for sfx in ("", "2"):
         c, m = out["c" + sfx], out["m" + sfx]
         out["mb" + sfx] = np.where(c < 0, -1, m + half * c).astype(np.int32)
     out["recv"] = np.full((Pn, T, 4), -1, np.int32)
-    out["recv"][:, :table.num_ticks] = table.recv.transpose(1, 0, 2)
+    out["recv"][:, : table.num_ticks] = table.recv.transpose(1, 0, 2)
     out["loopback"] = np.full((Pn, 4), -1, np.int32)
     for r, src, dst in table.loopback:
         out["loopback"][r, dst] = src
     out["placement"] = np.full((Pn, K), layout.num_stages, np.int32)
-    out["placement"][:, :table.chunks] = table.stage
+    out["placement"][:, : table.chunks] = table.stage
     for name in ("is_first", "is_last"):
         out[name] = np.zeros((Pn, K), np.int32)
-        out[name][:, :table.chunks] = getattr(table, name)
+        out[name][:, : table.chunks] = getattr(table, name)
     return out
 
 
@@ -145,35 +156,52 @@ def build(stage: stages.Stage, layout: Layout, mesh: jax.sharding.Mesh) -> Calla
     def body(stack, stack_bias, glob, glob_bias, mbs, norms, weights, tbl):
         stack, stack_bias = pipeline_ops.take(stack, 0), pipeline_ops.take(stack_bias, 0)
         tbl = {k: v[0] for k, v in tbl.items()}
-        env = pipeline_ops.make_env(stack, stack_bias, glob, glob_bias, mbs, norms, weights,
-                                    tbl["is_first"], tbl["is_last"])
+        env = pipeline_ops.make_env(
+            stack, stack_bias, glob, glob_bias, mbs, norms, weights, tbl["is_first"], tbl["is_last"]
+        )
         ops = pipeline_ops.Ops(stage, env, layout.split)
-        carry = pipeline_ops.init_carry(stage, env, layout.act_slots, layout.grd_slots,
-                                        ops.residuals, layout.wres_slots)
+        carry = pipeline_ops.init_carry(
+            stage, env, layout.act_slots, layout.grd_slots, ops.residuals, layout.wres_slots
+        )
         branches = [ops.branch(code) for code in layout.codes]
         loopback = tbl["loopback"]
 
         def tick(carry, row):
             carry, outbox, log = jax.lax.switch(row["branch"], branches, carry, row)
             # Every rank runs the same collectives here, outside the switch.
-            inbox = [jax.lax.ppermute(outbox[ch], AXIS, channel_perms[ch])
-                     if channel_perms[ch] else jnp.zeros_like(outbox[ch]) for ch in Channel]
-            inbox = [jnp.where(loopback[ch] >= 0, outbox[jnp.maximum(loopback[ch], 0)],
-                               inbox[ch]) for ch in Channel]
+            inbox = [
+                jax.lax.ppermute(outbox[ch], AXIS, channel_perms[ch])
+                if channel_perms[ch]
+                else jnp.zeros_like(outbox[ch])
+                for ch in Channel
+            ]
+            inbox = [
+                jnp.where(loopback[ch] >= 0, outbox[jnp.maximum(loopback[ch], 0)], inbox[ch])
+                for ch in Channel
+            ]
             return _receive(carry, inbox, row["recv"]), log
 
         carry, log = jax.lax.scan(tick, carry, {k: tbl[k] for k in ROWS + ("recv",)})
         d_glob, epi = jax.lax.psum((carry.d_glob, carry.epi), AXIS)
         lead = lambda x: x[None]  # noqa: E731 - restore the sharded leading axis
-        return (jax.tree.map(lead, carry.d_stack), d_glob, lead(carry.load),
-                lead(carry.balance), epi, lead(log))
+        return (
+            jax.tree.map(lead, carry.d_stack),
+            d_glob,
+            lead(carry.load),
+            lead(carry.balance),
+            epi,
+            lead(log),
+        )
 
     staged, rep = P(AXIS), P()
     fn = jax.shard_map(
-        body, mesh=mesh,
+        body,
+        mesh=mesh,
         in_specs=(staged, staged, rep, rep, rep, rep, rep, staged),
         out_specs=(staged, rep, staged, staged, rep, staged),
-        axis_names=frozenset({AXIS}), check_vma=False)
+        axis_names=frozenset({AXIS}),
+        check_vma=False,
+    )
 
     def run(stack, stack_bias, glob, glob_bias, mbs, norms, weights, tbl) -> Result:
         return Result(*fn(stack, stack_bias, glob, glob_bias, mbs, norms, weights, tbl))

@@ -25,7 +25,8 @@ materialise zero gradients for embedding, head or MTP.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -54,18 +55,42 @@ class Carry:
     wres: tuple = ()  # per residual of the exact split, [R, ...] by wres slot (Bi -> W)
 
 
-def make_env(stack, stack_bias, glob: dict, glob_bias: dict, mbs: batch_lib.Batch,
-             norms: losses.Norms, weights: losses.Weights, first: jax.Array, last: jax.Array
-             ) -> dict:
+def make_env(
+    stack,
+    stack_bias,
+    glob: dict,
+    glob_bias: dict,
+    mbs: batch_lib.Batch,
+    norms: losses.Norms,
+    weights: losses.Weights,
+    first: jax.Array,
+    last: jax.Array,
+) -> dict:
     """One rank's arrays as the ops read them: stack/stack_bias [K, Ls, ...], micro-batches
     (every Batch field [M, b, s]), first/last [K] role flags of the rank's chunks."""
-    return dict(stack=stack, bias=stack_bias, glob=glob, glob_bias=glob_bias, mbs=mbs,
-                norms=norms, weights=weights, first=first, last=last, stack0=take(stack, 0),
-                bias0=take(stack_bias, 0))
+    return dict(
+        stack=stack,
+        bias=stack_bias,
+        glob=glob,
+        glob_bias=glob_bias,
+        mbs=mbs,
+        norms=norms,
+        weights=weights,
+        first=first,
+        last=last,
+        stack0=take(stack, 0),
+        bias0=take(stack_bias, 0),
+    )
 
 
-def init_carry(stage: stages.Stage, env: dict, act_slots: int, grd_slots: int,
-               residuals: tuple = (), wres_slots: int = 0) -> Carry:
+def init_carry(
+    stage: stages.Stage,
+    env: dict,
+    act_slots: int,
+    grd_slots: int,
+    residuals: tuple = (),
+    wres_slots: int = 0,
+) -> Carry:
     """Empty accumulators and NaN buffers: a read of a slot nobody wrote poisons the result.
     `residuals`: the exact split's residual shapes (`Ops.residuals`), `wres_slots` of each."""
     cfg = stage.cfg
@@ -78,8 +103,10 @@ def init_carry(stage: stages.Stage, env: dict, act_slots: int, grd_slots: int,
         d_stack=jax.tree.map(jnp.zeros_like, env["stack"]),
         d_glob=jax.tree.map(jnp.zeros_like, env["glob"]),
         load=jnp.zeros((K, Ls, cfg.n_routed_experts), jnp.float32),
-        balance=jnp.zeros((K, Ls), stage.acc_dtype), epi=zero_aux(stage, env),
-        wres=tuple(_poisoned((wres_slots, *r.shape), r.dtype) for r in residuals))
+        balance=jnp.zeros((K, Ls), stage.acc_dtype),
+        epi=zero_aux(stage, env),
+        wres=tuple(_poisoned((wres_slots, *r.shape), r.dtype) for r in residuals),
+    )
 
 
 def _poisoned(shape, dtype) -> jax.Array:
@@ -98,8 +125,10 @@ def take(tree, i):
 
 
 def _add(acc: dict, delta: dict) -> dict:
-    return {**acc, **jax.tree.map(lambda a, d: a + d.astype(a.dtype),
-                                  {k: acc[k] for k in delta}, delta)}
+    return {
+        **acc,
+        **jax.tree.map(lambda a, d: a + d.astype(a.dtype), {k: acc[k] for k in delta}, delta),
+    }
 
 
 def _put(buf: jax.Array, value: jax.Array, i) -> jax.Array:
@@ -112,8 +141,12 @@ class Ops:
     first/last). With the exact split the backward is cut once, here (`split`), and every Bi and
     W branch evaluates its half of the same equations."""
 
-    def __init__(self, stage: stages.Stage, env: dict,
-                 split: parallel_config.BackwardSplit = parallel_config.BackwardSplit.EXACT):
+    def __init__(
+        self,
+        stage: stages.Stage,
+        env: dict,
+        split: parallel_config.BackwardSplit = parallel_config.BackwardSplit.EXACT,
+    ):
         self.stage, self.env = stage, env
         self.zero_aux = zero_aux(stage, env)
         self.pro_keys = stages.prologue_keys(stage.cfg)
@@ -136,24 +169,36 @@ class Ops:
     def _stable(self, c, mb) -> dict:
         """What the backward of (c, mb) reads that W can read again at its own tick."""
         env = self.env
-        return dict(chunk=take(env["stack"], c), bias=take(env["bias"], c),
-                    batch=take(env["mbs"], mb), first=env["first"][c], last=env["last"][c],
-                    env={k: env[k] for k in ("glob", "glob_bias", "norms", "weights", "stack0",
-                                             "bias0")})
+        return dict(
+            chunk=take(env["stack"], c),
+            bias=take(env["bias"], c),
+            batch=take(env["mbs"], mb),
+            first=env["first"][c],
+            last=env["last"][c],
+            env={k: env[k] for k in ("glob", "glob_bias", "norms", "weights", "stack0", "bias0")},
+        )
 
     def forward(self, carry: Carry, c, mb, slot, outbox):
         st, env = self.stage, self.env
         batch = take(env["mbs"], mb)
-        x = jax.lax.cond(env["first"][c] > 0, lambda: st.prologue({}, env, batch.inputs),
-                         lambda: carry.act[slot].astype(st.cfg.compute_dtype.jnp))
+        x = jax.lax.cond(
+            env["first"][c] > 0,
+            lambda: st.prologue({}, env, batch.inputs),
+            lambda: carry.act[slot].astype(st.cfg.compute_dtype.jnp),
+        )
         (h, _), (load, balance) = st.body(take(env["stack"], c), x, take(env["bias"], c), env)
-        _, epi = jax.lax.cond(env["last"][c] > 0,
-                              lambda: st.epilogue({}, h, batch, env),
-                              lambda: (jnp.zeros((), st.acc_dtype), self.zero_aux))
+        _, epi = jax.lax.cond(
+            env["last"][c] > 0,
+            lambda: st.epilogue({}, h, batch, env),
+            lambda: (jnp.zeros((), st.acc_dtype), self.zero_aux),
+        )
         carry = dataclasses.replace(
-            carry, act=_put(carry.act, x, slot), load=carry.load.at[c].add(load),
+            carry,
+            act=_put(carry.act, x, slot),
+            load=carry.load.at[c].add(load),
             balance=carry.balance.at[c].add(balance),
-            epi=jax.tree.map(jnp.add, carry.epi, epi))
+            epi=jax.tree.map(jnp.add, carry.epi, epi),
+        )
         return carry, _put(outbox, h, Channel.ACT0 + c)
 
     def _grads(self, stable: dict, transient: tuple, weights: bool = True):
@@ -170,8 +215,11 @@ class Ops:
 
         def from_loss(d_glob):
             if weights:
-                _, vjp = jax.vjp(lambda d, h_: st.epilogue(d, h_, batch, env)[0],
-                                 self._glob(self.epi_keys, env["glob"]), h)
+                _, vjp = jax.vjp(
+                    lambda d, h_: st.epilogue(d, h_, batch, env)[0],
+                    self._glob(self.epi_keys, env["glob"]),
+                    h,
+                )
                 d_epi, g_h = vjp(jnp.ones((), st.acc_dtype))
                 return _add(d_glob, d_epi), g_h
             _, vjp = jax.vjp(lambda h_: st.epilogue({}, h_, batch, env)[0], h)
@@ -187,16 +235,21 @@ class Ops:
         d_chunk, d_x = cot
 
         def into_prologue(d_glob):
-            _, vjp = jax.vjp(lambda d: st.prologue(d, env, batch.inputs),
-                             self._glob(self.pro_keys, env["glob"]))
+            _, vjp = jax.vjp(
+                lambda d: st.prologue(d, env, batch.inputs), self._glob(self.pro_keys, env["glob"])
+            )
             return _add(d_glob, vjp(d_x)[0])
 
         d_glob = jax.lax.cond(stable["first"] > 0, into_prologue, lambda d: d, d_glob)
         return (d_glob, d_x), d_chunk
 
     def _add_chunk(self, carry: Carry, c, d_chunk) -> Carry:
-        return dataclasses.replace(carry, d_stack=jax.tree.map(
-            lambda a, d: a.at[c].add(d.astype(a.dtype)), carry.d_stack, d_chunk))
+        return dataclasses.replace(
+            carry,
+            d_stack=jax.tree.map(
+                lambda a, d: a.at[c].add(d.astype(a.dtype)), carry.d_stack, d_chunk
+            ),
+        )
 
     def backward(self, carry: Carry, kind: Code, c, mb, row: dict, outbox, sfx: str = ""):
         stable = self._stable(c, mb)
@@ -206,8 +259,11 @@ class Ops:
         transient = (carry.d_glob, carry.act[row["act" + sfx]], carry.grd[row["grd" + sfx]])
         if kind is Code.BI and self.split is not None:
             (d_glob, d_x), res = self.split.input_grads(stable, transient)
-            carry = dataclasses.replace(carry, d_glob=d_glob, wres=tuple(
-                _put(buf, r, row["wres"]) for buf, r in zip(carry.wres, res)))
+            carry = dataclasses.replace(
+                carry,
+                d_glob=d_glob,
+                wres=tuple(_put(buf, r, row["wres"]) for buf, r in zip(carry.wres, res)),
+            )
         else:
             (d_glob, d_x), d_chunk = self._grads(stable, transient, weights=kind is not Code.BI)
             carry = dataclasses.replace(carry, d_glob=d_glob)
@@ -229,8 +285,9 @@ class Ops:
                     carry, outbox = self.backward(carry, code, row["c"], row["mb"], row, outbox)
             if code is Code.FB:
                 with jax.named_scope("pp_backward"):
-                    carry, outbox = self.backward(carry, Code.B, row["c2"], row["mb2"], row,
-                                                  outbox, "2")
+                    carry, outbox = self.backward(
+                        carry, Code.B, row["c2"], row["mb2"], row, outbox, "2"
+                    )
             log = jnp.stack([jnp.int32(code), row["c"], row["m"], row["c2"], row["m2"]])
             return carry, outbox, log
 

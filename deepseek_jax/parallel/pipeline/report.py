@@ -19,8 +19,12 @@ _COLOURS = {
     OpKind.BI: ("#2a9d8f", "#9ed8d0"),
     OpKind.W: ("#5a9e3a", "#bfe0a8"),
 }
-_NAMES = {OpKind.F: "forward", OpKind.B: "backward", OpKind.BI: "backward for input",
-          OpKind.W: "backward for weights"}
+_NAMES = {
+    OpKind.F: "forward",
+    OpKind.B: "backward",
+    OpKind.BI: "backward for input",
+    OpKind.W: "backward for weights",
+}
 
 
 def _ranks(values: tuple) -> str:
@@ -79,10 +83,24 @@ def _draw_timeline(ax, timing: Timing, pp: int, title: str) -> None:
             h = 0.9 / len(parts)
             for i, (kind, c, m) in enumerate(parts):
                 y0 = y - 0.45 + (len(parts) - 1 - i) * h  # F&B: forward on top
-                ax.add_patch(Rectangle((start, y0), end - start, h, facecolor=_COLOURS[kind][c],
-                                       edgecolor="black", linewidth=0.4))
-                ax.text((start + end) / 2, y0 + h / 2, str(m), ha="center", va="center",
-                        fontsize=6 if len(parts) > 1 else 7)
+                ax.add_patch(
+                    Rectangle(
+                        (start, y0),
+                        end - start,
+                        h,
+                        facecolor=_COLOURS[kind][c],
+                        edgecolor="black",
+                        linewidth=0.4,
+                    )
+                )
+                ax.text(
+                    (start + end) / 2,
+                    y0 + h / 2,
+                    str(m),
+                    ha="center",
+                    va="center",
+                    fontsize=6 if len(parts) > 1 else 7,
+                )
     ax.set_xlim(0, timing.makespan)
     ax.set_ylim(-0.6, pp - 0.4)
     ax.set_yticks(range(pp), [f"rank {r}" for r in reversed(range(pp))], fontsize=7)
@@ -100,26 +118,38 @@ def png(orders: OpOrders, path: str, costs: Costs = Costs()) -> None:
 
     from deepseek_jax.parallel.pipeline import ticks
 
-    timings = [costmodel.asynchronous(orders, costs), costmodel.lockstep(ticks.build(orders), costs)]
+    timings = [
+        costmodel.asynchronous(orders, costs),
+        costmodel.lockstep(ticks.build(orders), costs),
+    ]
     width = max(8.0, min(40.0, timings[1].makespan * 0.22))
     fig, axes = plt.subplots(2, 1, figsize=(width, 1.2 + 0.9 * orders.pp), squeeze=True)
     name = f"{orders.schedule.value}, {orders.pp} ranks, {orders.microbatches} micro-batches"
     for ax, timing, how in zip(axes, timings, ("asynchronous", "lock-step ticks")):
         idle = _ranks(timing.idle)
-        _draw_timeline(ax, timing, orders.pp, f"{name}: {how}, makespan {timing.makespan:g}, "
-                                            f"idle per rank {idle}")
-    kinds = sorted({k for ops in orders.ranks for op in ops for k, _, _ in op.parts()},
-                   key=list(OpKind).index)
-    handles = [Patch(facecolor=_COLOURS[k][c], edgecolor="black",
-                     label=f"{_NAMES[k]}, chunk {c}") for k in kinds for c in range(orders.chunks)]
+        _draw_timeline(
+            ax,
+            timing,
+            orders.pp,
+            f"{name}: {how}, makespan {timing.makespan:g}, idle per rank {idle}",
+        )
+    kinds = sorted(
+        {k for ops in orders.ranks for op in ops for k, _, _ in op.parts()}, key=list(OpKind).index
+    )
+    handles = [
+        Patch(facecolor=_COLOURS[k][c], edgecolor="black", label=f"{_NAMES[k]}, chunk {c}")
+        for k in kinds
+        for c in range(orders.chunks)
+    ]
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 4), fontsize=7)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def summaries(pp: int, microbatches: int, costs: Costs,
-              only: schedules.Schedule | None = None) -> list[Summary | tuple[str, str]]:
+def summaries(
+    pp: int, microbatches: int, costs: Costs, only: schedules.Schedule | None = None
+) -> list[Summary | tuple[str, str]]:
     """Summaries of every schedule (or `only`); inapplicable ones as (name, reason)."""
     out: list[Summary | tuple[str, str]] = []
     for s in [only] if only else list(schedules.SCHEDULES):

@@ -309,7 +309,9 @@ def check_order(orders: OpOrders) -> None:
         for op in ops:
             for kind, c, m in op.parts():
                 if (c, m) not in valid:
-                    raise ValueError(f"rank {r}: {op} names a chunk/micro-batch outside the schedule")
+                    raise ValueError(
+                        f"rank {r}: {op} names a chunk/micro-batch outside the schedule"
+                    )
                 history = seen[(c, m)]
                 expected = {
                     OpKind.F: [],

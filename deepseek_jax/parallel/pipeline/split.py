@@ -48,8 +48,9 @@ def _val(env: dict, v):
     try:
         return env[v]
     except KeyError:
-        raise MissingResidual(f"{v} ({v.aval.str_short()}) is not in the W environment: a "
-                              "residual Bi did not store") from None
+        raise MissingResidual(
+            f"{v} ({v.aval.str_short()}) is not in the W environment: a residual Bi did not store"
+        ) from None
 
 
 def _bind(eqn, invals):
@@ -79,10 +80,10 @@ def _inline(jaxpr, consts, args) -> list:
 
 def _scan(p: dict, invals: list) -> list:
     nc, nk, n = p["num_consts"], p["num_carry"], p["length"]
-    consts, carry, xs = invals[:nc], invals[nc:nc + nk], invals[nc + nk:]
+    consts, carry, xs = invals[:nc], invals[nc : nc + nk], invals[nc + nk :]
     body = p["jaxpr"]
     ys = [None] * n
-    for i in (reversed(range(n)) if p["reverse"] else range(n)):
+    for i in reversed(range(n)) if p["reverse"] else range(n):
         out = _inline(body.jaxpr, body.consts, consts + carry + [x[i] for x in xs])
         carry, ys[i] = out[:nk], out[nk:]
     stacked = [jnp.stack([y[j] for y in ys]) for j in range(len(body.jaxpr.outvars) - nk)]
@@ -137,14 +138,21 @@ class Split:
         reads += list(jaxpr.outvars[n_in:])  # a weight gradient Bi computed outright
         res, seen = [], set()
         for v in reads:
-            if (isinstance(v, jcore.Literal) or v in w_defined or v in stable_vars
-                    or v in seen):
+            if isinstance(v, jcore.Literal) or v in w_defined or v in stable_vars or v in seen:
                 continue
             seen.add(v)
             res.append(v)
         eqns = jaxpr.eqns
-        return cls(jaxpr, tuple(closed.consts), n_stable, tuple(eqns[i] for i in sorted(bi)),
-                   tuple(eqns[i] for i in sorted(w)), tuple(res), tuple(out_trees), n_in)
+        return cls(
+            jaxpr,
+            tuple(closed.consts),
+            n_stable,
+            tuple(eqns[i] for i in sorted(bi)),
+            tuple(eqns[i] for i in sorted(w)),
+            tuple(res),
+            tuple(out_trees),
+            n_in,
+        )
 
     @property
     def residuals(self) -> tuple[jax.ShapeDtypeStruct, ...]:
@@ -155,27 +163,29 @@ class Split:
         return sum(r.size * jnp.dtype(r.dtype).itemsize for r in self.residuals)
 
     def _env(self, stable) -> dict:
-        return (dict(zip(self.jaxpr.constvars, self.consts))
-                | dict(zip(self.jaxpr.invars[:self.n_stable], jax.tree.leaves(stable))))
+        return dict(zip(self.jaxpr.constvars, self.consts)) | dict(
+            zip(self.jaxpr.invars[: self.n_stable], jax.tree.leaves(stable))
+        )
 
     def input_grads(self, stable, transient) -> tuple[Any, list]:
         """Bi: (inputs_out, residuals for W)."""
-        env = self._env(stable) | dict(zip(self.jaxpr.invars[self.n_stable:],
-                                           jax.tree.leaves(transient)))
+        env = self._env(stable) | dict(
+            zip(self.jaxpr.invars[self.n_stable :], jax.tree.leaves(transient))
+        )
         for eqn in self.bi_eqns:
             env.update(zip(eqn.outvars, _bind(eqn, [_val(env, v) for v in eqn.invars])))
-        outs = [_val(env, v) for v in self.jaxpr.outvars[:self.n_inputs_out]]
-        return (jax.tree.unflatten(self.out_trees[0], outs),
-                [_val(env, v) for v in self.res_vars])
+        outs = [_val(env, v) for v in self.jaxpr.outvars[: self.n_inputs_out]]
+        return (jax.tree.unflatten(self.out_trees[0], outs), [_val(env, v) for v in self.res_vars])
 
     def weight_grads(self, stable, residuals, res_vars=None) -> Any:
         """W: weights_out from the stable operands and Bi's residuals only. `res_vars` (tests)
         names the residuals given, default all of them."""
-        env = self._env(stable) | dict(zip(self.res_vars if res_vars is None else res_vars,
-                                           residuals))
+        env = self._env(stable) | dict(
+            zip(self.res_vars if res_vars is None else res_vars, residuals)
+        )
         for eqn in self.w_eqns:
             env.update(zip(eqn.outvars, _bind(eqn, [_val(env, v) for v in eqn.invars])))
-        outs = [_val(env, v) for v in self.jaxpr.outvars[self.n_inputs_out:]]
+        outs = [_val(env, v) for v in self.jaxpr.outvars[self.n_inputs_out :]]
         return jax.tree.unflatten(self.out_trees[1], outs)
 
     def count(self, part: str, primitive: str = "dot_general") -> int:

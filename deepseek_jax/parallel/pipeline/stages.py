@@ -31,8 +31,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.model import config as config_lib
-from deepseek_jax.model import dispatch
-from deepseek_jax.model import losses
+from deepseek_jax.model import dispatch, losses
 from deepseek_jax.parallel import mesh as mesh_lib
 
 STACK = "moe_layers"  # the canonical params/expert_bias key that is cut into stages
@@ -44,8 +43,12 @@ def prologue_keys(cfg: config_lib.ModelConfig) -> tuple[str, ...]:
 
 def epilogue_keys(cfg: config_lib.ModelConfig) -> tuple[str, ...]:
     uses_embed = cfg.tie_embeddings or cfg.mtp_depth > 0  # tied head, or MTP's embedding
-    return ((("embed",) if uses_embed else ()) + ("norm",)
-            + (() if cfg.tie_embeddings else ("head",)) + (("mtp",) if cfg.mtp_depth else ()))
+    return (
+        (("embed",) if uses_embed else ())
+        + ("norm",)
+        + (() if cfg.tie_embeddings else ("head",))
+        + (("mtp",) if cfg.mtp_depth else ())
+    )
 
 
 # -- parameter layouts -------------------------------------------------------------------------
@@ -141,8 +144,7 @@ class Stage:
     # layers (V3 on 16 stages: ~4), so the program grows little.
 
     def prologue(self, diff: dict, env: dict, ids) -> jax.Array:
-        model = self._model({**env["glob"], **diff}, env["glob_bias"], env["stack0"],
-                            env["bias0"])
+        model = self._model({**env["glob"], **diff}, env["glob_bias"], env["stack0"], env["bias0"])
         cos, sin = model.rope_tables(*ids.shape)
         return model.prologue(ids, cos, sin, self.experts, unroll=True)
 
@@ -157,8 +159,7 @@ class Stage:
 
     def epilogue(self, diff: dict, h, mb, env: dict):
         """Final norm, head, MTP and the objective on this micro-batch: (loss, EpilogueAux)."""
-        model = self._model({**env["glob"], **diff}, env["glob_bias"], env["stack0"],
-                            env["bias0"])
+        model = self._model({**env["glob"], **diff}, env["glob_bias"], env["stack0"], env["bias0"])
         cos, sin = model.rope_tables(*mb.inputs.shape)
         out = model.epilogue(h, mb.inputs, cos, sin, self.experts)
         loss, metrics = self.objective(out, mb, env["norms"], env["weights"])
@@ -172,8 +173,9 @@ class Stage:
     def zero_aux(self, metrics: losses.Metrics | None = None) -> EpilogueAux:
         """Zero accumulators; `metrics`: arrays (or shapes) shaped like the objective's metrics."""
         J, E, dt = self.cfg.mtp_depth, self.cfg.n_routed_experts, self.acc_dtype
-        zeros = {} if metrics is None else jax.tree.map(
-            lambda m: jnp.zeros(m.shape, m.dtype), metrics)
+        zeros = (
+            {} if metrics is None else jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metrics)
+        )
         return EpilogueAux(zeros, jnp.zeros((J, E), jnp.float32), jnp.zeros((J,), dt))
 
     def metric_shapes(self, h, mb, env: dict) -> losses.Metrics:

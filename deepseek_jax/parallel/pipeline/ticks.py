@@ -39,8 +39,13 @@ class Channel(enum.IntEnum):
     GRD1 = 3  # chunk-1 input gradients, rank r -> r+1
 
 
-_KIND_CODE = {OpKind.F: Code.F, OpKind.B: Code.B, OpKind.BI: Code.BI, OpKind.W: Code.W,
-              OpKind.FB: Code.FB}
+_KIND_CODE = {
+    OpKind.F: Code.F,
+    OpKind.B: Code.B,
+    OpKind.BI: Code.BI,
+    OpKind.W: Code.W,
+    OpKind.FB: Code.FB,
+}
 _CODE_KIND = {v: k for k, v in _KIND_CODE.items()}
 
 
@@ -149,8 +154,9 @@ class TickTable:
             return None
         kind = _CODE_KIND[code]
         if kind is OpKind.FB:
-            return Op(kind, int(self.c[t, r]), int(self.m[t, r]), int(self.c2[t, r]),
-                      int(self.m2[t, r]))
+            return Op(
+                kind, int(self.c[t, r]), int(self.m[t, r]), int(self.c2[t, r]), int(self.m2[t, r])
+            )
         return Op(kind, int(self.c[t, r]), int(self.m[t, r]))
 
     def rank_ops(self, r: int) -> list[Op]:
@@ -206,8 +212,9 @@ def _colour(intervals: dict) -> tuple[dict, int]:
     return slots, len(free_from)
 
 
-def _slots(orders: OpOrders, grid: list[list[Op | None]], split: parallel_config.BackwardSplit
-           ) -> tuple[list[dict], list[dict], list[dict]]:
+def _slots(
+    orders: OpOrders, grid: list[list[Op | None]], split: parallel_config.BackwardSplit
+) -> tuple[list[dict], list[dict], list[dict]]:
     """Per rank, {(chunk, mb): slot} for stage inputs (`act`), output gradients (`grd`) and W
     residuals (`wres`).
 
@@ -246,17 +253,19 @@ def _slots(orders: OpOrders, grid: list[list[Op | None]], split: parallel_config
     return tuple([_colour(iv)[0] for iv in ivs] for ivs in (act_iv, grd_iv, wres_iv))
 
 
-def build(orders: OpOrders,
-          split: parallel_config.BackwardSplit = parallel_config.BackwardSplit.EXACT
-          ) -> TickTable:
+def build(
+    orders: OpOrders, split: parallel_config.BackwardSplit = parallel_config.BackwardSplit.EXACT
+) -> TickTable:
     """The tick table of `orders` with buffer slots for `split`; `schedules.check_order` is run
     first."""
     schedules.check_order(orders)
     grid = assign_ticks(orders)
     T, P = len(grid[0]), orders.pp
     act_slot, grd_slot, wres_slot = _slots(orders, grid, split)
-    act_peak, grd_peak, wres_peak = ([max(s.values(), default=-1) + 1 for s in slots]
-                                     for slots in (act_slot, grd_slot, wres_slot))
+    act_peak, grd_peak, wres_peak = (
+        [max(s.values(), default=-1) + 1 for s in slots]
+        for slots in (act_slot, grd_slot, wres_slot)
+    )
 
     names = ("c", "m", "c2", "m2", "act", "grd", "act2", "grd2", "wres")
     cols = {k: np.full((T, P), -1, np.int32) for k in names}
@@ -297,19 +306,42 @@ def build(orders: OpOrders,
     K = orders.chunks
     grid_cells = [[(r, c) for c in range(K)] for r in range(P)]
     placement = np.array([[orders.stage(*cell) for cell in row] for row in grid_cells], np.int32)
-    is_first = np.array([[orders.upstream(*x) is None for x in row] for row in grid_cells], np.int32)
-    is_last = np.array([[orders.downstream(*x) is None for x in row] for row in grid_cells], np.int32)
+    is_first = np.array(
+        [[orders.upstream(*x) is None for x in row] for row in grid_cells], np.int32
+    )
+    is_last = np.array(
+        [[orders.downstream(*x) is None for x in row] for row in grid_cells], np.int32
+    )
     up, down = tuple((r, r + 1) for r in range(P - 1)), tuple((r, r - 1) for r in range(1, P))
     perms = (up, down, down, up) if K == 2 else (up, (), down, ())
     loopback = ()
     if orders.schedule is schedules.Schedule.DUALPIPEV:
-        loopback = ((P - 1, int(Channel.ACT0), int(Channel.ACT1)),
-                    (P - 1, int(Channel.GRD1), int(Channel.GRD0)))
-    arrays = dict(code=code, **cols, send=send, recv=recv, stage=placement, is_first=is_first,
-                  is_last=is_last, act_peak=np.array(act_peak, np.int32),
-                  grd_peak=np.array(grd_peak, np.int32), wres_peak=np.array(wres_peak, np.int32))
+        loopback = (
+            (P - 1, int(Channel.ACT0), int(Channel.ACT1)),
+            (P - 1, int(Channel.GRD1), int(Channel.GRD0)),
+        )
+    arrays = dict(
+        code=code,
+        **cols,
+        send=send,
+        recv=recv,
+        stage=placement,
+        is_first=is_first,
+        is_last=is_last,
+        act_peak=np.array(act_peak, np.int32),
+        grd_peak=np.array(grd_peak, np.int32),
+        wres_peak=np.array(wres_peak, np.int32),
+    )
     for a in arrays.values():
         a.setflags(write=False)
-    return TickTable(schedule=orders.schedule, pp=P, chunks=K, microbatches=orders.microbatches,
-                     per_chunk=orders.per_chunk, split=split, perms=perms, loopback=loopback,
-                     **arrays)
+    return TickTable(
+        schedule=orders.schedule,
+        pp=P,
+        chunks=K,
+        microbatches=orders.microbatches,
+        per_chunk=orders.per_chunk,
+        split=split,
+        perms=perms,
+        loopback=loopback,
+        **arrays,
+    )

@@ -53,9 +53,11 @@ def _reads(table: TickTable) -> list[collections.Counter]:
 def check(table: TickTable) -> None:
     """Run `table` symbolically; raise ValueError at the first inconsistency."""
     P = table.pp
-    bufs = {"act": [[None] * table.act_slots for _ in range(P)],
-            "grd": [[None] * table.grd_slots for _ in range(P)],
-            "wres": [[None] * table.wres_slots for _ in range(P)]}
+    bufs = {
+        "act": [[None] * table.act_slots for _ in range(P)],
+        "grd": [[None] * table.grd_slots for _ in range(P)],
+        "wres": [[None] * table.wres_slots for _ in range(P)],
+    }
     owner: dict[tuple[str, int, int], tuple[int, int]] = {}  # (buffer, rank, slot) -> (c, m)
     pending = _reads(table)
     executed: list[set] = [set() for _ in range(P)]
