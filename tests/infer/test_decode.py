@@ -13,6 +13,7 @@ from deepseek_jax import config as exp_config
 from deepseek_jax.infer import decode, experts, kv_cache
 from deepseek_jax.model import config as config_lib
 from deepseek_jax.model import dispatch, rope, stack, transformer
+from tests.infer import tiny
 
 Mode = kv_cache.DecodeMode
 YARN = config_lib.RopeConfig(
@@ -24,27 +25,7 @@ YARN = config_lib.RopeConfig(
     mscale=1.0,
     mscale_all_dim=1.0,
 )
-BASE = config_lib.ModelConfig(
-    vocab_size=64,
-    d_model=32,
-    n_layers=2,
-    first_k_dense_replace=1,
-    intermediate_size=64,
-    n_heads=4,
-    q_lora_rank=16,
-    kv_lora_rank=12,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=4,
-    v_head_dim=8,
-    n_routed_experts=4,
-    n_shared_experts=1,
-    moe_intermediate_size=16,
-    num_experts_per_tok=2,
-    n_group=2,
-    topk_group=1,
-    mtp_depth=0,
-    init_std=0.2,
-)
+BASE = tiny.config()
 CASES = {
     "qlora_yarn": dataclasses.replace(BASE, rope=YARN),  # decode: the training dispatch
     # 16 experts: a 3-row decode step (6 expert rows) reads only the chosen experts' weights

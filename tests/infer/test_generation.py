@@ -9,10 +9,10 @@ from flax import nnx
 
 from deepseek_jax.convert import to_hf
 from deepseek_jax.infer import generation, load, sampling
-from deepseek_jax.model import config as config_lib
 from deepseek_jax.model import transformer
 from tests import hf_reference
 from tests.convert import helpers
+from tests.infer import tiny
 
 CFG = dataclasses.replace(helpers.CONFIGS["v3_qlora_groups_yarn"], vocab_size=64, mtp_depth=0)
 N_NEW = 32
@@ -73,27 +73,7 @@ def test_greedy_equals_transformers_on_a_transformers_checkpoint(tmp_path):
 
 
 # -- sampling controls, EOS, compile count (our own tiny model) ---------------------------------
-SMALL = config_lib.ModelConfig(
-    vocab_size=48,
-    d_model=32,
-    n_layers=2,
-    first_k_dense_replace=1,
-    intermediate_size=64,
-    n_heads=4,
-    q_lora_rank=16,
-    kv_lora_rank=12,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=4,
-    v_head_dim=8,
-    n_routed_experts=4,
-    n_shared_experts=1,
-    moe_intermediate_size=16,
-    num_experts_per_tok=2,
-    n_group=2,
-    topk_group=1,
-    mtp_depth=0,
-    init_std=0.15,
-)
+SMALL = tiny.config(vocab_size=48, init_std=0.15)
 
 
 @pytest.fixture(scope="module")

@@ -13,28 +13,9 @@ from flax import nnx
 from deepseek_jax.infer import generation, sampling
 from deepseek_jax.model import config as config_lib
 from deepseek_jax.model import transformer
+from tests.infer import tiny
 
-CFG = config_lib.ModelConfig(
-    vocab_size=12,
-    d_model=32,
-    n_layers=2,
-    first_k_dense_replace=1,
-    intermediate_size=64,
-    n_heads=4,
-    q_lora_rank=16,
-    kv_lora_rank=12,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=4,
-    v_head_dim=8,
-    n_routed_experts=4,
-    n_shared_experts=1,
-    moe_intermediate_size=16,
-    num_experts_per_tok=2,
-    n_group=2,
-    topk_group=1,
-    mtp_depth=1,
-    init_std=0.1,
-)
+CFG = tiny.config(vocab_size=12, mtp_depth=1, init_std=0.1)
 N_NEW = 24
 PROMPTS = [
     np.array(p, np.int32) for p in ([1, 2, 3, 4, 5], [7, 3, 9], [2, 11, 4, 4, 0, 6, 8], [5, 5])
