@@ -73,11 +73,19 @@ def test_survivor_of_a_dead_peer_exits_naming_it_and_the_run_resumes(tmp_path):
         out, _ = first.communicate(timeout=TIMEOUT_S)
         took = time.monotonic() - killed_at
         out = "".join(lines) + out
-        # The survivor (process 0) stopped by itself, non-zero, naming the lost process.
-        assert "local.sh: process 0 exited with status" in out, out
-        assert not re.search(r"process 0 exited with status 0\b", out), out
+        # The survivor (process 0) stopped by itself, non-zero, naming the lost process. Which
+        # detector fires first is a race (docs/training.md): a gloo collective sees the closed
+        # socket (our one paragraph, then the shutdown barrier's abort), or the survivor waits in
+        # a coordination-service barrier (e.g. orbax's, mid-save) and the heartbeat check aborts
+        # it from C++ directly. Either way the coordination service names process 1.
+        status = re.search(r"local\.sh: process 0 exited with status (\d+)", out)
+        assert status and int(status[1]) != 0, out
         assert re.search(r"unhealthy \(stopped sending heartbeats\):\s*1\b", out), out
-        assert "error: lost contact with another process" in out, out
+        assert (
+            "error: lost contact with another process" in out
+            or "Terminating process because the JAX distributed service detected fatal errors"
+            in out
+        ), out
         assert "Traceback" not in out, out
         assert took < HEARTBEAT_S + 60, (took, out)
         print(
