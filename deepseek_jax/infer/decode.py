@@ -175,22 +175,23 @@ def mtp_forward(
     h_prev_BSD: jax.Array,
     cache: kv_cache.Cache,
     *,
+    module: int = 0,
     prefill: bool = False,
     experts: dispatch.ExpertFn = dispatch.dropless_experts,
 ):
-    """The first MTP module over its own cache: position p takes emb(t_{p+1}) and the main model's
-    post-norm hidden h_p (or, drafting further, its own previous normalised output) and predicts
-    t_{p+2}. -> (logits [B, S, Y], normalised hidden [B, S, D], cache)."""
-    layer = stack.layer(model.mtp.layers, 0)
+    """MTP module `module` over its own layer of the MTP cache: position p takes emb(t_{p+1}) and
+    the main model's post-norm hidden h_p (or, drafting further, the previous draft's normalised
+    output) and predicts t_{p+2}. -> (logits [B, S, Y], normalised hidden [B, S, D], cache)."""
+    layer = stack.layer(model.mtp.layers, module)
     start_B = cache.length_B
     cos, sin = _rope(model.cfg, start_B, tokens_BS.shape[1])
     e_BSD = layer.enorm(model.embed(tokens_BS))
     x_BSD = layer.eh_proj(jnp.concatenate([e_BSD, layer.hnorm(h_prev_BSD)], axis=-1))
-    kv = jax.tree.map(lambda a: a[0], cache.stacks["mtp"])
+    kv = jax.tree.map(lambda a: a[module], cache.stacks["mtp"])
     experts = _decode_experts(model.cfg, tokens_BS.size, experts)
     g_BSD, kv = block_step(layer.block, x_BSD, cos, sin, start_B, kv, prefill, experts)
     hn_BSD = layer.head_norm(g_BSD)
-    stacks = {"mtp": jax.tree.map(lambda a: a[None], kv)}
+    stacks = {"mtp": jax.tree.map(lambda a, u: a.at[module].set(u), cache.stacks["mtp"], kv)}
     return model.logits(hn_BSD), hn_BSD, kv_cache.Cache(stacks, cache.length_B)
 
 

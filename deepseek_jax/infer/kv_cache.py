@@ -100,11 +100,12 @@ def init_mtp(
     mode: DecodeMode,
     dtype: Any = jnp.float32,
 ) -> Cache:
-    """The MTP module's own cache (one layer: drafting runs the first MTP module)."""
+    """The MTP modules' own cache: one layer per module (model.mtp_depth), one length."""
     if not cfg.mtp_depth:
         raise ValueError("model.mtp_depth is 0: this model has no MTP module to cache")
     return Cache(
-        {"mtp": _stack(cfg, 1, batch, max_len, mode, dtype)}, jnp.zeros((batch,), jnp.int32)
+        {"mtp": _stack(cfg, cfg.mtp_depth, batch, max_len, mode, dtype)},
+        jnp.zeros((batch,), jnp.int32),
     )
 
 

@@ -6,8 +6,9 @@ hidden h_p and the committed token t_{p+1}; d_1 (the MTP's prediction of t_{n+1}
 and its draft distribution q_1 are ready.
 
 One step:
-1. Draft d_2..d_k with the first MTP module reused (as vLLM does for k > D): position n+s-2 takes
-   emb(d_{s-1}) and the module's own normalised output at the previous position.
+1. Draft d_2..d_k: d_{s} comes from MTP module min(s, D) at position n+s-2, taking emb(d_{s-1})
+   and the previous draft's normalised output at position n+s-3 in place of the main hidden state;
+   past the D modules the last one is reused (as vLLM does for k > D).
 2. Verify [t_n, d_1..d_k] at positions n..n+k in one main forward (the k+1-token decode call);
    p_j is the target distribution after position n+j.
 3. Accept the longest prefix of drafts the target agrees with -- greedy: d_{j+1} = argmax p_j;
@@ -19,7 +20,9 @@ One step:
    overwritten). The MTP cache entries at n..n+a were written from draft hidden states; one MTP
    call on positions n..n+k with the verify's hidden states and the accepted tokens rewrites them
    from the main model's hidden states -- the rollback -- and its output at n+a is the next d_1.
-Only the first MTP module is used (all released checkpoints have D = 1).
+   With D > 1 every module's cache is rewritten the same way (one call each), so each module's
+   cache always holds the committed prefix built from the main model's hidden states, as a fresh
+   prefill would leave it; only module 1's output becomes the next d_1.
 """
 
 from __future__ import annotations
@@ -51,9 +54,11 @@ class SpecState:
     row_steps: jax.Array  # steps summed over active rows
 
 
-def _draft(model, mtp_cache, tokens_BS, h_BSD, index_B, scfg, key):
+def _draft(model, mtp_cache, tokens_BS, h_BSD, index_B, scfg, key, module=0):
     """MTP call; -> (draft at index_b, its distribution, normalised hidden there, cache)."""
-    logits_BSY, hn_BSD, mtp_cache = decode.mtp_forward(model, tokens_BS, h_BSD, mtp_cache)
+    logits_BSY, hn_BSD, mtp_cache = decode.mtp_forward(
+        model, tokens_BS, h_BSD, mtp_cache, module=module
+    )
     logits_BY = decode.last(logits_BSY, index_B)
     return (
         sampling.sample(logits_BY, key, scfg),
@@ -77,9 +82,10 @@ def start_fn(gen: generation.Generator, max_len: int):
         # MTP prefill: position p takes t_{p+1} (the first generated token at the last position)
         nxt_BP = jnp.concatenate([tokens_BP[:, 1:], tokens_BP[:, :1]], axis=1)
         nxt_BP = nxt_BP.at[jnp.arange(B), lengths_B - 1].set(first_B)
-        logits_BPY, hn_BPD, mtp_cache = decode.mtp_forward(
-            model, nxt_BP, h_BPD, mtp_cache, prefill=True
-        )
+        for m in range(model.cfg.mtp_depth - 1, -1, -1):  # module 0 last: its output is used
+            logits_BPY, hn_BPD, mtp_cache = decode.mtp_forward(
+                model, nxt_BP, h_BPD, mtp_cache, module=m, prefill=True
+            )
         d_logits = decode.last(logits_BPY, lengths_B - 1)
         out = generation.emit(
             generation.empty_output(B, cfg.max_new_tokens),
@@ -135,6 +141,7 @@ def step_fn(gen: generation.Generator):
     def step(params, s: SpecState) -> SpecState:
         gen.traces += 1
         model = nnx.merge(gen.graphdef, params)
+        D = model.cfg.mtp_depth
         B = s.token_B.shape[0]
         n_B = s.cache.length_B
         keys = jax.random.split(s.key, K + 3)
@@ -149,6 +156,7 @@ def step_fn(gen: generation.Generator):
                 zero_B,
                 cfg.sampling,
                 keys[j],
+                module=min(j, D - 1),
             )
             drafts.append(d_B)
             qs.append(q_BY)
@@ -162,6 +170,10 @@ def step_fn(gen: generation.Generator):
         active_B = ~s.out.done_B
         out = generation.emit(s.out, new_BW, a_B + 1, cfg.eos_id)
         n_new = jnp.where(active_B, n_B + a_B + 1, n_B)  # finished rows stay put
+        for m in range(D - 1, 0, -1):  # the rollback of the modules past the first
+            _, _, mtp_cache = decode.mtp_forward(
+                model, new_BW, h_BWD, mtp_cache.with_length(n_B), module=m
+            )
         d_B, q_BY, hn_BD, mtp_cache = _draft(
             model, mtp_cache.with_length(n_B), new_BW, h_BWD, a_B, cfg.sampling, keys[K + 1]
         )

@@ -140,9 +140,19 @@ def test_in_loop_decisions_equal_the_teacher_forced_oracle():
         assert checked > 20 and 0 < accepted < checked
 
 
-def test_rollback_caches_equal_a_fresh_prefill():
+def generator_with_depth(depth: int, k: int):
+    if depth == 1:
+        return generator("float64", k)
+    cfg = generation.GenerateConfig(
+        max_new_tokens=N_NEW, draft_tokens=k, cache_dtype=jnp.dtype("float64")
+    )
+    return generation.Generator(*two_modules(0.5), cfg)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_rollback_caches_equal_a_fresh_prefill(depth):
     with jax.enable_x64(True):
-        gen = generator("float64", 2)
+        gen = generator_with_depth(depth, 2)
         tokens, lengths = generation.pad_prompts(PROMPTS)
         start, step = gen.compiled(*tokens.shape)
         s = start(gen.params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(0))
@@ -154,7 +164,7 @@ def test_rollback_caches_equal_a_fresh_prefill():
         n = np.asarray(s.cache.length_B)
         seqs = sequences(PROMPTS, np.asarray(s.out.tokens_BN))
         accepted = [q[:m] for q, m in zip(seqs, n)]  # in the cache; q[m] is the pending token
-        fresh_gen = generator("float64", 2)
+        fresh_gen = generator_with_depth(depth, 2)
         ft, fl = generation.pad_prompts(accepted)
         fresh = fresh_gen.compiled(*ft.shape)[0](
             fresh_gen.params, jnp.asarray(ft), jnp.asarray(fl), jax.random.key(0)
@@ -170,6 +180,50 @@ def test_rollback_caches_equal_a_fresh_prefill():
                             np.asarray(got[:, b, :m]), np.asarray(want[:, b, :m]), atol=1e-10
                         )
         np.testing.assert_allclose(np.asarray(s.hn_BD), np.asarray(fresh.hn_BD), atol=1e-10)
+
+
+def two_modules(noise: float):
+    """The float64 model with D = 2: the same main model and first MTP module, and a second
+    module that copies the first (noise = 0) or is a perturbed copy."""
+    graphdef1, state1 = model("float64")
+    graphdef2, state2 = nnx.split(
+        nnx.eval_shape(
+            lambda: transformer.Transformer(
+                dataclasses.replace(f("float64"), mtp_depth=2), rngs=nnx.Rngs(0)
+            )
+        )
+    )
+    rng = np.random.default_rng(0)
+
+    def leaf(a1, a2):
+        if a1.shape == a2.shape:
+            return a1
+        assert a1.shape[0] == 1 and a2.shape[0] == 2  # the stacked MTP modules
+        second = a1 + noise * rng.standard_normal(a1.shape) * np.std(a1)
+        return jnp.concatenate([a1, second.astype(a1.dtype)])
+
+    return graphdef2, jax.tree.map(leaf, state1, state2)
+
+
+def test_two_mtp_modules_draft_in_turn():
+    """D = 2, k = 3: d_2 comes from the second module and d_3 reuses it. A copy of the first
+    module reproduces the D = 1 run exactly (the second cache stays equal to the first); a
+    perturbed copy changes which drafts are accepted but never the greedy output."""
+    with jax.enable_x64(True):
+        one = generator("float64", 3).generate(PROMPTS)
+        runs = {}
+        for noise in (0.0, 0.5):
+            graphdef, state = two_modules(noise)
+            cfg = generation.GenerateConfig(
+                max_new_tokens=N_NEW, draft_tokens=3, cache_dtype=jnp.dtype("float64")
+            )
+            runs[noise] = generation.Generator(graphdef, state, cfg).generate(PROMPTS)
+        rates = {n: r.stats["acceptance_per_position"] for n, r in runs.items()}
+        print(f"acceptance D=1 {one.stats['acceptance_per_position']}, D=2 {rates}")
+        np.testing.assert_array_equal(runs[0.0].tokens, one.tokens)
+        assert rates[0.0] == one.stats["acceptance_per_position"]
+        np.testing.assert_array_equal(runs[0.5].tokens, one.tokens)  # = plain greedy
+        assert rates[0.5] != rates[0.0]  # the second module drafted
 
 
 def chi2_p(counts, expected):
