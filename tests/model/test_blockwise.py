@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
-from deepseek_jax.model import attention, blockwise
+from deepseek_jax.model import attention, blockwise, mla, rope
 from deepseek_jax.model import config as config_lib
 
 H, N, R, V = 3, 8, 4, 6  # q/k head dim N + R = 12 differs from v head dim 6, as in MLA
@@ -26,11 +27,18 @@ def packed(B, T, seed=0):
     return jnp.asarray(np.sort(rng.integers(0, 3, (B, T)), axis=1), jnp.int32)
 
 
-def value_and_grads(fn, args, dtype):
-    w = jax.random.normal(jax.random.key(7), fn(*args).shape, dtype)  # a generic cotangent
-    out = jax.jit(fn)(*args)
-    grads = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) * w), argnums=range(5)))(*args)
-    return out, grads
+def values_and_grads(fns, args, dtype):
+    """[(out, input cotangents for a generic output cotangent w)] per fn, in one compile."""
+    w = jax.random.normal(jax.random.key(7), jax.eval_shape(fns[0], *args).shape, dtype)
+
+    def run(*a):
+        results = []
+        for f in fns:
+            out, vjp = jax.vjp(f, *a)
+            results.append((out, vjp(w)))
+        return results
+
+    return jax.jit(run)(*args)
 
 
 # (S, T, q_offset, block_q, block_k, segments)
@@ -59,8 +67,7 @@ def test_blockwise_equals_dense(S, T, q_offset, block_q, block_k, segments, dtyp
                 *a, SCALE, q_offset, seg, block_q=block_q, block_k=block_k
             )
 
-        want, want_grads = value_and_grads(dense, args, dtype)
-        got, got_grads = value_and_grads(blocked, args, dtype)
+        (want, want_grads), (got, got_grads) = values_and_grads([dense, blocked], args, dtype)
         assert got.dtype == want.dtype and got.shape == (2, S, H, V)
         np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
         for name, a, b in zip(["q_nope", "q_rope", "k_nope", "k_rope", "v"], got_grads, want_grads):
@@ -147,3 +154,39 @@ def test_attend_dispatches_on_the_config():
         attention.attend(blocked_cfg, *args, SCALE),
         blockwise.blockwise_attention(*args, SCALE, block_q=4, block_k=2),
     )
+
+
+def test_bfloat16_inputs():
+    """bf16 operands, float32 statistics: the output is bf16 and within bf16 rounding of the
+    float32 dense result."""
+    args = inputs(1, 24, 24, jnp.float32)
+    want = attention.mla_attention(*args, SCALE)
+    low = [x.astype(jnp.bfloat16) for x in args]
+    got = blockwise.blockwise_attention(*low, SCALE, block_q=8, block_k=8)
+    g = jax.grad(lambda q: jnp.sum(blockwise.blockwise_attention(q, *low[1:], SCALE, block_q=8)))
+    assert got.dtype == jnp.bfloat16 and g(low[0]).dtype == jnp.bfloat16
+    np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("impl", list(config_lib.AttentionImpl))
+def test_mla_layer_with_packed_segments(impl):
+    """The MLA layer over packed [a | b] with segment ids gives each sample what the layer gives
+    it alone (same rope tables): no attention across samples, in either implementation."""
+    cfg = config_lib.ModelConfig(
+        d_model=16, n_heads=2, kv_lora_rank=8, q_lora_rank=None, v_head_dim=4, init_std=0.5,
+        attention=config_lib.AttentionConfig(impl, block_q=4, block_k=4),
+    ).mla()  # fmt: skip
+    layer = mla.MLA(cfg, rngs=nnx.Rngs(0))
+    S, cut = 10, 3
+    x = jax.random.normal(jax.random.key(1), (1, S, 16))
+    cos, sin = rope.cos_sin(cfg.rope, cfg.qk_rope_head_dim, jnp.arange(S)[None])
+    seg = jnp.asarray([[0] * cut + [1] * (S - cut)], jnp.int32)
+    out = layer(x, cos, sin, segment_ids_BS=seg)
+    np.testing.assert_allclose(
+        out[:, :cut], layer(x[:, :cut], cos[:, :cut], sin[:, :cut]), atol=1e-6
+    )
+    np.testing.assert_allclose(
+        out[:, cut:], layer(x[:, cut:], cos[:, cut:], sin[:, cut:]), atol=1e-6
+    )
+    unpacked = layer(x, cos, sin)[:, cut:]  # the same rows attending across the boundary
+    assert np.abs(out[:, cut:] - unpacked).max() > 0.1 * np.abs(unpacked).max()
