@@ -7,10 +7,11 @@
 each sequence length with `model.attention.impl` dense and blockwise; XLA's compiled memory
 analysis (`.lower(...).compile().memory_analysis()`: arguments + outputs + temporaries - aliased,
 and the temporaries alone), a static figure from buffer assignment: nothing is run, so lengths
-whose dense step would not fit in RAM are measured too. The issue-12 goal: peak(blockwise, 4s) <= 1.2 x 4 x peak(blockwise, s),
-i.e. no S^2 term. (2) Time: the attention core alone (forward + backward, jitted, batch 1, the
-config's heads and head dims) at each length, dense and blockwise alternating in every round, the
-median of `--rounds` per cell; the ratio is side by side in one process.
+whose dense step would not fit in RAM are measured too. The issue-12 goal:
+peak(blockwise, 4s) <= 1.2 x 4 x peak(blockwise, s), i.e. no S^2 term.
+(2) Time: the attention core alone (forward + backward, jitted, batch 1, the config's heads and
+head dims) at each length, dense and blockwise alternating in every round, the median of
+`--rounds` per cell; the ratio is side by side in one process.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The train step with each attention implementation gives the same losses: dense, blockwise
 (blocks that divide neither the sequence nor each other, so padding and several causal blocks
-are exercised), and blockwise under full remat (its custom backward recomputed inside
+are exercised), and blockwise under the full and dots remat policies (its custom VJP inside
 jax.checkpoint)."""
 
 import dataclasses
@@ -42,8 +42,9 @@ def dense():
     [
         dict(attention=BLOCKWISE),
         dict(attention=BLOCKWISE, remat=config_lib.RematPolicy.FULL),
+        dict(attention=BLOCKWISE, remat=config_lib.RematPolicy.DOTS),
     ],
-    ids=["blockwise", "blockwise-remat-full"],
+    ids=["blockwise", "blockwise-remat-full", "blockwise-remat-dots"],
 )
 def test_same_losses_as_dense(dense, variant):
     want, want_state = dense
