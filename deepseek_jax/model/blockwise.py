@@ -16,6 +16,7 @@ Softmax statistics and all accumulations are in promote(dtype, float32); the sco
 matmuls take the input dtype like the dense path (`attention.mla_attention`).
 A query row that sees no key at all (only possible when q_offset + S > T) yields zeros here,
 where the dense path averages every value; causal rows always see themselves.
+Names: lower-case s and t in a shape suffix are one query block's and one key block's rows.
 """
 
 from __future__ import annotations
