@@ -82,8 +82,8 @@ def attend(attn: mla_lib.MLA, x_BSD, cos, sin, start_B, kv: kv_cache.LayerKV, pr
     kv = _write_new(attn, kv, c_BSC, k_rope_BSR, start_B)
     if prefill:  # the training math over the prompt itself (start is 0)
         k_nope_BSHN, v_BSHV = _expand(attn, c_BSC)
-        out_BSHV = attention.mla_attention(
-            q_nope_BSHN, q_rope_BSHR, k_nope_BSHN, k_rope_BSR, v_BSHV, scale
+        out_BSHV = attention.attend(
+            cfg.attention, q_nope_BSHN, q_rope_BSHR, k_nope_BSHN, k_rope_BSR, v_BSHV, scale
         )
     elif isinstance(kv, kv_cache.LatentKV):
         w_uk_CHN, w_uv_CHV = absorbed_weights(attn)

@@ -57,6 +57,29 @@ class RematPolicy(enum.Enum):
     DOTS = "dots"
 
 
+class AttentionImpl(enum.Enum):
+    """How the MLA attention core is computed (the same math; `model.attention.impl`).
+
+    DENSE: materialises the [B, H, S, T] scores (and keeps the probabilities for the backward).
+    BLOCKWISE: flash-style online softmax over key blocks, blocks above the causal diagonal
+    skipped; the backward recomputes each block from the saved logsumexp, so activation memory is
+    linear in the sequence length (model/blockwise.py).
+    """
+
+    DENSE = "dense"
+    BLOCKWISE = "blockwise"
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    """The attention core's implementation and, for BLOCKWISE, its block sizes (queries, keys).
+    A sequence shorter than a block uses one block; one that is not a multiple is padded."""
+
+    impl: AttentionImpl = AttentionImpl.DENSE
+    block_q: int = 512
+    block_k: int = 512
+
+
 class DType(enum.Enum):
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"
@@ -94,6 +117,7 @@ class MLAConfig:
     init_std: float
     param_dtype: Any
     compute_dtype: Any
+    attention: AttentionConfig = AttentionConfig()
 
     @property
     def qk_head_dim(self) -> int:
@@ -154,6 +178,7 @@ class ModelConfig:
     qk_rope_head_dim: int = 8
     v_head_dim: int = 16
     rope: RopeConfig = RopeConfig()
+    attention: AttentionConfig = AttentionConfig()  # how the core is computed, not what
     # MoE
     n_routed_experts: int = 8
     n_shared_experts: int = 1
@@ -206,6 +231,7 @@ class ModelConfig:
             init_std=self.init_std,
             param_dtype=self.param_dtype.jnp,
             compute_dtype=self.compute_dtype.jnp,
+            attention=self.attention,
         )
 
     def dense_mlp(self) -> MLPConfig:
@@ -283,6 +309,9 @@ class ModelConfig:
                     "rope.original_max_position",
                     f"must be positive, got {self.rope.original_max_position}",
                 )
+        for name in ["block_q", "block_k"]:
+            if getattr(self.attention, name) <= 0:
+                fail(f"attention.{name}", f"must be positive, got {getattr(self.attention, name)}")
         if self.n_moe_layers > 0 or self.mtp_depth > 0:
             if self.n_moe_layers > 0 and self.n_routed_experts <= 0:
                 fail(

@@ -54,14 +54,28 @@ class MLA(nnx.Module):
         kv_BSA = self.wkv_a(x_BSD)
         return self.kv_norm(kv_BSA[..., :C]), rope.apply_rope(kv_BSA[..., C:], cos, sin)
 
-    def __call__(self, x_BSD: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    def __call__(
+        self,
+        x_BSD: jax.Array,
+        cos: jax.Array,
+        sin: jax.Array,
+        segment_ids_BS: jax.Array | None = None,
+    ) -> jax.Array:
+        """Causal self-attention; `segment_ids_BS` (packed samples) keeps it within each one."""
         N = self.cfg.qk_nope_head_dim
         q_nope_BSHN, q_rope_BSHR = self.query(x_BSD, cos, sin)
         c_BSC, k_rope_BSR = self.latent(x_BSD, cos, sin)
         kv_BSHO = self.wkv_b(c_BSC)
         k_nope_BSHN, v_BSHV = kv_BSHO[..., :N], kv_BSHO[..., N:]
 
-        out_BSHV = attention.mla_attention(
-            q_nope_BSHN, q_rope_BSHR, k_nope_BSHN, k_rope_BSR, v_BSHV, rope.softmax_scale(self.cfg)
+        out_BSHV = attention.attend(
+            self.cfg.attention,
+            q_nope_BSHN,
+            q_rope_BSHR,
+            k_nope_BSHN,
+            k_rope_BSR,
+            v_BSHV,
+            rope.softmax_scale(self.cfg),
+            segment_ids_BT=segment_ids_BS,
         )
         return self.wo(out_BSHV)

@@ -21,6 +21,8 @@ from deepseek_jax.model import config as config_lib
         ({"rope": {"scaling": "ntk"}}, "model.rope.scaling: unknown value 'ntk'"),
         ({"score_func": "softmax"}, "model.topk_method: noaux_tc"),
         ({"no_such_field": 1}, "model.no_such_field: unknown field"),
+        ({"attention": {"impl": "flash"}}, "model.attention.impl: unknown value 'flash'"),
+        ({"attention": {"block_k": 0}}, "model.attention.block_k: must be positive, got 0"),
     ],
 )
 def test_invalid_model_config_names_the_field(override, message):
@@ -34,12 +36,15 @@ def test_round_trip_and_enums():
     )
     assert cfg.rope.scaling is config_lib.RopeScaling.YARN
     assert cfg.q_lora_rank is None
+    assert cfg.attention.impl is config_lib.AttentionImpl.DENSE
     assert config_lib.ModelConfig.from_dict(cfg.to_dict()) == cfg
 
 
 def test_experiment_config_files_and_overrides():
     exp = experiment.load("configs/tiny.py", {"train.steps": 7, "model.n_layers": 4})
     assert exp.train.steps == 7 and exp.model.n_layers == 4
+    exp = experiment.load("configs/tiny.py", {"model.attention.impl": "blockwise"})
+    assert exp.model.mla().attention.impl is config_lib.AttentionImpl.BLOCKWISE
     with pytest.raises(ValueError, match="train.steps: must be positive"):
         experiment.load("configs/tiny.py", {"train.steps": 0})
     with pytest.raises(ValueError, match="checkpoint.keep_last"):
