@@ -1,12 +1,14 @@
 """Throughput and MFU of the jitted train step, and compile time vs depth.
 
-    python bench/train_step.py --config=configs/small.py [--steps=10] [--depths=4,32]
+    python bench/train_step.py --config=configs/small.py [--steps=10] [--depths=4,32] [--json=FILE]
 
 In one process: (1) the peak matmul FLOP/s of this machine, from a large jnp.dot in the compute
 dtype; (2) tokens/s of the train step on the config, and model FLOP/s = tokens/s x training FLOPs
 per token (deepseek_jax.model.counting: 6 x matmul-active params + causal attention + MTP), whose
 ratio to (1) is the MFU; (3) compile time of the same step at two depths (MoE layers scanned, so it
 should barely grow). Ratios are measured side by side; absolute times drift on shared machines.
+The JSON it prints (and writes to --json=FILE) is what the cost estimate's `--mfu=measured
+--bench_json=FILE` reads (deepseek_jax/cost/estimate.py, docs/cost.md).
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ def main():
     p.add_argument("--config", default="configs/small.py")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--depths", default="4,32")
+    p.add_argument("--json", default=None, help="also write the result to this file")
     args = p.parse_args()
     exp = config_lib.load(args.config)
     m = exp.model
@@ -107,6 +110,7 @@ def main():
         "active_params": counts.active_params,
         "mtp_params": counts.mtp_params,
         "train_flops_per_token": counts.train_flops_per_token,
+        "seq_len": exp.train.seq_len,
         "tokens_per_step": tokens,
         "first_step_s (compile+run)": round(first, 2),
         "step_s": round(step_s, 4),
@@ -117,6 +121,9 @@ def main():
         "compile_s_by_layers": {k: round(v, 2) for k, v in depth_rows.items()},
     }
     print(json.dumps(out, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,14 @@
-"""Model size, compute and KV-cache figures of a config, from abstract shapes (nothing allocated).
+"""Model size, compute and KV-cache figures of a config, and what training it costs.
 
     python -m deepseek_jax.info --config=configs/deepseek_v3_671b.py [--json]
+    python -m deepseek_jax.info --config=configs/deepseek_v3_671b.py --device=h800 \
+        --tokens=14.8T --mfu=0.4065 [--num_devices=2048] [--price=2]        # one phase
+        [--phase=[NAME:]SEQ_LEN:TOKENS[:MFU] ...] [--add_hours=NAME:HOURS]   # or a list
+        [--device_hours=2664e3]                                             # inverse: the MFU
+        [--mfu=measured --bench_json=bench.json]                            # a run's MFU
 
-FLOPs use the training sequence length of the config (train.seq_len).
+Figures come from abstract shapes (nothing allocated); FLOPs use train.seq_len (`--tokens`) or
+each phase's SEQ_LEN, from the counter the trainer logs MFU with (docs/cost.md).
 """
 
 from __future__ import annotations
@@ -13,9 +19,38 @@ import json
 from absl import app, flags
 
 from deepseek_jax import cli, errors
+from deepseek_jax.cost import devices, estimate, phases
+from deepseek_jax.cost import report as cost_report
 from deepseek_jax.model import counting
 
 _JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+_DEVICE = flags.DEFINE_string(
+    "device", None, f"Cost: accelerator ({', '.join(devices.CATALOGUE)})."
+)
+_TOKENS = flags.DEFINE_string("tokens", None, "Cost: tokens of one phase at train.seq_len (14.8T).")
+_PHASE = flags.DEFINE_multi_string(
+    "phase", [], "Cost: [NAME:]SEQ_LEN:TOKENS[:MFU], repeated for several phases."
+)
+_MFU = flags.DEFINE_string(
+    "mfu", None, "Cost: MFU in (0, 1] of phases without their own, or 'measured' (--bench_json)."
+)
+_BENCH_JSON = flags.DEFINE_string(
+    "bench_json",
+    None,
+    "Cost: bench/train_step.py --json output or a metrics.jsonl (--mfu=measured).",
+)
+_DEVICE_HOURS = flags.DEFINE_string(
+    "device_hours", None, "Cost, inverse mode: device-hours the phases took; prints the MFU."
+)
+flags.DEFINE_alias("gpu_hours", "device_hours")
+_ADD_HOURS = flags.DEFINE_multi_string(
+    "add_hours", [], "Cost: NAME:HOURS added as they are (e.g. post-training:5e3)."
+)
+_PEAK = flags.DEFINE_enum_class(
+    "peak", devices.Peak.BF16, devices.Peak, "Cost: the peak MFU is relative to."
+)
+_NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "Cost: devices, for days.", lower_bound=1)
+_PRICE = flags.DEFINE_float("price", None, "Cost: USD per device-hour.", lower_bound=0)
 
 
 def report(exp) -> dict:
@@ -42,9 +77,69 @@ def _fmt(n: float) -> str:
     return f"{n:g}"
 
 
+def _cost_phases(exp) -> list[phases.Phase]:
+    if _TOKENS.value is not None and _PHASE.value:
+        raise errors.UserError("--tokens and --phase: give one phase with --tokens or a list")
+    if _TOKENS.value is not None:
+        try:
+            tokens = phases.positive(_TOKENS.value, "tokens")
+        except ValueError as e:
+            raise errors.UserError(f"--tokens={_TOKENS.value}: {e}") from None
+        return [phases.Phase(f"seq {exp.train.seq_len}", exp.train.seq_len, tokens)]
+    if not _PHASE.value:
+        raise errors.UserError("--device: give the tokens to train on, --tokens or --phase")
+    return [phases.parse_phase(p) for p in _PHASE.value]
+
+
+def cost(exp) -> None:
+    if _DEVICE.value is None:
+        raise errors.UserError("--device is required for a cost estimate (e.g. --device=h800)")
+    device = devices.get(_DEVICE.value)
+    todo = _cost_phases(exp)
+    fixed = [phases.parse_fixed(f) for f in _ADD_HOURS.value]
+    peak = _PEAK.value
+    if _DEVICE_HOURS.value is not None:
+        if _MFU.value is not None or any(p.mfu is not None for p in todo):
+            raise errors.UserError("--device_hours asks for the MFU: drop --mfu and phase MFUs")
+        try:
+            hours = phases.positive(_DEVICE_HOURS.value, "device-hours")
+        except ValueError as e:
+            raise errors.UserError(f"--device_hours={_DEVICE_HOURS.value}: {e}") from None
+        inv = estimate.inverse(exp.model, todo, device, hours, peak)
+        if _JSON.value:
+            print(json.dumps({"device": device.name, "device_hours": hours, **inv}, sort_keys=True))
+        else:
+            tokens = sum(p.tokens for p in todo)
+            print(cost_report.inverse_text(device, peak, inv, hours, tokens))
+        return
+    mfu, source = None, None
+    if _MFU.value == "measured":
+        if _BENCH_JSON.value is None:
+            raise errors.UserError("--mfu=measured reads --bench_json=FILE: give the file")
+        mfu, source = estimate.measured_mfu(_BENCH_JSON.value, peak)
+    elif _MFU.value is not None:
+        try:
+            mfu = phases.fraction(_MFU.value)
+        except ValueError as e:
+            raise errors.UserError(f"--mfu={_MFU.value}: {e}") from None
+    est = estimate.estimate(exp.model, todo, device, peak, mfu, fixed)
+    if _JSON.value:
+        out = cost_report.as_dict(est, _NUM_DEVICES.value, _PRICE.value)
+        if source:
+            out["mfu_source"] = source
+        print(json.dumps(out, sort_keys=True))
+        return
+    print(cost_report.text(est, _NUM_DEVICES.value, _PRICE.value))
+    if source:
+        print(f"MFU {100 * mfu:.2f}% from {_BENCH_JSON.value}: {source}")
+
+
 def main(argv):
     del argv
     exp = cli.experiment()
+    if _DEVICE.value or _TOKENS.value or _PHASE.value or _DEVICE_HOURS.value:
+        cost(exp)
+        return
     r = report(exp)
     if _JSON.value:
         print(json.dumps(r, sort_keys=True))

@@ -24,6 +24,7 @@ import numpy as np
 from deepseek_jax import config as config_lib
 from deepseek_jax import data as data_lib
 from deepseek_jax import errors
+from deepseek_jax.cost import devices
 from deepseek_jax.model import counting
 from deepseek_jax.parallel import plan as plan_lib
 from deepseek_jax.train import checkpoint as checkpoint_lib
@@ -52,28 +53,12 @@ def host_peak_flops() -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
-# Dense bf16 peaks per chip (vendor figures), for MFU on accelerators.
-_PEAK_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,
-    "TPU7x": 2307e12,
-    "H100": 989e12,
-    "H200": 989e12,
-    "H800": 989e12,
-    "A100": 312e12,
-    "B200": 2250e12,
-    "GB200": 2500e12,
-}
-
-
 def peak_flops() -> float:
-    kind = jax.devices()[0].device_kind
-    for name, flops in sorted(_PEAK_FLOPS.items(), key=lambda kv: -len(kv[0])):
-        if name.lower() in kind.lower():
-            return flops * jax.device_count()
+    """Dense BF16 peak of all devices (cost.devices, the cost estimate's catalogue), or the
+    measured matmul rate of the hosts where the chip is not catalogued (CPU)."""
+    dev = devices.for_device_kind(jax.devices()[0].device_kind)
+    if dev is not None:
+        return dev.bf16 * jax.device_count()
     return host_peak_flops() * jax.process_count()
 
 
