@@ -20,7 +20,14 @@ from deepseek_jax.train import state as state_lib
 
 log = logging.getLogger(__name__)
 
-_FREE_FIELDS = ("param_dtype", "compute_dtype", "remat", "init_std", "mtp_depth")
+_FREE_FIELDS = (
+    "param_dtype",
+    "compute_dtype",
+    "remat",
+    "grouped_matmul",
+    "init_std",
+    "mtp_depth",
+)
 
 
 def check_architecture(
