@@ -92,15 +92,15 @@ class _Layout:
         end_E = jnp.cumsum(group_sizes_E)
         start_E = end_E - group_sizes_E
         z = jnp.arange(Z, dtype=jnp.int32)
-        e_Z = jnp.searchsorted(end_E, z, side="right")  # E for rows past sum(group sizes)
+        e_Z = _bucket(end_E, z)  # E for rows past sum(group sizes)
         e_Zc = jnp.minimum(e_Z, E - 1)
         self.dest_Z = jnp.where(e_Z < E, z - start_E[e_Zc] + pad_start_E[e_Zc], self.N * T)
         s = jnp.arange(self.N * T, dtype=jnp.int32)
-        e_S = jnp.minimum(jnp.searchsorted(tile_end_E * T, s, side="right"), E - 1)
+        e_S = jnp.minimum(_bucket(tile_end_E * T, s), E - 1)
         j_S = s - pad_start_E[e_S]
         self.src_S = jnp.where(j_S < group_sizes_E[e_S], start_E[e_S] + j_S, Z)
         tiles = jnp.arange(self.N, dtype=jnp.int32)
-        self.expert_N = jnp.minimum(jnp.searchsorted(tile_end_E, tiles, side="right"), E - 1)
+        self.expert_N = jnp.minimum(_bucket(tile_end_E, tiles), E - 1)
         self.used = tile_end_E[-1]
         self.T = T
 
@@ -111,6 +111,30 @@ class _Layout:
 
     def unpad(self, y_NTF: jax.Array) -> jax.Array:
         return jnp.take(_with_zero_row(y_NTF.reshape(self.N * self.T, -1)), self.dest_Z, axis=0)
+
+
+def _bucket(ends_E: jax.Array, q: jax.Array) -> jax.Array:
+    """How many of the sorted `ends_E` are <= each q (searchsorted side="right"). Compare-all
+    over the few experts: jnp.searchsorted (jax 0.10.2) fails inside shard_map's manual axes."""
+    return jnp.sum(q[:, None] >= ends_E[None, :], axis=1, dtype=jnp.int32)
+
+
+def _varying_as(z: jax.Array, *operands: jax.Array) -> jax.Array:
+    """`z` typed as varying over every manual mesh axis any operand varies over: inside
+    shard_map, both branches of a cond (and a scan's carry) must agree on that type."""
+    axes = frozenset().union(*map(_varying, operands))
+    return jax.lax.pcast(z, tuple(sorted(axes)), to="varying") if axes else z
+
+
+def _sum_to(ct: jax.Array, primal: jax.Array) -> jax.Array:
+    """The cotangent of `primal` from one that varies over more manual axes: summed over them.
+    (A weight invariant over `data` met rows varying over it; autodiff would insert this psum.)"""
+    extra = _varying(ct) - _varying(primal)
+    return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
+
+
+def _varying(x: jax.Array) -> frozenset:
+    return jax.typeof(x).manual_axis_type.varying
 
 
 def _with_zero_row(x: jax.Array) -> jax.Array:
@@ -130,7 +154,7 @@ def _per_tile(x_NTD, w_EDF, layout: _Layout, *, transpose_w: bool):
             w_DF = jax.lax.dynamic_index_in_dim(w_EDF, e, 0, keepdims=False)
             return jax.lax.dot_general(x_TD, w_DF, (contract, ((), ())))
 
-        zeros = lambda: jnp.zeros((T, F), x_TD.dtype)  # noqa: E731
+        zeros = lambda: _varying_as(jnp.zeros((T, F), x_TD.dtype), x_TD, w_EDF)  # noqa: E731
         return None, jax.lax.cond(t < layout.used, compute, zeros)
 
     tiles = jnp.arange(N, dtype=jnp.int32)
@@ -168,10 +192,9 @@ def _tiled_bwd(T, residuals, dy_ZF):
         return jax.lax.cond(t < layout.used, add, lambda dw: dw, dw_EDF), None
 
     tiles = jnp.arange(layout.N, dtype=jnp.int32)
-    dw_EDF = jax.lax.scan(
-        body, jnp.zeros(w_EDF.shape, acc), (tiles, x_NTD, dy_NTF, layout.expert_N)
-    )[0]
-    return dx_ZD, dw_EDF.astype(w_EDF.dtype), None
+    dw0_EDF = _varying_as(jnp.zeros(w_EDF.shape, acc), x_NTD, dy_NTF, w_EDF)
+    dw_EDF = jax.lax.scan(body, dw0_EDF, (tiles, x_NTD, dy_NTF, layout.expert_N))[0]
+    return _sum_to(dx_ZD, x_ZD), _sum_to(dw_EDF, w_EDF).astype(w_EDF.dtype), None
 
 
 _tiled.defvjp(_tiled_fwd, _tiled_bwd)
