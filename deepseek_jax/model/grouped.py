@@ -7,8 +7,9 @@ padding). Two implementations, one result (`GroupedMatmul`, the config field
 `model.grouped_matmul`):
 
 - RAGGED_DOT: `jax.lax.ragged_dot`. XLA:TPU lowers it to a grouped GEMM. XLA:CPU (jax 0.10.2)
-  rewrites it into dense work over every group for every row: 2048 rows x 256 -> 128 over 8
-  groups costs ~10x one dense matmul of those rows, and the 32-group case ~100x
+  rewrites it into dense work over every group for every row (its compiled cost analysis is 8x
+  / 32x a dense matmul's at 8 / 32 groups): 2048 rows x 256 -> 128 over 8 groups costs 23x one
+  dense matmul over those rows forward+backward, 8192 x 512 -> 256 over 32 groups 60x
   (BENCHMARKS.md, bench/grouped_matmul.py). XLA:GPU lowers it to a cuDNN grouped GEMM when its
   `xla_gpu_experimental_use_ragged_dot_fusion` path applies (fprop and dgrad; cuDNN >= 9.22,
   sm80+; the weight gradient is still rewritten to a dense dot), else to the same dense
@@ -19,11 +20,14 @@ padding). Two implementations, one result (`GroupedMatmul`, the config field
   used one skipped by a `lax.cond`. Static shapes: at most (Z + E*(tile-1)) // tile tiles.
   Dropless and exact (each output row is one ordinary dot). The gradient is a `custom_vjp`:
   dx is the same tiled product with w transposed, dw accumulates x_tile^T dy_tile into the
-  tile's expert in place (float32 or wider) -- autodiff of the scan would instead add a
-  full-size [E, D, F] cotangent per tile. Measured alternatives on XLA:CPU (2 cores): gathering
-  one weight copy per tile and one batched einsum costs ~4x the scan (the batched dot is slow
-  there), and the weight gradient as a segment sum of per-tile products ~4x the in-place
-  accumulation. Tile size 64 rows: measured against 32, 128 and 256 (BENCHMARKS.md).
+  tile's expert in place (float32 or wider); autodiff of the scan measured 1.4x slower (it
+  transposes every tile's slice of w into a full-size [E, D, F] cotangent). Alternatives
+  measured on XLA:CPU (2 cores, 8192 x 512 -> 256, 32 experts, throwaway prototype): one
+  gathered weight copy per tile and one batched einsum, forward 41 ms against 11 ms for the
+  scan (XLA:CPU's batched dot is slow); the weight gradient as a segment sum of per-tile
+  products, 43 ms against 11 ms for a dense x^T dy; dx and dw fused into one backward scan, no
+  faster. Tile size 64 rows: of 32, 64, 128 and 256
+  the fastest or tied at both shapes (BENCHMARKS.md); it pads the 32-expert case to 1.12x rows.
 
 AUTO (`resolve`): TILED on CPU, RAGGED_DOT on TPU and GPU. For GPU this is provisional until the
 HLO check (a cuDNN ragged-dot custom call, not a dense dot over [Z, E*F]) is done on a GPU
