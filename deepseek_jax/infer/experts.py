@@ -15,7 +15,17 @@ import jax.numpy as jnp
 from deepseek_jax.model import dispatch
 
 
-def gathered_experts(x_XD, idx_Xk, weights_Xk, w1_EDF, w3_EDF, w2_EFD):
+def gathered_experts(
+    x_XD,
+    idx_Xk,
+    weights_Xk,
+    w1_EDF,
+    w3_EDF,
+    w2_EFD,
+    *,
+    grouped_matmul: dispatch.GroupedMatmul = dispatch.GroupedMatmul.AUTO,
+):
+    del grouped_matmul  # no grouped matmul here: one small matmul per (token, choice)
     w1_XkDF = jnp.take(w1_EDF, idx_Xk, axis=0)
     w3_XkDF = jnp.take(w3_EDF, idx_Xk, axis=0)
     w2_XkFD = jnp.take(w2_EFD, idx_Xk, axis=0)

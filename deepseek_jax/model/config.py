@@ -80,6 +80,18 @@ class AttentionConfig:
     block_k: int = 512
 
 
+class GroupedMatmul(enum.Enum):
+    """How the routed experts' grouped matmuls run (model/grouped.py says what each costs where).
+
+    AUTO: TILED on CPU, RAGGED_DOT on TPU/GPU. RAGGED_DOT: jax.lax.ragged_dot. TILED: rows padded
+    per expert to whole tiles, one matmul per tile (a scan), exact, with its own gradient.
+    """
+
+    AUTO = "auto"
+    RAGGED_DOT = "ragged_dot"
+    TILED = "tiled"
+
+
 class DType(enum.Enum):
     FLOAT32 = "float32"
     BFLOAT16 = "bfloat16"
@@ -149,6 +161,7 @@ class MoEConfig:
     init_std: float
     param_dtype: Any
     compute_dtype: Any
+    grouped_matmul: GroupedMatmul = GroupedMatmul.AUTO
 
     @property
     def use_bias(self) -> bool:
@@ -199,6 +212,7 @@ class ModelConfig:
     param_dtype: DType = DType.FLOAT32
     compute_dtype: DType = DType.FLOAT32
     remat: RematPolicy = RematPolicy.NONE
+    grouped_matmul: GroupedMatmul = GroupedMatmul.AUTO  # the routed experts' grouped matmul
 
     def __post_init__(self):
         self.validate()
@@ -259,6 +273,7 @@ class ModelConfig:
             init_std=self.init_std,
             param_dtype=self.param_dtype.jnp,
             compute_dtype=self.compute_dtype.jnp,
+            grouped_matmul=self.grouped_matmul,
         )
 
     def block(self, moe: bool) -> BlockConfig:

@@ -1,19 +1,24 @@
 """Dropless routed-expert computation on one device: sort by expert, grouped matmul, unsort.
 
-Every (token, choice) pair is placed in a buffer sorted by expert id; `jax.lax.ragged_dot`
-multiplies each contiguous group with its expert's weights (through model/precision.py); results go
+Every (token, choice) pair is placed in a buffer sorted by expert id; a grouped matmul
+(model/grouped.py, through model/precision.py: `jax.lax.ragged_dot` or the tiled one, as
+`model.grouped_matmul` says) multiplies each contiguous group with its expert's weights; results go
 back to their (token, choice) slots and are combined with the routing weights (in float32). No
 capacity, no token dropped.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 
+from deepseek_jax.model import config as config_lib
 from deepseek_jax.model import precision
+
+GroupedMatmul = config_lib.GroupedMatmul
 
 
 class ExpertFn(Protocol):
@@ -22,7 +27,8 @@ class ExpertFn(Protocol):
     `dropless_experts` below is the single-device implementation; `parallel.expert` builds the
     expert-parallel one (shard_map + all-to-all) for a mesh. Both are exact and dropless. The MoE
     layer receives it as an explicit argument (Transformer.__call__(..., experts=)), so the code
-    that runs is the code the caller passed, never an ambient default.
+    that runs is the code the caller passed, never an ambient default. `grouped_matmul` is the
+    layer's `MoEConfig.grouped_matmul`: how the grouped matmuls run, wherever they run.
     """
 
     def __call__(
@@ -33,6 +39,8 @@ class ExpertFn(Protocol):
         w1_EDF: jax.Array,
         w3_EDF: jax.Array,
         w2_EFD: jax.Array,
+        *,
+        grouped_matmul: GroupedMatmul = GroupedMatmul.AUTO,
     ) -> jax.Array: ...
 
 
@@ -51,11 +59,13 @@ def grouped_swiglu(
     w1_EDF: jax.Array,
     w3_EDF: jax.Array,
     w2_EFD: jax.Array,
+    impl: GroupedMatmul = GroupedMatmul.AUTO,
 ) -> jax.Array:
-    """SwiGLU of rows already sorted into contiguous expert groups."""
-    gate_ZF = precision.ragged_dot(x_ZD, w1_EDF, group_sizes)
-    up_ZF = precision.ragged_dot(x_ZD, w3_EDF, group_sizes)
-    return precision.ragged_dot(jax.nn.silu(gate_ZF) * up_ZF, w2_EFD, group_sizes)
+    """SwiGLU of rows already sorted into contiguous expert groups (rows past the groups: 0)."""
+    mm = functools.partial(precision.grouped_matmul, group_sizes_E=group_sizes, impl=impl)
+    gate_ZF = mm(x_ZD, w1_EDF)
+    up_ZF = mm(x_ZD, w3_EDF)
+    return mm(jax.nn.silu(gate_ZF) * up_ZF, w2_EFD)
 
 
 def combine(y_XkD: jax.Array, weights_Xk: jax.Array, dtype) -> jax.Array:
@@ -72,12 +82,14 @@ def dropless_experts(  # an ExpertFn
     w1_EDF: jax.Array,
     w3_EDF: jax.Array,
     w2_EFD: jax.Array,
+    *,
+    grouped_matmul: GroupedMatmul = GroupedMatmul.AUTO,
 ) -> jax.Array:
     X, k = idx_Xk.shape
     E = w1_EDF.shape[0]
     order, group_sizes = sort_by_expert(idx_Xk, E)
     x_ZD = jnp.take(x_XD, order // k, axis=0)
-    y_ZD = grouped_swiglu(x_ZD, group_sizes, w1_EDF, w3_EDF, w2_EFD)
+    y_ZD = grouped_swiglu(x_ZD, group_sizes, w1_EDF, w3_EDF, w2_EFD, grouped_matmul)
     inverse = jnp.argsort(order)  # position of each (token, choice) slot in the sorted buffer
     y_XkD = jnp.take(y_ZD, inverse, axis=0).reshape(X, k, -1)
     return combine(y_XkD, weights_Xk, x_XD.dtype)

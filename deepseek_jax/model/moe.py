@@ -73,6 +73,7 @@ class MoE(nnx.Module):
             self.w1[...].astype(dt),
             self.w3[...].astype(dt),
             self.w2[...].astype(dt),
+            grouped_matmul=cfg.grouped_matmul,
         )
         y_BSD = y_XD.reshape(B, S, D)
         if self.shared is not None:

@@ -2,7 +2,8 @@
 
 Every `layers.Linear` (attention projections, dense and shared-expert FFNs, MTP's eh_proj, the
 untied head) calls `dot_general` here, and the routed experts' grouped matmuls (single-device and
-expert-parallel alike, through `dispatch.grouped_swiglu`) call `ragged_dot`. A policy says how the
+expert-parallel alike, through `dispatch.grouped_swiglu`) call `grouped_matmul`, which runs the
+implementation the model config chose (model/grouped.py: ragged_dot or tiled). A policy says how the
 operands are represented and accumulated. DEFAULT is what the model has always done: both operands
 in the layer's compute dtype, XLA's default accumulation (float32 for bfloat16 inputs on TPU/GPU).
 
@@ -18,6 +19,8 @@ import enum
 
 import jax
 
+from deepseek_jax.model import grouped
+
 
 class MatmulPolicy(enum.Enum):
     DEFAULT = "default"  # operands in the compute dtype, XLA's default accumulation
@@ -32,13 +35,14 @@ def dot_general(
     raise ValueError(f"matmul policy {policy} has no implementation")
 
 
-def ragged_dot(
+def grouped_matmul(
     x_ZD: jax.Array,
     w_EDF: jax.Array,
     group_sizes_E: jax.Array,
     policy: MatmulPolicy = MatmulPolicy.DEFAULT,
+    impl: grouped.GroupedMatmul = grouped.GroupedMatmul.AUTO,
 ) -> jax.Array:
-    """Rows of x grouped by expert (contiguous groups) times their expert's weights."""
+    """Rows of x grouped by expert (contiguous groups) times their expert's weights, by `impl`."""
     if policy is MatmulPolicy.DEFAULT:
-        return jax.lax.ragged_dot(x_ZD, w_EDF, group_sizes_E)
+        return grouped.matmul(x_ZD, w_EDF, group_sizes_E, impl)
     raise ValueError(f"matmul policy {policy} has no implementation")

@@ -15,7 +15,8 @@ on every device:
    rows with jax.lax.ragged_all_to_all (TPU/GPU; XLA:CPU cannot execute it) into the same
    [U, W, D] receive layout: source s's rows at s*W;
 3. compute: received rows are regrouped by local expert and run through the grouped SwiGLU
-   (ragged_dot) on the local experts; with tensor parallelism each rank holds an F-slice of
+   (`dispatch.grouped_swiglu`, the grouped matmul `model.grouped_matmul` chose, AUTO resolved for
+   the mesh's platform) on the local experts; with tensor parallelism each rank holds an F-slice of
    every expert and the partial outputs are summed over `tensor` after the combine;
 4. return: the inverse exchange brings each row back to its source, which combines the top-k
    results with the routing weights (in float32 or wider).
@@ -36,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from deepseek_jax.model import dispatch
+from deepseek_jax.model import dispatch, grouped
 from deepseek_jax.parallel import config as config_lib
 from deepseek_jax.parallel import mesh as mesh_lib
 from deepseek_jax.parallel import sharding as sharding_lib
@@ -70,9 +71,13 @@ def make_expert_fn(mesh, rules: sharding_lib.Rules, exchange: Exchange) -> dispa
     # Manual over every axis but `pipe`, which a pipeline's enclosing shard_map owns.
     manual = frozenset(a for a in mesh.axis_names if a != mesh_lib.PIPE)
 
-    def experts(*args):
+    # AbstractMesh has no devices: AUTO then follows jax.default_backend().
+    platform = mesh.devices.flat[0].platform if isinstance(mesh, jax.sharding.Mesh) else None
+
+    def experts(*args, grouped_matmul: dispatch.GroupedMatmul = dispatch.GroupedMatmul.AUTO):
+        impl = grouped.resolve(grouped_matmul, platform)
         return jax.shard_map(
-            local,
+            functools.partial(local, impl=impl),
             mesh=mesh_lib.current(mesh),
             in_specs=in_specs,
             out_specs=tokens,
@@ -83,14 +88,25 @@ def make_expert_fn(mesh, rules: sharding_lib.Rules, exchange: Exchange) -> dispa
 
 
 def _local(
-    x_XD, idx_Xk, weights_Xk, w1_eDF, w3_eDF, w2_eFD, *, ep, expert_axes, tensor_axes, exchange
+    x_XD,
+    idx_Xk,
+    weights_Xk,
+    w1_eDF,
+    w3_eDF,
+    w2_eFD,
+    *,
+    ep,
+    expert_axes,
+    tensor_axes,
+    exchange,
+    impl,
 ):
     X, k = idx_Xk.shape
     E_l = w1_eDF.shape[0]
     order_Z, group_sizes_E = dispatch.sort_by_expert(idx_Xk, E_l * ep)
     x_ZD = jnp.take(x_XD, order_Z // k, axis=0)
     if ep == 1:
-        y_ZD = dispatch.grouped_swiglu(x_ZD, group_sizes_E, w1_eDF, w3_eDF, w2_eFD)
+        y_ZD = dispatch.grouped_swiglu(x_ZD, group_sizes_E, w1_eDF, w3_eDF, w2_eFD, impl)
     else:
         route = _Route(
             idx_Xk.reshape(-1)[order_Z],
@@ -102,7 +118,7 @@ def _local(
         )
         send = route.dispatch_ragged if exchange is Exchange.RAGGED_ALL_TO_ALL else route.dispatch
         recv_UWD, back = send(x_ZD)
-        y_UWD = _compute_received(recv_UWD, route.recv_counts_Ue, w1_eDF, w3_eDF, w2_eFD)
+        y_UWD = _compute_received(recv_UWD, route.recv_counts_Ue, w1_eDF, w3_eDF, w2_eFD, impl)
         y_ZD = back(y_UWD)
     y_XkD = jnp.take(y_ZD, jnp.argsort(order_Z), axis=0).reshape(X, k, -1)
     acc = jnp.promote_types(x_XD.dtype, jnp.float32)
@@ -169,7 +185,7 @@ class _Route:
         return recv.reshape(ep, W, D), back
 
 
-def _compute_received(recv_UWD, counts_Ue, w1_eDF, w3_eDF, w2_eFD):
+def _compute_received(recv_UWD, counts_Ue, w1_eDF, w3_eDF, w2_eFD, impl):
     """Grouped SwiGLU on received rows; source r's block holds counts_Ue[r] rows per expert."""
     U, W, D = recv_UWD.shape
     ends_Ue = jnp.cumsum(counts_Ue, axis=-1)
@@ -178,6 +194,7 @@ def _compute_received(recv_UWD, counts_Ue, w1_eDF, w3_eDF, w2_eFD):
     expert_UW = jnp.sum(slot_W[None, :, None] >= ends_Ue[:, None, :], axis=-1)
     order = jnp.argsort(expert_UW.reshape(-1), stable=True)
     rows = jnp.take(recv_UWD.reshape(U * W, D), order, axis=0)
-    # Rows past sum(group sizes) -- the padding, sorted last -- come out of ragged_dot as zeros.
-    out = dispatch.grouped_swiglu(rows, counts_Ue.sum(0), w1_eDF, w3_eDF, w2_eFD)
+    # Rows past sum(group sizes) -- the padding, sorted last -- come out of the grouped matmul as
+    # zeros (both implementations).
+    out = dispatch.grouped_swiglu(rows, counts_Ue.sum(0), w1_eDF, w3_eDF, w2_eFD, impl)
     return jnp.take(out, jnp.argsort(order), axis=0).reshape(U, W, D)

@@ -6,8 +6,8 @@ with the one saved in the newest checkpoint of the workdir, field by field.
 - `model.*` differences are an error naming every differing field: the saved state is a different
   model (shapes, dtypes, layer kinds), and restoring it would fail with optimizer-leaf shapes at
   best. The exceptions, `RESUMABLE_MODEL_FIELDS`, change how the same state is computed with, not
-  the state itself: remat policy, compute dtype, the attention implementation, and the init scale
-  (unused when resuming).
+  the state itself: remat policy, compute dtype, the attention and grouped matmul implementations,
+  and the init scale (unused when resuming).
 - `train.*` (steps, lr and its schedule, batch size, ...), `data.*`, `parallel.*` (the restore
   reshards onto any mesh) and `checkpoint.*` may change; each change is logged.
 """
@@ -25,7 +25,9 @@ from deepseek_jax import errors
 
 log = logging.getLogger(__name__)
 
-RESUMABLE_MODEL_FIELDS = frozenset({"remat", "compute_dtype", "init_std", "attention"})
+RESUMABLE_MODEL_FIELDS = frozenset(
+    {"remat", "compute_dtype", "init_std", "attention", "grouped_matmul"}
+)
 _ABSENT = object()
 
 

@@ -20,7 +20,15 @@ from deepseek_jax.train import state as state_lib
 
 log = logging.getLogger(__name__)
 
-_FREE_FIELDS = ("param_dtype", "compute_dtype", "remat", "attention", "init_std", "mtp_depth")
+_FREE_FIELDS = (
+    "param_dtype",
+    "compute_dtype",
+    "remat",
+    "attention",
+    "grouped_matmul",
+    "init_std",
+    "mtp_depth",
+)
 
 
 def check_architecture(

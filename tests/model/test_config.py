@@ -18,6 +18,7 @@ from deepseek_jax.model import config as config_lib
         ({"qk_rope_head_dim": 7}, "model.qk_rope_head_dim: must be even"),
         ({"score_func": "relu"}, "model.score_func: unknown value 'relu'"),
         ({"remat": "sometimes"}, "model.remat: unknown value 'sometimes'"),
+        ({"grouped_matmul": "fast"}, "model.grouped_matmul: unknown value 'fast'"),
         ({"rope": {"scaling": "ntk"}}, "model.rope.scaling: unknown value 'ntk'"),
         ({"score_func": "softmax"}, "model.topk_method: noaux_tc"),
         ({"no_such_field": 1}, "model.no_such_field: unknown field"),
@@ -32,8 +33,15 @@ def test_invalid_model_config_names_the_field(override, message):
 
 def test_round_trip_and_enums():
     cfg = config_lib.ModelConfig.from_dict(
-        {"rope": {"scaling": "YARN"}, "q_lora_rank": None, "compute_dtype": "bfloat16"}
+        {
+            "rope": {"scaling": "YARN"},
+            "q_lora_rank": None,
+            "compute_dtype": "bfloat16",
+            "grouped_matmul": "tiled",
+        }
     )
+    assert cfg.grouped_matmul is config_lib.GroupedMatmul.TILED
+    assert cfg.moe().grouped_matmul is config_lib.GroupedMatmul.TILED
     assert cfg.rope.scaling is config_lib.RopeScaling.YARN
     assert cfg.q_lora_rank is None
     assert cfg.attention.impl is config_lib.AttentionImpl.DENSE

@@ -1,10 +1,18 @@
-"""Dropless ragged dispatch equals a per-expert reference loop, values and gradients."""
+"""Dropless dispatch equals a per-expert reference loop, values and gradients, with either grouped
+matmul."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from deepseek_jax.model import dispatch
+
+IMPLS = pytest.mark.parametrize(
+    "impl", [dispatch.GroupedMatmul.TILED, dispatch.GroupedMatmul.RAGGED_DOT]
+)
 
 
 def loop_reference(x, idx, w, w1, w3, w2):
@@ -33,24 +41,26 @@ def setup(X=40, D=8, F=6, E=5, k=2, seed=0):
     return x, jnp.asarray(idx), w, w1, w3, w2
 
 
-def test_ragged_equals_loop():
+@IMPLS
+def test_dropless_equals_loop(impl):
     args = setup()
-    np.testing.assert_allclose(
-        dispatch.dropless_experts(*args), loop_reference(*args), atol=1e-5, rtol=1e-5
-    )
+    experts = functools.partial(dispatch.dropless_experts, grouped_matmul=impl)
+    np.testing.assert_allclose(experts(*args), loop_reference(*args), atol=1e-5, rtol=1e-5)
 
 
-def test_ragged_gradients_equal_loop():
+@IMPLS
+def test_dropless_gradients_equal_loop(impl):
     x, idx, w, w1, w3, w2 = setup(seed=1)
+    experts = functools.partial(dispatch.dropless_experts, grouped_matmul=impl)
 
     def loss(fn):
         return lambda x, w, w1, w3, w2: jnp.sum(fn(x, idx, w, w1, w3, w2) ** 2)
 
-    g_ragged = jax.grad(loss(dispatch.dropless_experts), argnums=(0, 1, 2, 3, 4))(x, w, w1, w3, w2)
+    g_dropless = jax.grad(loss(experts), argnums=(0, 1, 2, 3, 4))(x, w, w1, w3, w2)
     g_loop = jax.grad(loss(loop_reference), argnums=(0, 1, 2, 3, 4))(x, w, w1, w3, w2)
-    for a, b in zip(g_ragged, g_loop):
+    for a, b in zip(g_dropless, g_loop):
         np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
-    assert np.all(np.asarray(g_ragged[2][4]) == 0)  # the unused expert gets no gradient
+    assert np.all(np.asarray(g_dropless[2][4]) == 0)  # the unused expert gets no gradient
 
 
 def test_sort_by_expert_groups_are_contiguous():

@@ -24,6 +24,7 @@ from deepseek_jax.parallel import plan as plan_lib
 from tests.parallel import cases
 
 Exchange = parallel_config.ExpertExchange
+GroupedMatmul = dispatch.GroupedMatmul
 B, S = 8, 8
 
 
@@ -44,11 +45,12 @@ def emulated_ragged_all_to_all(
 
 
 @functools.cache
-def moe_setup(dtype: str = "float32"):
+def moe_setup(dtype: str = "float32", impl: GroupedMatmul = GroupedMatmul.TILED):
     """(grad_fn(experts): value_and_grad of a scalar of one MoE layer, its forward(params, x,
-    experts), params, an input) in `dtype`."""
+    experts), params, an input) in `dtype`, its grouped matmuls by `impl`."""
     model = cases.CFG if dtype == "float32" else cases.CFG64
-    layer = moe_lib.MoE(model.moe(), rngs=nnx.Rngs(0))
+    moe_cfg = dataclasses.replace(model.moe(), grouped_matmul=impl)
+    layer = moe_lib.MoE(moe_cfg, rngs=nnx.Rngs(0))
     graphdef, params, bias = nnx.split(layer, nnx.Param, ...)
     x = jax.random.normal(jax.random.key(1), (B, S, model.d_model), model.compute_dtype.jnp)
     cot = jax.random.normal(jax.random.key(2), (B, S, model.d_model), model.compute_dtype.jnp)
@@ -66,10 +68,10 @@ def moe_setup(dtype: str = "float32"):
     return grad_fn, forward, params, x
 
 
-def run(dtype: str, plan=None):
+def run(dtype: str, plan=None, impl: GroupedMatmul = GroupedMatmul.TILED):
     """The layer jitted on one device, or over the plan's mesh with its expert function (EP MoE)
     and activation constraints."""
-    grad_fn, _, params, x = moe_setup(dtype)
+    grad_fn, _, params, x = moe_setup(dtype, impl)
     if plan is None:
         return jax.jit(grad_fn())(params, x)
     fn = plan.wrap(grad_fn(plan.experts()))
@@ -78,8 +80,9 @@ def run(dtype: str, plan=None):
 
 @functools.cache
 def reference(dtype: str):
+    """One device, jax.lax.ragged_dot: the reference for every expert-parallel run."""
     with jax.enable_x64(dtype == "float64"):
-        return run(dtype)
+        return run(dtype, impl=GroupedMatmul.RAGGED_DOT)
 
 
 def check_equal(got, want, tol):
@@ -91,19 +94,25 @@ def check_equal(got, want, tol):
 
 
 @pytest.mark.parametrize(
-    "preset,dtype",
+    "preset,dtype,impl",
     [
-        (cases.Preset.DATA_EXPERT, "float32"),
-        (cases.Preset.FSDP_EXPERT_TP, "float32"),
-        (cases.Preset.FSDP_EXPERT_TP, "float64"),
+        (cases.Preset.DATA_EXPERT, "float32", GroupedMatmul.TILED),
+        (cases.Preset.FSDP_EXPERT_TP, "float32", GroupedMatmul.TILED),
+        (cases.Preset.FSDP_EXPERT_TP, "float64", GroupedMatmul.TILED),
+        (cases.Preset.FSDP_EXPERT_TP, "float32", GroupedMatmul.RAGGED_DOT),
     ],
-    ids=["data_expert-float32", "fsdp_expert_tp-float32", "fsdp_expert_tp-float64"],
+    ids=[
+        "data_expert-float32-tiled",
+        "fsdp_expert_tp-float32-tiled",
+        "fsdp_expert_tp-float64-tiled",
+        "fsdp_expert_tp-float32-ragged_dot",
+    ],
 )
-def test_ep_moe_layer_equals_single_device(preset, dtype):
+def test_ep_moe_layer_equals_single_device(preset, dtype, impl):
     want = reference(dtype)
     with jax.enable_x64(dtype == "float64"):
         model = cases.CFG if dtype == "float32" else cases.CFG64
-        got = run(dtype, plan_lib.make_plan(cases.parallel(preset), model, B))
+        got = run(dtype, plan_lib.make_plan(cases.parallel(preset), model, B), impl)
         check_equal(got, want, 1e-5 if dtype == "float32" else 1e-10)
 
 
