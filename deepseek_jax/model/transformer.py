@@ -177,3 +177,22 @@ class Transformer(nnx.Module):
                 continue
             delta_LE = jnp.sign(load_LE.mean(-1, keepdims=True) - load_LE)
             gate.bias[...] = gate.bias[...] + gamma * delta_LE
+
+
+def abstract_layout(cfg: config_lib.ModelConfig):
+    """((params, expert_bias), (their logical axes)) as nested dicts, without allocating: shapes
+    as ShapeDtypeStructs, and each variable's logical axis names (DEVELOPERS.md). The one place
+    the train state's shardings and the layout checks (parallel/validate.py) read them from."""
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    _, params, bias = nnx.split(model, nnx.Param, layers.ExpertBias)
+
+    def names(state):
+        return nnx.to_pure_dict(
+            jax.tree.map(
+                lambda v: v.replace(tuple(v.get_metadata()["logical_axes"])),
+                state,
+                is_leaf=lambda x: isinstance(x, nnx.Variable),
+            )
+        )
+
+    return (nnx.to_pure_dict(params), nnx.to_pure_dict(bias)), (names(params), names(bias))
