@@ -95,14 +95,24 @@ class Transformer(nnx.Module):
         sin,
         experts: dispatch.ExpertFn = dispatch.dropless_experts,
         unroll: bool = False,
+        active_L: jax.Array | None = None,
     ):
         """(h, MoEStats stacked over the layers | None). `unroll` traces every layer into one
-        computation instead of a while loop (pipeline stages: see parallel/pipeline/stages.py)."""
+        computation instead of a while loop (pipeline stages: see parallel/pipeline/stages.py).
+        `active_L` (one flag per layer) makes a layer whose flag is 0 the identity with zero
+        statistics (a pipeline stage's padding slots): its output, its balance term and hence
+        its weights' gradients are exactly zero, though it is still computed (a `where`, not a
+        `cond`, so the stage stays one straight-line computation the backward split can cut)."""
 
-        def body(layer, h, _):
-            return layer(h, cos, sin, experts)
+        def body(layer, h, on):
+            out, stats = layer(h, cos, sin, experts)
+            if on is None:
+                return out, stats
+            keep = on > 0
+            stats = jax.tree.map(lambda a: jnp.where(keep, a, jnp.zeros_like(a)), stats)
+            return jnp.where(keep, out, h), stats
 
-        return stack.scan(stack_module, h_BSD, body, None, self.cfg.remat, unroll=unroll)
+        return stack.scan(stack_module, h_BSD, body, active_L, self.cfg.remat, unroll=unroll)
 
     def prologue(
         self,

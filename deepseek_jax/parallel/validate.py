@@ -104,7 +104,7 @@ def check_state(
     p = sharding_lib.tree_specs(rules, logical_p, params, sizes, "params")
     b = sharding_lib.tree_specs(rules, logical_b, bias, sizes, "expert_bias")
     if cfg.pipeline is not config_lib.Schedule.NONE:
-        p = stages.stack_over_pipe(p)
-        stages.stack_over_pipe(b)
+        p = stages.stack_over_pipe(p, params, sizes)
+        stages.stack_over_pipe(b, bias, sizes, "expert_bias")
     if cfg.zero == 1:
         sharding_lib.zero1_specs(p, params, sizes, what="the optimizer state of params")

@@ -50,7 +50,6 @@ def test_pipeline_override_is_an_enum():
             {"parallel__pipeline": "dualpipev"},
             r"model\.n_layers.*2 MoE layers.*4 stages of dualpipev",
         ),
-        ({"model__n_layers": 4}, r"model\.n_layers.*3 MoE layers.*evenly"),
         (
             {"parallel__microbatches": 6, "model__n_layers": 3},
             r"global_batch_size=16.*microbatches=6",
@@ -67,6 +66,21 @@ def test_pipeline_override_is_an_enum():
 def test_bad_pipeline_settings_fail_naming_the_field(overrides, match):
     with pytest.raises(ValueError, match=match):
         load(**overrides)
+
+
+def test_uneven_stages_are_accepted_and_need_a_divisible_dimension():
+    # 3 MoE layers on 2 stages: padded (stages.layer_counts), the stack split over `pipe` on a
+    # layer dimension instead of the layer axis.
+    exp = load(model__n_layers=4)
+    plan_lib.make_abstract_plan(exp.parallel, exp.model, 16, 2)
+    # ... which pipe=... must divide: d_model 64 etc. are not divisible by 3 (1F1B on 3 ranks).
+    exp = load(model__n_layers=5, parallel__pipe=3, parallel__pipeline="1f1b")
+    with pytest.raises(
+        ValueError,
+        match=r"parallel\.pipe=3: params/moe_layers/.* of shape \(4, .*its 4 layers do not "
+        r"split evenly over pipe=3 and no other dimension is divisible by it",
+    ):
+        plan_lib.make_abstract_plan(exp.parallel, exp.model, 16, 3)
 
 
 def test_micro_batch_rows_must_split_over_the_batch_shards():
