@@ -95,14 +95,24 @@ class Transformer(nnx.Module):
         sin,
         experts: dispatch.ExpertFn = dispatch.dropless_experts,
         unroll: bool = False,
+        active_L: jax.Array | None = None,
     ):
         """(h, MoEStats stacked over the layers | None). `unroll` traces every layer into one
-        computation instead of a while loop (pipeline stages: see parallel/pipeline/stages.py)."""
+        computation instead of a while loop (pipeline stages: see parallel/pipeline/stages.py).
+        `active_L` (one flag per layer) makes a layer whose flag is 0 the identity with zero
+        statistics (a pipeline stage's padding slots): its output, its balance term and hence
+        its weights' gradients are exactly zero, though it is still computed (a `where`, not a
+        `cond`, so the stage stays one straight-line computation the backward split can cut)."""
 
-        def body(layer, h, _):
-            return layer(h, cos, sin, experts)
+        def body(layer, h, on):
+            out, stats = layer(h, cos, sin, experts)
+            if on is None:
+                return out, stats
+            keep = on > 0
+            stats = jax.tree.map(lambda a: jnp.where(keep, a, jnp.zeros_like(a)), stats)
+            return jnp.where(keep, out, h), stats
 
-        return stack.scan(stack_module, h_BSD, body, None, self.cfg.remat, unroll=unroll)
+        return stack.scan(stack_module, h_BSD, body, active_L, self.cfg.remat, unroll=unroll)
 
     def prologue(
         self,
@@ -177,3 +187,22 @@ class Transformer(nnx.Module):
                 continue
             delta_LE = jnp.sign(load_LE.mean(-1, keepdims=True) - load_LE)
             gate.bias[...] = gate.bias[...] + gamma * delta_LE
+
+
+def abstract_layout(cfg: config_lib.ModelConfig):
+    """((params, expert_bias), (their logical axes)) as nested dicts, without allocating: shapes
+    as ShapeDtypeStructs, and each variable's logical axis names (DEVELOPERS.md). The one place
+    the train state's shardings and the layout checks (parallel/validate.py) read them from."""
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    _, params, bias = nnx.split(model, nnx.Param, layers.ExpertBias)
+
+    def names(state):
+        return nnx.to_pure_dict(
+            jax.tree.map(
+                lambda v: v.replace(tuple(v.get_metadata()["logical_axes"])),
+                state,
+                is_leaf=lambda x: isinstance(x, nnx.Variable),
+            )
+        )
+
+    return (nnx.to_pure_dict(params), nnx.to_pure_dict(bias)), (names(params), names(bias))

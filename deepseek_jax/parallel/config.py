@@ -159,12 +159,13 @@ def check_pipeline(parallel: ParallelConfig, model: Any, train: Any) -> None:
             f"parallel.pipeline={name} with parallel.pipe={pp} and parallel.microbatches={M}: {e}"
         ) from None
     stages = orders.num_stages
-    if model.n_moe_layers < stages or model.n_moe_layers % stages:
+    if model.n_moe_layers < stages:
         raise ValueError(
             f"model.n_layers: the {model.n_moe_layers} MoE layers (n_layers={model.n_layers} - "
-            f"first_k_dense_replace={model.first_k_dense_replace}) must split evenly into the "
-            f"{stages} stages of {name} on {pp} ranks, at least one per stage (dense layers run "
-            "with the embedding on the first stage)"
+            f"first_k_dense_replace={model.first_k_dense_replace}) cannot fill the "
+            f"{stages} stages of {name} on {pp} ranks: at least one per stage (dense layers run "
+            "with the embedding on the first stage; an uneven count is padded, "
+            "stages.layer_counts)"
         )
     if train.global_batch_size % M:
         raise ValueError(

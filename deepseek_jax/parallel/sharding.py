@@ -192,35 +192,43 @@ def _names(entry) -> tuple[str, ...]:
     return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
 
 
+def add_axis(s: P, shape: Sequence[int], axis: str, sizes: Mapping[str, int]) -> P | None:
+    """`s` with mesh axis `axis` added to one more dimension of an array of `shape`: the first
+    dimension with no mesh axis that `axis` divides; failing that, the first sharded dimension
+    whose size the product (its axes x `axis`) divides. None if no dimension can take it."""
+    n = sizes[axis]
+    entries = list(s) + [None] * (len(shape) - len(s))
+    for d, e in enumerate(entries):
+        if e is None and shape[d] % n == 0:
+            entries[d] = axis
+            return P(*entries)
+    for d, e in enumerate(entries):
+        if e is not None and shape[d] % (math.prod(sizes[a] for a in _names(e)) * n) == 0:
+            entries[d] = (*_names(e), axis)
+            return P(*entries)
+    return None
+
+
 def zero1_specs(
     specs: Any, abstract_tree: Any, sizes: Mapping[str, int], what: str = "opt_state"
 ) -> Any:
     """ZeRO-1: every optimizer-state array additionally split over the `data` axis.
 
-    The first dimension with no mesh axis whose size `data` divides takes it; failing that, the
-    first sharded dimension whose size the product (its axes x data) divides. Scalars (Adam's
-    step count) stay replicated. An array no dimension of which can take `data` is a bad layout:
-    ValueError naming `parallel.data` and the array. The update (step.apply_update) then runs
-    sharded like its state, and GSPMD all-gathers the new parameters to their own sharding.
+    The dimension is `add_axis`'s choice. Scalars (Adam's step count) stay replicated. An array
+    no dimension of which can take `data` is a bad layout: ValueError naming `parallel.data` and
+    the array (validate.check_state raises it at plan time). The update (step.apply_update) then
+    runs sharded like its state, and GSPMD all-gathers the new parameters to their own sharding.
     """
     n = sizes[mesh_lib.DATA]
     if n == 1:
         return specs
 
     def one(path, s, leaf):
-        if leaf.ndim == 0:
+        if leaf.ndim == 0 or any(mesh_lib.DATA in _names(e) for e in s):
             return s
-        entries = list(s) + [None] * (leaf.ndim - len(s))
-        if any(mesh_lib.DATA in _names(e) for e in entries):
-            return s
-        for d, e in enumerate(entries):
-            if e is None and leaf.shape[d] % n == 0:
-                entries[d] = mesh_lib.DATA
-                return P(*entries)
-        for d, e in enumerate(entries):
-            if e is not None and leaf.shape[d] % (math.prod(sizes[a] for a in _names(e)) * n) == 0:
-                entries[d] = (*_names(e), mesh_lib.DATA)
-                return P(*entries)
+        out = add_axis(s, leaf.shape, mesh_lib.DATA, sizes)
+        if out is not None:
+            return out
         name = "/".join((what,) + path_keys(path))
         raise ValueError(
             f"parallel.zero=1: {name} of shape {tuple(leaf.shape)} (sharded {s}) "

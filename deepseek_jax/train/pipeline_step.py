@@ -63,7 +63,13 @@ class Pipeline:
         return self.layout.num_stages
 
     def tables(self, table: ticks.TickTable | None = None) -> dict[str, np.ndarray]:
-        return executor.encode(self.table if table is None else table, self.layout)
+        """The executor's tables; with uneven stages also `active` [P, K, Ls], the padding mask
+        (stages.layer_counts says where the padding goes)."""
+        tbl = executor.encode(self.table if table is None else table, self.layout)
+        n = self.stage.cfg.n_moe_layers
+        if n % self.num_stages:
+            tbl["active"] = stages.active(tbl["placement"], n, self.num_stages)
+        return tbl
 
 
 def build(
@@ -114,9 +120,10 @@ def loss_and_grads(
         weights,
         tbl,
     )
-    grads = stages.join(stages.from_pipeline(res.d_stack, placement, S), res.d_glob)
-    load = stages.from_pipeline(res.load, placement, S)
-    balance = stages.from_pipeline(res.balance, placement, S)
+    n = cfg.n_moe_layers  # padding slots of uneven stages are dropped here: never in the state
+    grads = stages.join(stages.from_pipeline(res.d_stack, placement, S, n), res.d_glob)
+    load = stages.from_pipeline(res.load, placement, S, n)
+    balance = stages.from_pipeline(res.balance, placement, S, n)
     moe_stats = moe_lib.MoEStats(load, balance)
     mtp_stats = None
     if cfg.mtp_depth and cfg.mtp_is_moe:

@@ -45,7 +45,8 @@ def state_specs(
         plan.rules, logical_bias, abstract.expert_bias, sizes, "expert_bias"
     )
     if plan.cfg.pipeline is not parallel_config.Schedule.NONE:
-        params, bias = stages.stack_over_pipe(params), stages.stack_over_pipe(bias)
+        params = stages.stack_over_pipe(params, abstract.params, sizes)
+        bias = stages.stack_over_pipe(bias, abstract.expert_bias, sizes, "expert_bias")
     opt = sharding_lib.mirror_specs(params, abstract.params, abstract.opt_state)
     if plan.cfg.zero == 1:  # ZeRO-1: the optimizer state is also split over `data`
         opt = sharding_lib.zero1_specs(opt, abstract.opt_state, sizes)

@@ -43,19 +43,7 @@ def abstract_model(cfg: config_lib.ModelConfig):
 
 def logical_axes(cfg: config_lib.ModelConfig) -> tuple[Any, Any]:
     """Nested dicts, shaped like (params, expert_bias), of each variable's logical axis names."""
-    model = nnx.eval_shape(lambda: transformer.Transformer(cfg, rngs=nnx.Rngs(0)))
-    _, params, bias = nnx.split(model, nnx.Param, layers.ExpertBias)
-
-    def names(state):
-        return nnx.to_pure_dict(
-            jax.tree.map(
-                lambda v: v.replace(tuple(v.get_metadata()["logical_axes"])),
-                state,
-                is_leaf=lambda x: isinstance(x, nnx.Variable),
-            )
-        )
-
-    return names(params), names(bias)
+    return transformer.abstract_layout(cfg)[1]
 
 
 def init_fn(

@@ -52,12 +52,12 @@ MESHES = {
 }
 
 
-def model_config(dtype: str) -> config_lib.ModelConfig:
+def model_config(dtype: str, n_layers: int = 5) -> config_lib.ModelConfig:
     dt = config_lib.DType(dtype)
     return config_lib.ModelConfig(
         vocab_size=32,
         d_model=32,
-        n_layers=5,
+        n_layers=n_layers,
         first_k_dense_replace=1,
         intermediate_size=48,
         n_heads=2,
@@ -94,9 +94,9 @@ TRAIN = train_config.TrainConfig(
 
 
 @functools.cache
-def _numpy_state() -> tuple:
+def _numpy_state(n_layers: int = 5) -> tuple:
     """Parameters, expert biases and a batch as float64 numpy arrays (drawn once)."""
-    _, params, bias = state_lib.abstract_model(model_config("float32"))
+    _, params, bias = state_lib.abstract_model(model_config("float32", n_layers))
     rng = np.random.default_rng(0)
 
     def draw(path, leaf):
@@ -119,9 +119,9 @@ def _numpy_state() -> tuple:
 _TX = optim.optimizer(TRAIN)  # one object: plan shardings are cached per (config, tx)
 
 
-def state(dtype: str) -> tuple[state_lib.TrainState, Batch]:
+def state(dtype: str, n_layers: int = 5) -> tuple[state_lib.TrainState, Batch]:
     """The train state (fresh AdamW) and batch in `dtype`; call under enable_x64 for float64."""
-    params, bias, batch = _numpy_state()
+    params, bias, batch = _numpy_state(n_layers)
     cast = functools.partial(jax.tree.map, lambda a: jnp.asarray(a, dtype))
     params, bias = cast(params), cast(bias)
     return state_lib.TrainState(jnp.zeros((), jnp.int32), params, bias, _TX.init(params)), (
@@ -129,8 +129,8 @@ def state(dtype: str) -> tuple[state_lib.TrainState, Batch]:
     )
 
 
-def _lower_reference(dtype: str):
-    cfg = model_config(dtype)
+def _lower_reference(dtype: str, n_layers: int = 5):
+    cfg = model_config(dtype, n_layers)
     graphdef, _, _ = state_lib.abstract_model(cfg)
 
     def fn(st, batch):
@@ -138,7 +138,7 @@ def _lower_reference(dtype: str):
         new, metrics = step_lib.apply_update(graphdef, TRAIN, _TX, st, loss, aux, grads)
         return grads, new, metrics, aux
 
-    return jax.jit(fn).lower(*state(dtype)), None
+    return jax.jit(fn).lower(*state(dtype, n_layers)), None
 
 
 @dataclasses.dataclass
@@ -147,6 +147,7 @@ class Compiled:
     exe: object
     dtype: str
     plan: plan_lib.Plan
+    n_layers: int = 5
 
     @property
     def mesh(self):
@@ -155,25 +156,25 @@ class Compiled:
     def run(self, table: ticks.TickTable | None = None):
         """(grads, new_state, metrics, aux, log, d_stack) for `table` (default: the schedule's)."""
         with jax.enable_x64(self.dtype == "float64"):
-            st, batch = placed(self.plan, self.dtype)
+            st, batch = placed(self.plan, self.dtype, self.n_layers)
             return jax.device_get(self.exe(st, batch, self.pipe.tables(table)))
 
 
-def plan_for(schedule: Schedule, pp: int, dtype: str) -> plan_lib.Plan:
+def plan_for(schedule: Schedule, pp: int, dtype: str, n_layers: int = 5) -> plan_lib.Plan:
     """The parallel plan (mesh, rules, expert function) the loop would build."""
     axes = MESHES.get((schedule, pp, dtype), dict(pipe=pp, data=1))
     cfg = parallel_config.ParallelConfig(
         pipeline=parallel_config.Schedule(schedule.value), microbatches=MICROBATCHES, **axes
     )
     n = cfg.pipe * cfg.data * cfg.fsdp * cfg.expert * cfg.tensor
-    return plan_lib.make_plan(cfg, model_config(dtype), BATCH, jax.devices()[:n])
+    return plan_lib.make_plan(cfg, model_config(dtype, n_layers), BATCH, jax.devices()[:n])
 
 
-def placed(plan: plan_lib.Plan, dtype: str):
+def placed(plan: plan_lib.Plan, dtype: str, n_layers: int = 5):
     """The state with the plan's shardings (MoE layers split over stage) and the batch's rows
     split over its batch axes."""
-    st, batch = state(dtype)
-    shardings = sharded.state_shardings(plan, model_config(dtype), _TX)
+    st, batch = state(dtype, n_layers)
+    shardings = sharded.state_shardings(plan, model_config(dtype, n_layers), _TX)
     return jax.device_put(st, shardings), jax.device_put(batch, plan.batch_sharding())
 
 
@@ -181,15 +182,17 @@ def _group(schedule: Schedule, pp: int) -> tuple[Schedule, ...]:
     return GROUPS[pp] if schedule in GROUPS.get(pp, ()) else (schedule,)
 
 
-def _lower_pipeline(schedule: Schedule, pp: int, dtype: str, split: BackwardSplit = EXACT):
+def _lower_pipeline(
+    schedule: Schedule, pp: int, dtype: str, split: BackwardSplit = EXACT, n_layers: int = 5
+):
     """The pipelined step of the group `schedule` heads, lowered from placed inputs."""
     tables = [
         ticks.build(schedules.build(s, pp, MICROBATCHES), split) for s in _group(schedule, pp)
     ]
     num_stages = schedules.build(schedule, pp, MICROBATCHES).num_stages
     layout = executor.Layout.of(*tables, num_stages=num_stages)
-    plan = plan_for(schedule, pp, dtype)
-    pipe = _pipe(schedule, pp, dtype, layout, plan.experts(), split)
+    plan = plan_for(schedule, pp, dtype, n_layers)
+    pipe = _pipe(schedule, pp, dtype, layout, plan.experts(), split, n_layers)
     run = executor.build(pipe.stage, layout, plan.mesh)
     graphdef = pipe.stage.graphdef
 
@@ -199,7 +202,8 @@ def _lower_pipeline(schedule: Schedule, pp: int, dtype: str, split: BackwardSpli
         return grads, new, metrics, aux, res.log, res.d_stack
 
     # plan.wrap: the activation constraints, as in the loop (the stage has plan.experts()).
-    return jax.jit(plan.wrap(fn)).lower(*placed(plan, dtype), pipe.tables()), (pipe, plan)
+    lowered = jax.jit(plan.wrap(fn)).lower(*placed(plan, dtype, n_layers), pipe.tables())
+    return lowered, (pipe, plan)
 
 
 BASES = ((Schedule.DUALPIPE, 2), (Schedule.DUALPIPE, 4), (Schedule.DUALPIPEV, 2))
@@ -247,13 +251,32 @@ def compiled(schedule: Schedule, pp: int, dtype: str, split: BackwardSplit = EXA
     return Compiled(pipe, exe, dtype, plan)
 
 
-def _pipe(schedule, pp, dtype, layout, experts, split=EXACT) -> pipeline_step.Pipeline:
-    cfg = model_config(dtype)
+def _pipe(schedule, pp, dtype, layout, experts, split=EXACT, n_layers=5) -> pipeline_step.Pipeline:
+    cfg = model_config(dtype, n_layers)
     with jax.enable_x64(dtype == "float64"):
         graphdef, _, _ = state_lib.abstract_model(cfg)
     return pipeline_step.build(
         schedule, pp, MICROBATCHES, graphdef, cfg, layout, experts=experts, split=split
     )
+
+
+# Uneven stages: 3 MoE layers (n_layers=4) on DualPipe's 2 stages (2 + 1: the padding slot on
+# the last stage, stages.layer_counts), on the ZeRO-1 mesh of MESHES, so the stack is split over
+# `pipe` on a layer dimension. Compiled on first use (with its own reference), not by programs().
+UNEVEN = (Schedule.DUALPIPE, 2, "float32", 4)
+
+
+@functools.cache
+def uneven() -> tuple[Compiled, tuple]:
+    """(the pipelined step on uneven stages, the unpipelined reference's outputs)."""
+    schedule, pp, dtype, n_layers = UNEVEN
+    ref, _ = _lower_reference(dtype, n_layers)
+    lowered, (pipe, plan) = _lower_pipeline(schedule, pp, dtype, EXACT, n_layers)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        jobs = [pool.submit(x.compile, FAST_COMPILE) for x in (ref, lowered)]
+        ref_exe, exe = (j.result() for j in jobs)
+    want = jax.device_get(ref_exe(*state(dtype, n_layers)))
+    return Compiled(pipe, exe, dtype, plan, n_layers), want
 
 
 def max_rel(a, b) -> float:

@@ -50,7 +50,6 @@ def test_pipeline_override_is_an_enum():
             {"parallel__pipeline": "dualpipev"},
             r"model\.n_layers.*2 MoE layers.*4 stages of dualpipev",
         ),
-        ({"model__n_layers": 4}, r"model\.n_layers.*3 MoE layers.*evenly"),
         (
             {"parallel__microbatches": 6, "model__n_layers": 3},
             r"global_batch_size=16.*microbatches=6",
@@ -67,6 +66,21 @@ def test_pipeline_override_is_an_enum():
 def test_bad_pipeline_settings_fail_naming_the_field(overrides, match):
     with pytest.raises(ValueError, match=match):
         load(**overrides)
+
+
+def test_uneven_stages_are_accepted_and_need_a_divisible_dimension():
+    # 3 MoE layers on 2 stages: padded (stages.layer_counts), the stack split over `pipe` on a
+    # layer dimension instead of the layer axis.
+    exp = load(model__n_layers=4)
+    plan_lib.make_abstract_plan(exp.parallel, exp.model, 16, 2)
+    # ... which pipe=... must divide: d_model 64 etc. are not divisible by 3 (1F1B on 3 ranks).
+    exp = load(model__n_layers=5, parallel__pipe=3, parallel__pipeline="1f1b")
+    with pytest.raises(
+        ValueError,
+        match=r"parallel\.pipe=3: params/moe_layers/.* of shape \(4, .*its 4 layers do not "
+        r"split evenly over pipe=3 and no other dimension is divisible by it",
+    ):
+        plan_lib.make_abstract_plan(exp.parallel, exp.model, 16, 3)
 
 
 def test_micro_batch_rows_must_split_over_the_batch_shards():
@@ -105,23 +119,30 @@ def test_backward_split_override_is_an_enum():
     assert exp.parallel.backward_split is BackwardSplit.RECOMPUTE
 
 
-def test_zero1_layout_that_cannot_divide_the_state_fails_naming_the_axis():
-    # pipe=2 x data=3: tiny.py's arrays have no dimension that 3 divides (d_model 64, ...);
-    # the plan is abstract (6 devices) and nothing is allocated or compiled.
+def test_zero1_layout_that_cannot_divide_the_state_fails_at_plan_time():
+    # pipe=2 x data=3: tiny.py's arrays have no dimension that 3 divides (d_model 64, ...). The
+    # plan refuses it (validate.check_state) before any state, data pipeline or compile exists;
+    # it is abstract (6 devices), so nothing is allocated.
     exp = load(parallel__data=3, parallel__zero=1, parallel__microbatches=4)
-    tx = optim.optimizer(exp.train)
-    plan = plan_lib.make_abstract_plan(exp.parallel, exp.model, 48, 6)
     with pytest.raises(
         ValueError,
-        match=r"parallel\.zero=1: opt_state/.* has no dimension "
-        r"divisible by the data axis, data=3",
+        match=r"parallel\.zero=1: the optimizer state of params/.* has no dimension "
+        r"divisible by the data axis, data=3: pick a parallel\.data",
     ):
-        sharded.state_specs(plan, exp.model, state_lib.abstract_state(exp.model, tx))
-    # data=2 divides every non-scalar moment: all of them are split over `data`.
+        plan_lib.make_abstract_plan(exp.parallel, exp.model, 48, 6)
+    # Without the pipeline too (ZeRO-1 over data=3 on 3 devices).
+    exp = load(parallel__pipe=1, parallel__pipeline="none", parallel__data=3, parallel__zero=1)
+    with pytest.raises(ValueError, match=r"parallel\.zero=1: .* data=3"):
+        plan_lib.make_abstract_plan(exp.parallel, exp.model, 48, 3)
+    # ZeRO-0 on the same mesh is a valid layout (replicated optimizer state).
+    exp = load(parallel__data=3, parallel__microbatches=4)
+    plan_lib.make_abstract_plan(exp.parallel, exp.model, 48, 6)
+    # data=2 divides every non-scalar moment: the plan passes and all of them are split.
+    tx = optim.optimizer(exp.train)
     exp = load(parallel__data=2, parallel__zero=1)
     plan = plan_lib.make_abstract_plan(exp.parallel, exp.model, 16, 4)
-    specs = sharded.state_specs(plan, exp.model, state_lib.abstract_state(exp.model, tx))
     abstract = state_lib.abstract_state(exp.model, tx)
+    specs = sharded.state_specs(plan, exp.model, abstract)
     for spec, leaf in zip(
         jax.tree.leaves(specs.opt_state, is_leaf=lambda x: isinstance(x, P)),
         jax.tree.leaves(abstract.opt_state),

@@ -147,3 +147,26 @@ def test_zero1_state_is_split_over_data():
         assert all(
             "data" not in ((e,) if isinstance(e, str) else (e or ())) for e in leaf.sharding.spec
         )
+
+
+def test_uneven_stages_equal_unpipelined():
+    # 3 MoE layers on 2 stages (h.UNEVEN): stage 1 holds one real layer and one padding slot,
+    # which must act as the identity, get exactly zero gradient and never reach the state.
+    comp, want = h.uneven()
+    assert stages.layer_counts(3, 2) == (2, 1)
+    got = comp.run()
+    errors = _check_equal(got, want, h.TOL["float32"])
+    grads, new, d_stack = got[0], got[1], got[5]
+    active = comp.pipe.tables()["active"]  # [P, K, Ls]
+    assert (active == 0).sum() == 2  # the padding slot of each of stage 1's two copies
+    for path, g in jax.tree_util.tree_leaves_with_path(d_stack):
+        assert np.abs(g[active == 0]).max() == 0, path  # padding: exactly zero gradient
+        assert np.abs(g[active == 1]).max() > 0, path
+    # The state and its gradients hold the 3 real layers only; the stack is split over `pipe`
+    # on a layer dimension, since 2 ranks do not divide 3 layers.
+    assert {leaf.shape[0] for leaf in jax.tree.leaves(new.params["moe_layers"])} == {3}
+    assert {leaf.shape[0] for leaf in jax.tree.leaves(grads["moe_layers"])} == {3}
+    st, _ = h.placed(comp.plan, "float32", 4)
+    spec = st.params["moe_layers"]["ffn"]["w1"].sharding.spec
+    assert spec[0] is None and "pipe" in str(spec), spec
+    print("dualpipe pp=2 float32 uneven (2 + 1 layers): " + str(errors))

@@ -163,8 +163,25 @@ def plan(preset=Preset.FSDP_EXPERT_TP, model=cases.CFG, batch=cases.B, **mesh):
             r"preset data shards nothing over `fsdp`, so fsdp=4 would only replicate",
         ),
         (dict(pipe=2, fsdp=1), r"pipe=2"),
+        (
+            # No config-level rule covers wq_b's q_lora side: the state's own spec check, run
+            # by make_plan (validate.check_state), names the array.
+            dict(model=dataclasses.replace(cases.CFG, q_lora_rank=18)),
+            r"params/.*wq_b/kernel: dimension 1 \(q_lora\) has size 18, not divisible by the 4 "
+            r"shards of mesh axes fsdp=2 x expert=2",
+        ),
     ],
-    ids=["mesh-product", "experts", "heads", "ffn", "expert-ffn", "batch", "unused-axis", "pipe"],
+    ids=[
+        "mesh-product",
+        "experts",
+        "heads",
+        "ffn",
+        "expert-ffn",
+        "batch",
+        "unused-axis",
+        "pipe",
+        "state-spec",
+    ],
 )
 def test_bad_layouts_fail_before_compile(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -38,6 +38,39 @@ def test_unused_chunks_are_dropped_on_the_way_back():
     np.testing.assert_array_equal(back, np.ones((2, 1)))
 
 
+@pytest.mark.parametrize(
+    "n_moe,num_stages,counts",
+    [
+        (58, 16, (1,) + (4,) * 14 + (1,)),  # DeepSeek-V3: the padding on the two end stages
+        (3, 2, (2, 1)),  # the last stage (head, loss, MTP) first
+        (13, 4, (3, 4, 4, 2)),
+        (5, 4, (1, 2, 1, 1)),  # the ends keep one real layer each; the rest moves inward
+        (8, 4, (2, 2, 2, 2)),
+    ],
+)
+def test_uneven_layer_counts_pad_the_end_stages(n_moe, num_stages, counts):
+    assert stages.layer_counts(n_moe, num_stages) == counts
+    index = stages.slots(n_moe, num_stages)
+    real = index[:num_stages][index[:num_stages] < n_moe]
+    np.testing.assert_array_equal(real, np.arange(n_moe))  # every layer once, in order
+    assert (index[num_stages] == n_moe).all()  # the unused-chunk row is all padding
+
+
+def test_uneven_layout_round_trips_and_drops_padding():
+    # 3 layers on DualPipe's 2 stages (2 + 1) on 2 ranks, both copies of each stage.
+    table = ticks.build(schedules.build(Schedule.DUALPIPE, 2, 4))
+    placement = np.asarray(table.stage)  # [[0, 1], [1, 0]]
+    layers = np.arange(3 * 2, dtype=np.float64).reshape(3, 2) + 1
+    pipe = np.array(stages.to_pipeline({"w": layers}, placement, 2)["w"])
+    active = stages.active(placement, 3, 2)
+    assert pipe.shape == (2, 2, 2, 2) and active.tolist() == [[[1, 1], [1, 0]], [[1, 0], [1, 1]]]
+    np.testing.assert_array_equal(pipe[0, 0], layers[:2])
+    np.testing.assert_array_equal(pipe[0, 1, 0], layers[2])
+    pipe[active == 0] = 1e9  # whatever a padding slot holds never reaches the canonical stack
+    back = np.asarray(stages.from_pipeline({"w": pipe}, placement, 2, 3)["w"])
+    np.testing.assert_array_equal(back, 2 * layers)
+
+
 def test_microbatches_are_strided_and_divisibility_is_checked():
     batch = Batch(*(np.arange(12 * 2).reshape(12, 2) + i for i in range(4)))
     mbs = pipeline_step.microbatched(batch, 4)

@@ -157,7 +157,16 @@ def build(stage: stages.Stage, layout: Layout, mesh: jax.sharding.Mesh) -> Calla
         stack, stack_bias = pipeline_ops.take(stack, 0), pipeline_ops.take(stack_bias, 0)
         tbl = {k: v[0] for k, v in tbl.items()}
         env = pipeline_ops.make_env(
-            stack, stack_bias, glob, glob_bias, mbs, norms, weights, tbl["is_first"], tbl["is_last"]
+            stack,
+            stack_bias,
+            glob,
+            glob_bias,
+            mbs,
+            norms,
+            weights,
+            tbl["is_first"],
+            tbl["is_last"],
+            tbl.get("active"),  # uneven stages only (pipeline_step.Pipeline.tables)
         )
         ops = pipeline_ops.Ops(stage, env, layout.split)
         carry = pipeline_ops.init_carry(

@@ -65,10 +65,13 @@ def make_env(
     weights: losses.Weights,
     first: jax.Array,
     last: jax.Array,
+    active: jax.Array | None = None,
 ) -> dict:
     """One rank's arrays as the ops read them: stack/stack_bias [K, Ls, ...], micro-batches
-    (every Batch field [M, b, s]), first/last [K] role flags of the rank's chunks."""
+    (every Batch field [M, b, s]), first/last [K] role flags of the rank's chunks, and with
+    uneven stages active [K, Ls] (0: a padding slot, run as the identity)."""
     return dict(
+        active=active,
         stack=stack,
         bias=stack_bias,
         glob=glob,
@@ -175,6 +178,7 @@ class Ops:
             batch=take(env["mbs"], mb),
             first=env["first"][c],
             last=env["last"][c],
+            active=None if env["active"] is None else env["active"][c],
             env={k: env[k] for k in ("glob", "glob_bias", "norms", "weights", "stack0", "bias0")},
         )
 
@@ -186,7 +190,10 @@ class Ops:
             lambda: st.prologue({}, env, batch.inputs),
             lambda: carry.act[slot].astype(st.cfg.compute_dtype.jnp),
         )
-        (h, _), (load, balance) = st.body(take(env["stack"], c), x, take(env["bias"], c), env)
+        active = None if env["active"] is None else env["active"][c]
+        (h, _), (load, balance) = st.body(
+            take(env["stack"], c), x, take(env["bias"], c), env, active
+        )
         _, epi = jax.lax.cond(
             env["last"][c] > 0,
             lambda: st.epilogue({}, h, batch, env),
@@ -206,12 +213,14 @@ class Ops:
         stable operands and (d_glob, stage input x, received output gradient)."""
         st = self.stage
         env = {**self.env, **stable["env"]}
-        chunk, bias, batch = stable["chunk"], stable["bias"], stable["batch"]
+        chunk, bias, batch, on = (stable[k] for k in ("chunk", "bias", "batch", "active"))
         d_glob, x, received = transient
         if weights:
-            (h, aux_loss), body_vjp = jax.vjp(lambda p, x_: st.body(p, x_, bias, env)[0], chunk, x)
+            (h, aux_loss), body_vjp = jax.vjp(
+                lambda p, x_: st.body(p, x_, bias, env, on)[0], chunk, x
+            )
         else:
-            (h, aux_loss), body_vjp = jax.vjp(lambda x_: st.body(chunk, x_, bias, env)[0], x)
+            (h, aux_loss), body_vjp = jax.vjp(lambda x_: st.body(chunk, x_, bias, env, on)[0], x)
 
         def from_loss(d_glob):
             if weights:

@@ -27,12 +27,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from deepseek_jax.model import config as config_lib
 from deepseek_jax.model import dispatch, losses
 from deepseek_jax.parallel import mesh as mesh_lib
+from deepseek_jax.parallel import sharding as sharding_lib
 
 STACK = "moe_layers"  # the canonical params/expert_bias key that is cut into stages
 
@@ -63,41 +65,109 @@ def join(stack: Any, rest: dict) -> dict:
     return {**rest, STACK: stack}
 
 
-def stack_over_pipe(specs: dict) -> dict:
-    """PartitionSpecs of canonical params (or biases) with the MoE stack's leading layer axis
-    split over `pipe`: rank r stores layers [r*n_moe/PP, (r+1)*n_moe/PP) and their optimizer
-    state, which for DualPipe/1F1B/GPipe is its own (direction-0) stage."""
+def layer_counts(n_moe: int, num_stages: int) -> tuple[int, ...]:
+    """Real MoE layers per stage. Every stage has Ls = ceil(n_moe / S) layer slots; the
+    S * Ls - n_moe padding slots go to the ends, where the embedding and dense layers (first
+    stage) and the head, loss and MTP (last stage) already sit: the pair (last, first) takes
+    them first, split evenly (the last stage the odd one), each keeping at least one real layer,
+    then the pair (S-2, 1), and so on inward. V3 (58 MoE layers on 16 stages, Ls = 4): 1 MoE
+    layer (+ 3 dense) on stage 0, 1 (+ head, MTP) on stage 15, 4 on every other stage."""
+    S = num_stages
+    Ls = -(-n_moe // S)
+    if n_moe < S:
+        raise ValueError(f"{n_moe} MoE layers cannot fill {S} stages (at least one per stage)")
+    counts, pad = [Ls] * S, S * Ls - n_moe
+    for i in range(S // 2 + S % 2):
+        pair = (S - 1 - i, i) if S - 1 - i != i else (i,)
+        while pad and any(counts[s] > 1 for s in pair):
+            for s in pair:  # one slot at a time, the later stage first
+                if pad and counts[s] > 1:
+                    counts[s], pad = counts[s] - 1, pad - 1
+    return tuple(counts)
 
-    def one(spec: P) -> P:
-        first = spec[0] if len(spec) else None
-        rest = () if first is None else (first,) if isinstance(first, str) else tuple(first)
-        return P((mesh_lib.PIPE, *rest) if rest else mesh_lib.PIPE, *spec[1:])
 
-    return {**specs, STACK: jax.tree.map(one, specs[STACK], is_leaf=lambda x: isinstance(x, P))}
+def slots(n_moe: int, num_stages: int) -> np.ndarray:
+    """[S + 1, Ls] canonical layer index of each stage's layer slots; n_moe marks a padding slot
+    (real layers first in each stage), and row S (an unused chunk) is all padding."""
+    counts = layer_counts(n_moe, num_stages)
+    Ls = max(counts)
+    out = np.full((num_stages + 1, Ls), n_moe, np.int32)
+    start = 0
+    for s, n in enumerate(counts):
+        out[s, :n] = np.arange(start, start + n)
+        start += n
+    return out
+
+
+def active(placement, n_moe: int, num_stages: int) -> np.ndarray:
+    """[P, K, Ls] int32: 1 where rank r's chunk c holds a real layer in slot l, 0 for padding."""
+    index = slots(n_moe, num_stages)[np.minimum(np.asarray(placement), num_stages)]
+    return (index < n_moe).astype(np.int32)
+
+
+def stack_over_pipe(specs: dict, abstract: dict, sizes, what: str = "params") -> dict:
+    """PartitionSpecs of canonical params (or biases) with the MoE stack split over `pipe`.
+
+    When PP divides the layer count, on the leading layer axis: rank r stores layers
+    [r*n_moe/PP, (r+1)*n_moe/PP) and their optimizer state, which for DualPipe/1F1B/GPipe is its
+    own (direction-0) stage. When it does not (uneven stages, `layer_counts`), every layer is
+    split over `pipe` on another dimension (sharding.add_axis: the first one PP divides), so each
+    rank still stores 1/PP of the stack; the step's gather into the pipelined layout then moves
+    every stage's layers to its rank (as it already moves DualPipe's second copy). No dimension
+    divisible by PP is a bad layout: ValueError naming the array."""
+    n = sizes[mesh_lib.PIPE]
+
+    def one(path, spec: P, leaf) -> P:
+        if leaf.shape[0] % n == 0:
+            first = spec[0] if len(spec) else None
+            rest = () if first is None else (first,) if isinstance(first, str) else tuple(first)
+            return P((mesh_lib.PIPE, *rest) if rest else mesh_lib.PIPE, *spec[1:])
+        out = sharding_lib.add_axis(spec, leaf.shape, mesh_lib.PIPE, sizes)
+        if out is None:
+            name = "/".join((what, STACK) + sharding_lib.path_keys(path))
+            raise ValueError(
+                f"parallel.pipe={n}: {name} of shape {tuple(leaf.shape)} (sharded {spec}): its "
+                f"{leaf.shape[0]} layers do not split evenly over pipe={n} and no other "
+                "dimension is divisible by it; pick a parallel.pipe that divides model.n_layers "
+                "- first_k_dense_replace or one of the layer's dimensions"
+            )
+        return out
+
+    stack = jax.tree_util.tree_map_with_path(
+        one, specs[STACK], abstract[STACK], is_leaf=lambda x: isinstance(x, P)
+    )
+    return {**specs, STACK: stack}
 
 
 def to_pipeline(stack: Any, placement: jax.Array, num_stages: int) -> Any:
     """[n_moe, ...] -> [P, K, Ls, ...]: rank r's chunk c holds stage placement[r, c].
 
     Placement entries >= num_stages mark unused chunks (a one-chunk schedule run by a two-chunk
-    executor); they get an arbitrary stage's weights, which the executor never reads.
+    executor); they, and the padding slots of uneven stages (`slots`), get an arbitrary real
+    layer's weights, which the executor never uses (`active` masks padding slots to the identity).
     """
 
     def one(a):
-        staged = a.reshape(num_stages, a.shape[0] // num_stages, *a.shape[1:])
+        index = slots(a.shape[0], num_stages)  # static: numpy
+        staged = jnp.take(a, index.reshape(-1), axis=0, mode="clip")
+        staged = staged.reshape(num_stages + 1, index.shape[1], *a.shape[1:])
         return jnp.take(staged, placement, axis=0, mode="clip")
 
     return jax.tree.map(one, stack)
 
 
-def from_pipeline(pipe: Any, placement: jax.Array, num_stages: int) -> Any:
-    """[P, K, Ls, ...] -> [n_moe, ...], summing every copy of a stage (DualPipe's two copies)."""
+def from_pipeline(
+    pipe: Any, placement: jax.Array, num_stages: int, n_moe: int | None = None
+) -> Any:
+    """[P, K, Ls, ...] -> [n_moe, ...], summing every copy of a stage (DualPipe's two copies) and
+    dropping padding slots and unused chunks. n_moe defaults to S * Ls (even stages)."""
 
     def one(a):
         P, K, Ls = a.shape[:3]
-        out = jnp.zeros((num_stages, *a.shape[2:]), a.dtype)
-        out = out.at[placement.reshape(-1)].add(a.reshape(P * K, *a.shape[2:]), mode="drop")
-        return out.reshape(num_stages * Ls, *a.shape[3:])
+        n = num_stages * Ls if n_moe is None else n_moe
+        index = jnp.asarray(slots(n, num_stages))[jnp.minimum(placement, num_stages)]
+        out = jnp.zeros((n, *a.shape[3:]), a.dtype)
+        return out.at[index.reshape(-1)].add(a.reshape(P * K * Ls, *a.shape[3:]), mode="drop")
 
     return jax.tree.map(one, pipe)
 
@@ -148,11 +218,14 @@ class Stage:
         cos, sin = model.rope_tables(*ids.shape)
         return model.prologue(ids, cos, sin, self.experts, unroll=True)
 
-    def body(self, chunk, x, bias_chunk, env: dict):
-        """The stage's MoE layers: ((h, alpha * balance share), (load [Ls, E], balance / M))."""
+    def body(self, chunk, x, bias_chunk, env: dict, active_L=None):
+        """The stage's MoE layers: ((h, alpha * balance share), (load [Ls, E], balance / M)).
+        active_L [Ls]: 0 marks a padding slot of an uneven stage (the identity, zero stats)."""
         model = self._model(env["glob"], env["glob_bias"], chunk, bias_chunk)
         cos, sin = model.rope_tables(*x.shape[:2])
-        h, stats = model.run_stack(model.moe_layers, x, cos, sin, self.experts, unroll=True)
+        h, stats = model.run_stack(
+            model.moe_layers, x, cos, sin, self.experts, unroll=True, active_L=active_L
+        )
         weights = env["weights"]
         loss = weights.balance_alpha * losses.balance_term(stats, env["norms"])
         return (h, loss.astype(self.acc_dtype)), (stats.load_E, stats.balance / self.microbatches)
