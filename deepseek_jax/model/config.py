@@ -174,6 +174,9 @@ class ModelConfig:
     param_dtype: DType = DType.FLOAT32
     compute_dtype: DType = DType.FLOAT32
     remat: RematPolicy = RematPolicy.NONE
+    # Training loss: tokens per chunk of the fused head + cross-entropy (model/head_loss.py), which
+    # never builds the [tokens, vocab] logits; 0 builds them and differentiates the plain CE.
+    loss_chunk_tokens: int = 0
 
     def __post_init__(self):
         self.validate()
@@ -262,7 +265,13 @@ class ModelConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 fail(name, f"must be positive, got {getattr(self, name)}")
-        for name in ["first_k_dense_replace", "n_shared_experts", "mtp_depth", "n_routed_experts"]:
+        for name in [
+            "first_k_dense_replace",
+            "n_shared_experts",
+            "mtp_depth",
+            "n_routed_experts",
+            "loss_chunk_tokens",
+        ]:
             if getattr(self, name) < 0:
                 fail(name, f"must be >= 0, got {getattr(self, name)}")
         if self.q_lora_rank is not None and self.q_lora_rank <= 0:
