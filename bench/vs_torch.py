@@ -43,6 +43,9 @@ VARIANTS = {
 }
 WARMUP = 2
 
+sys.path.insert(0, str(ROOT / "bench"))
+import torch_profile  # noqa: E402  (bench/, next to this script)
+
 
 def experiment(variant: str, sets: list[str]):
     sys.path.insert(0, str(ROOT))
@@ -70,6 +73,13 @@ def timed(step, steps: int) -> list[float]:
         if i >= WARMUP:
             times.append(time.perf_counter() - t0)
     return times
+
+
+def jax_breakdown(exp, steps: int) -> dict:
+    sys.argv = sys.argv[:1]
+    import train_step  # bench/ is this script's directory
+
+    return train_step.breakdown(exp, steps)
 
 
 def run_jax(exp, steps: int) -> dict:
@@ -121,13 +131,21 @@ def hf_model(exp):
     return model
 
 
-def run_torch(exp, steps: int, threads: int) -> dict:
+def run_torch(exp, steps: int, threads: int, profile: bool = False) -> dict:
+    import contextlib
+
     import torch
     import torch.nn.functional as F
 
     torch.set_num_threads(threads)
     t = exp.train
     model = hf_model(exp)
+    if profile:
+        torch_profile.instrument(model)
+
+    def scope(cat):
+        return torch.profiler.record_function(f"cat:{cat}") if profile else contextlib.nullcontext()
+
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]  # norm weights, as ours
     opt = torch.optim.AdamW(
@@ -144,12 +162,25 @@ def run_torch(exp, steps: int, threads: int) -> dict:
 
     def step():
         logits = model(input_ids=inputs).logits
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        with scope("head + CE"):
+            flat = logits.float().reshape(-1, logits.shape[-1])
+            loss = F.cross_entropy(flat, targets.reshape(-1))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with scope("optimizer (clip + AdamW)"):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         losses.append(float(loss))
+
+    if profile:
+        timed(step, 0)  # warm
+        t0 = time.perf_counter()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+        wall = time.perf_counter() - t0
+        ms = torch_profile.breakdown(prof.events(), steps)
+        return {"ms_per_step": ms, "wall_ms_per_step": 1e3 * wall / steps}
 
     return {
         "step_s": timed(step, steps),
@@ -164,9 +195,9 @@ def worker(args) -> None:
     os.sched_setaffinity(0, range(args.threads))
     exp = experiment(args.variant, args.set)
     if args.worker == "jax":
-        out = run_jax(exp, args.steps)
+        out = jax_breakdown(exp, args.steps) if args.breakdown else run_jax(exp, args.steps)
     else:
-        out = run_torch(exp, args.steps, args.threads)
+        out = run_torch(exp, args.steps, args.threads, profile=args.breakdown)
     print("RESULT " + json.dumps(out), flush=True)
 
 
@@ -178,13 +209,46 @@ def spawn(framework: str, args) -> dict:
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, __file__, f"--worker={framework}", f"--variant={args.variant}"]
     cmd += [f"--steps={args.steps}", f"--threads={args.threads}"]
-    cmd += [f"--set={s}" for s in args.set]
+    cmd += [f"--set={s}" for s in args.set] + (["--breakdown"] if args.breakdown else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout + proc.stderr)
         raise SystemExit(f"{framework} worker failed (exit {proc.returncode})")
     return json.loads(lines[-1][len("RESULT ") :])
+
+
+def print_breakdowns(args) -> None:
+    """One profiled run of each (after warm-up): ms per step by part, ours, torch, ratio."""
+    import step_profile
+
+    res = {fw: spawn(fw, args) for fw in ("jax", "torch")}
+    print(f"{'part (ms per step)':30s} {'ours':>9s} {'torch':>9s} {'ours/torch':>10s}")
+    rows = {}
+    for cat in step_profile.CATEGORIES:
+        ours, theirs = (
+            res["jax"]["ms_per_step"].get(cat, 0.0),
+            res["torch"]["ms_per_step"].get(cat, 0.0),
+        )
+        rows[cat] = {"ours_ms": round(ours, 1), "torch_ms": round(theirs, 1)}
+        ratio = f"{ours / theirs:10.2f}" if theirs > 0 else f"{'-':>10s}"
+        print(f"{cat:30s} {ours:9.1f} {theirs:9.1f} {ratio}")
+    sums = {fw: sum(r["ms_per_step"].values()) for fw, r in res.items()}
+    walls = {fw: r["wall_ms_per_step"] for fw, r in res.items()}
+    print(f"{'sum of op times':30s} {sums['jax']:9.1f} {sums['torch']:9.1f}")
+    print(f"{'step wall (profiled)':30s} {walls['jax']:9.1f} {walls['torch']:9.1f}")
+    out = {
+        "bench": "vs_torch_breakdown",
+        "variant": args.variant,
+        "overrides": args.set,
+        "rows": rows,
+        "op_sum_ms": {k: round(v, 1) for k, v in sums.items()},
+        "wall_ms": {k: round(v, 1) for k, v in walls.items()},
+        "jax_top_other_ms": {
+            k: round(v, 1) for k, v in res["jax"].get("top_other_ms_per_step", {}).items()
+        },
+    }
+    print(json.dumps(out))
 
 
 def main():
@@ -194,10 +258,13 @@ def main():
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--set", action="append", default=[], help="model.x=value override (both)")
+    p.add_argument("--breakdown", action="store_true", help="profile both, print ms by part")
     p.add_argument("--worker", choices=["jax", "torch"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         return worker(args)
+    if args.breakdown:
+        return print_breakdowns(args)
 
     exp = experiment(args.variant, args.set)
     tokens = exp.train.global_batch_size * exp.train.seq_len

@@ -176,7 +176,8 @@ class ModelConfig:
     remat: RematPolicy = RematPolicy.NONE
     # Training loss: tokens per chunk of the fused head + cross-entropy (model/head_loss.py), which
     # never builds the [tokens, vocab] logits; 0 builds them and differentiates the plain CE.
-    loss_chunk_tokens: int = 0
+    # 1024: the fastest of 128..1024 on the vocab-32K CPU benchmark (BENCHMARKS.md, issue 12).
+    loss_chunk_tokens: int = 1024
 
     def __post_init__(self):
         self.validate()
