@@ -1,12 +1,16 @@
-"""Throughput and MFU of the jitted train step, and compile time vs depth.
+"""Throughput and MFU of the jitted train step, compile time vs depth, and where the time goes.
 
-    python bench/train_step.py --config=configs/small.py [--steps=10] [--depths=4,32] [--json=FILE]
+    python bench/train_step.py --config=configs/small.py [--steps=10] [--depths=4,32]
+        [--parts=mfu,compile,breakdown] [--set model.loss_chunk_tokens=512 ...] [--json=FILE]
 
 In one process: (1) the peak matmul FLOP/s of this machine, from a large jnp.dot in the compute
 dtype; (2) tokens/s of the train step on the config, and model FLOP/s = tokens/s x training FLOPs
 per token (deepseek_jax.model.counting: 6 x matmul-active params + causal attention + MTP), whose
 ratio to (1) is the MFU; (3) compile time of the same step at two depths (MoE layers scanned, so it
-should barely grow). Ratios are measured side by side; absolute times drift on shared machines.
+should barely grow); (4) `breakdown`: ms per step by part of the model (head + CE, attention, MoE
+routing / sort / grouped matmul / combine, FFN, norms + RoPE, optimizer, other) from a
+jax.profiler trace of the compiled step (bench/step_profile.py says how). Ratios are measured side
+by side; absolute times drift on shared machines.
 The JSON it prints (and writes to --json=FILE) is what the cost estimate's `--mfu=measured
 --bench_json=FILE` reads (deepseek_jax/cost/estimate.py, docs/cost.md).
 """
@@ -28,6 +32,11 @@ from deepseek_jax.model import counting
 from deepseek_jax.train import optim
 from deepseek_jax.train import state as state_lib
 from deepseek_jax.train import step as step_lib
+
+try:
+    from bench import step_profile
+except ImportError:  # run as a script: bench/ is on sys.path
+    import step_profile
 
 
 def matmul_peak(dtype, n: int = 2048, seconds: float = 2.0) -> float:
@@ -74,12 +83,78 @@ def main():
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--depths", default="4,32")
     p.add_argument("--json", default=None, help="also write the result to this file")
+    p.add_argument("--parts", default="mfu,compile", help="any of mfu,compile,breakdown")
+    p.add_argument("--profile-steps", type=int, default=3)
+    p.add_argument("--set", action="append", default=[], help="FIELD=VALUE config override")
     args = p.parse_args()
-    exp = config_lib.load(args.config)
+    parts = set(args.parts.split(","))
+    exp = config_lib.load(args.config, config_lib.parse_overrides(args.set))
     m = exp.model
     counts = counting.count(m, exp.train.seq_len)
     tokens = exp.train.global_batch_size * exp.train.seq_len
+    out = {
+        "config": args.config,
+        "overrides": args.set,
+        "commit": git_commit(),
+        "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind,
+        "devices": jax.device_count(),
+    }
+    if "mfu" in parts:
+        out.update(measure_mfu(exp, counts, tokens, args.steps))
+    if "compile" in parts:
+        depth_rows = {}
+        for depth in [int(d) for d in args.depths.split(",")]:
+            deep = dataclasses.replace(exp, model=dataclasses.replace(m, n_layers=depth))
+            depth_rows[depth] = compile_seconds(deep)
+        out["compile_s_by_layers"] = {k: round(v, 2) for k, v in depth_rows.items()}
+    if "breakdown" in parts:
+        out["breakdown"] = breakdown(exp, args.profile_steps)
+        print_breakdown(out["breakdown"])
+    print(json.dumps(out, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
 
+
+def git_commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def breakdown(exp, steps: int) -> dict:
+    """ms per step by category from a profiler trace of the compiled step (bench/step_profile)."""
+    tx, fn = build(exp)
+    batch = synthetic_batch(exp)
+    holder = {"state": state_lib.init_state(exp.model, tx, 0)}
+    compiled = fn.lower(holder["state"], batch).compile()
+
+    def run():
+        holder["state"], metrics = compiled(holder["state"], batch)
+        jax.block_until_ready(metrics)
+
+    run()
+    run()  # warm
+    return step_profile.breakdown(compiled, run, steps)
+
+
+def print_breakdown(b: dict) -> None:
+    for cat, ms in b["ms_per_step"].items():
+        print(f"  {cat:30s} {ms:9.1f} ms")
+    print(
+        f"  {'sum of op times':30s} {b['op_ms_sum']:9.1f} ms "
+        f"(step wall under the profiler {b['wall_ms_per_step']:.1f} ms)"
+    )
+
+
+def measure_mfu(exp, counts, tokens: int, steps: int) -> dict:
+    m = exp.model
     peak = matmul_peak(m.compute_dtype.jnp)
     tx, fn = build(exp)
     state = state_lib.init_state(m, tx, 0)
@@ -89,23 +164,13 @@ def main():
     jax.block_until_ready(metrics)
     first = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for _ in range(args.steps):
+    for _ in range(steps):
         state, metrics = fn(state, batch)
     jax.block_until_ready(metrics)
-    step_s = (time.perf_counter() - t0) / args.steps
+    step_s = (time.perf_counter() - t0) / steps
     tps = tokens / step_s
     model_flops = tps * counts.train_flops_per_token
-
-    depth_rows = {}
-    for depth in [int(d) for d in args.depths.split(",")]:
-        deep = dataclasses.replace(exp, model=dataclasses.replace(m, n_layers=depth))
-        depth_rows[depth] = compile_seconds(deep)
-
-    out = {
-        "config": args.config,
-        "backend": jax.default_backend(),
-        "device": jax.devices()[0].device_kind,
-        "devices": jax.device_count(),
+    return {
         "total_params": counts.total_params,
         "active_params": counts.active_params,
         "mtp_params": counts.mtp_params,
@@ -118,12 +183,7 @@ def main():
         "model_flops_per_s": model_flops,
         "matmul_peak_flops_per_s": peak,
         "mfu": model_flops / peak,
-        "compile_s_by_layers": {k: round(v, 2) for k, v in depth_rows.items()},
     }
-    print(json.dumps(out, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ Dimension legend: every activation and weight name carries its shape as a suffix
   F  dense or expert FFN dim           E  routed experts         G  expert groups
   k  experts per token (top-k)         g  groups kept per token (topk_group)
   X  tokens flattened, B * S           Z  (token, choice) rows sorted by expert, X * k
+  c  tokens per chunk (head_loss)
   e  routed experts local to one expert-parallel rank (E / U)
   U  expert-parallel ranks             W  rows per destination in an all-to-all buffer
   L  layers                            J  MTP depth (modules)    I  logged steps (plot.py)

@@ -213,6 +213,10 @@ class ModelConfig:
     compute_dtype: DType = DType.FLOAT32
     remat: RematPolicy = RematPolicy.NONE
     grouped_matmul: GroupedMatmul = GroupedMatmul.AUTO  # the routed experts' grouped matmul
+    # Training loss: tokens per chunk of the fused head + cross-entropy (model/head_loss.py), which
+    # never builds the [tokens, vocab] logits; 0 builds them and differentiates the plain CE.
+    # 1024: the fastest of 128..1024 on the vocab-32K CPU benchmark (BENCHMARKS.md, issue 12).
+    loss_chunk_tokens: int = 1024
 
     def __post_init__(self):
         self.validate()
@@ -303,7 +307,13 @@ class ModelConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 fail(name, f"must be positive, got {getattr(self, name)}")
-        for name in ["first_k_dense_replace", "n_shared_experts", "mtp_depth", "n_routed_experts"]:
+        for name in [
+            "first_k_dense_replace",
+            "n_shared_experts",
+            "mtp_depth",
+            "n_routed_experts",
+            "loss_chunk_tokens",
+        ]:
             if getattr(self, name) < 0:
                 fail(name, f"must be >= 0, got {getattr(self, name)}")
         if self.q_lora_rank is not None and self.q_lora_rank <= 0:

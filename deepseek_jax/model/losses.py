@@ -24,9 +24,9 @@ import jax
 import jax.numpy as jnp
 
 from deepseek_jax import batch as batch_lib
+from deepseek_jax.model import head_loss, layers, transformer
 from deepseek_jax.model import moe as moe_lib
 from deepseek_jax.model import mtp as mtp_lib
-from deepseek_jax.model import transformer
 
 Metrics = dict[str, jax.Array]
 
@@ -70,6 +70,36 @@ def token_nll(logits_BSY: jax.Array, targets_BS: jax.Array) -> jax.Array:
     return logz_BS - picked_BS
 
 
+def masked_nll(
+    x: jax.Array,
+    out: transformer.Outputs,
+    targets_BS: jax.Array,
+    mask_BS: jax.Array,
+    denom: jax.Array,
+) -> jax.Array:
+    """sum(mask * nll) / denom, where x is the logits [B, S, Y], or, when `out` carries the head
+    (`out.head_DY`, the forward run with logits=False), the head's input [B, S, D], to which the
+    fused chunked head + CE is applied without building the logits (model/head_loss.py)."""
+    if out.head_DY is None:
+        return jnp.sum(token_nll(x, targets_BS) * mask_BS) / denom
+    D = x.shape[-1]
+    return head_loss.weighted_nll(
+        x.reshape(-1, D),
+        out.head_DY,
+        targets_BS.reshape(-1),
+        (mask_BS / denom).reshape(-1),  # one weighted sum: its gradient is known in the forward
+        out.loss_chunk_tokens,
+        x.dtype,
+    )
+
+
+def loss_dtype(out: transformer.Outputs):
+    """The dtype the loss is computed in (the logits', or >= float32 when they are not built)."""
+    if out.head_DY is None:
+        return out.logits_BSY.dtype
+    return layers.accum_dtype(out.hidden_BSD.dtype)
+
+
 def mtp_targets(targets_BS: jax.Array, mask_BS: jax.Array, depth: int):
     """[J, B, S] targets and masks: depth k predicts t_{i+k+1} = targets[i+k]."""
     return mtp_lib.shifted(targets_BS, depth), mtp_lib.shifted(mask_BS, depth)
@@ -103,18 +133,19 @@ def objective(
     out: transformer.Outputs, batch: batch_lib.Batch, norms: Norms, weights: Weights
 ) -> tuple[jax.Array, Metrics]:
     """The pre-training objective (an `Objective`)."""
-    mask_BS = batch.loss_mask.astype(out.logits_BSY.dtype)
-    lm = jnp.sum(token_nll(out.logits_BSY, batch.targets) * mask_BS) / norms.tokens
+    mask_BS = batch.loss_mask.astype(loss_dtype(out))
+    fused = out.head_DY is not None
+    main, mtp_in = (
+        (out.hidden_BSD, out.mtp_hidden_JBSD) if fused else (out.logits_BSY, out.mtp_logits_JBSY)
+    )
+    lm = masked_nll(main, out, batch.targets, mask_BS, norms.tokens)
     metrics = {"lm_loss": lm}
     loss = lm
-    if out.mtp_logits_JBSY is not None:
-        depth = out.mtp_logits_JBSY.shape[0]
+    if mtp_in is not None:
+        depth = mtp_in.shape[0]
         t_JBS, m_JBS = mtp_targets(batch.targets, mask_BS, depth)
-        per_depth = (
-            jax.vmap(lambda lg, t, m: jnp.sum(token_nll(lg, t) * m))(
-                out.mtp_logits_JBSY, t_JBS, m_JBS
-            )
-            / norms.mtp_tokens
+        per_depth = jax.vmap(lambda x, t, m, n: masked_nll(x, out, t, m, n))(
+            mtp_in, t_JBS, m_JBS, norms.mtp_tokens
         )
         mtp = jnp.mean(per_depth)  # (lambda / J) * sum_k = lambda * mean_k
         loss = loss + weights.mtp_lambda * mtp

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -15,13 +16,32 @@ from deepseek_jax.model import moe as moe_lib
 from deepseek_jax.model import mtp as mtp_lib
 
 
-@jax.tree_util.register_dataclass
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=[
+        "logits_BSY",
+        "mtp_logits_JBSY",
+        "moe_stats",
+        "mtp_stats",
+        "hidden_BSD",
+        "mtp_hidden_JBSD",
+        "head_DY",
+    ],
+    meta_fields=["loss_chunk_tokens"],
+)
 @dataclasses.dataclass
 class Outputs:
-    logits_BSY: jax.Array
+    """What the forward returns. With `logits=False` (the fused head + CE of model/head_loss.py)
+    the logits fields are None and the head's inputs and weight are returned instead."""
+
+    logits_BSY: jax.Array | None
     mtp_logits_JBSY: jax.Array | None  # depth k-1 row predicts token i+k+1 at position i
     moe_stats: moe_lib.MoEStats | None  # stacked over main MoE layers [Lm, ...]
     mtp_stats: moe_lib.MoEStats | None  # stacked over MTP depths [J, ...]
+    hidden_BSD: jax.Array | None = None  # the head's input (after the final norm)
+    mtp_hidden_JBSD: jax.Array | None = None  # the same per MTP depth (after its head_norm)
+    head_DY: jax.Array | None = None  # the head kernel (the embedding transposed when tied)
+    loss_chunk_tokens: int = 0  # with head_DY: tokens per chunk of the fused head + CE
 
 
 class Transformer(nnx.Module):
@@ -87,6 +107,10 @@ class Transformer(nnx.Module):
         out = constraints.constrain(out, ("act_batch", "act_seq", "act_vocab"))
         return out.astype(layers.accum_dtype(out.dtype))
 
+    def head_weight(self) -> jax.Array:
+        """The head as a [D, Y] kernel in the parameter dtype (what `logits` multiplies by)."""
+        return self.embed.embedding[...].T if self.head is None else self.head.kernel[...]
+
     def run_stack(
         self,
         stack_module,
@@ -137,22 +161,36 @@ class Transformer(nnx.Module):
         experts: dispatch.ExpertFn = dispatch.dropless_experts,
         *,
         with_mtp: bool = True,
+        logits: bool = True,
     ) -> Outputs:
-        """Final norm, head and the MTP modules on the MoE stack's output (moe_stats left None)."""
+        """Final norm, head and the MTP modules on the MoE stack's output (moe_stats left None).
+
+        `logits=False` stops before the head: Outputs carries the head's inputs and its weight
+        for a loss that applies the head itself (head_loss.weighted_nll)."""
         h_BSD = self.norm(h_BSD)
-        logits_BSY = self.logits(h_BSD)
-        mtp_logits, mtp_stats = None, None
+        head = self.logits if logits else (lambda x: x)
+        mtp_out, mtp_stats = None, None
         if with_mtp and self.mtp is not None:
-            mtp_logits, mtp_stats = self.mtp(
-                h_BSD, inputs_BS, self.embed, self.logits, cos, sin, experts
-            )
-        return Outputs(logits_BSY, mtp_logits, None, mtp_stats)
+            mtp_out, mtp_stats = self.mtp(h_BSD, inputs_BS, self.embed, head, cos, sin, experts)
+        if logits:
+            return Outputs(self.logits(h_BSD), mtp_out, None, mtp_stats)
+        return Outputs(
+            None,
+            None,
+            None,
+            mtp_stats,
+            h_BSD,
+            mtp_out,
+            self.head_weight(),
+            max(self.cfg.loss_chunk_tokens, 1),
+        )
 
     def __call__(
         self,
         inputs_BS: jax.Array,
         *,
         with_mtp: bool = True,
+        logits: bool = True,
         experts: dispatch.ExpertFn = dispatch.dropless_experts,
     ) -> Outputs:
         B, S = inputs_BS.shape
@@ -161,7 +199,7 @@ class Transformer(nnx.Module):
         moe_stats = None
         if self.moe_layers is not None:
             h_BSD, moe_stats = self.run_stack(self.moe_layers, h_BSD, cos, sin, experts)
-        out = self.epilogue(h_BSD, inputs_BS, cos, sin, experts, with_mtp=with_mtp)
+        out = self.epilogue(h_BSD, inputs_BS, cos, sin, experts, with_mtp=with_mtp, logits=logits)
         return dataclasses.replace(out, moe_stats=moe_stats)
 
     # -- aux-loss-free balancing -----------------------------------------------------------------

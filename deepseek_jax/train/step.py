@@ -36,8 +36,8 @@ def loss_fn(
     objective: losses.Objective = losses.objective,
 ):
     model = nnx.merge(graphdef, params, expert_bias)
-    out = model(batch.inputs, experts=experts)
-    norms = losses.norms(batch, model.cfg.mtp_depth, out.logits_BSY.dtype)
+    out = model(batch.inputs, experts=experts, logits=model.cfg.loss_chunk_tokens == 0)
+    norms = losses.norms(batch, model.cfg.mtp_depth, losses.loss_dtype(out))
     weights = losses.Weights(mtp_lambda, train_cfg.balance_alpha)
     loss, metrics = objective(out, batch, norms, weights)
     return loss, (metrics, out.moe_stats, out.mtp_stats)

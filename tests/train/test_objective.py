@@ -39,9 +39,9 @@ class WeightedBatch(Batch):
 def weighted_objective(out, batch, norms, weights):
     """The pre-training objective plus sum(w * nll) / tokens, reading the new field."""
     loss, metrics = losses.objective(out, batch, norms, weights)
-    mask = batch.loss_mask.astype(out.logits_BSY.dtype)
-    nll = losses.token_nll(out.logits_BSY, batch.targets) * mask
-    extra = jnp.sum(nll * batch.token_weight) / norms.tokens
+    mask = batch.loss_mask.astype(losses.loss_dtype(out))
+    x = out.logits_BSY if out.head_DY is None else out.hidden_BSD  # either forward
+    extra = losses.masked_nll(x, out, batch.targets, mask * batch.token_weight, norms.tokens)
     return loss + extra, {**metrics, "weighted_lm": extra, "loss": metrics["loss"] + extra}
 
 
@@ -59,7 +59,7 @@ def direct(objective, batch) -> tuple:
     @jax.jit
     def run(params, bias, batch):
         out = nnx.merge(graphdef, params, bias)(batch.inputs)
-        norms = losses.norms(batch, cfg.mtp_depth, out.logits_BSY.dtype)
+        norms = losses.norms(batch, cfg.mtp_depth, losses.loss_dtype(out))
         weights = losses.Weights(
             optim.piecewise(h.TRAIN.mtp_lambda, st.step), h.TRAIN.balance_alpha
         )

@@ -234,7 +234,9 @@ class Stage:
         """Final norm, head, MTP and the objective on this micro-batch: (loss, EpilogueAux)."""
         model = self._model({**env["glob"], **diff}, env["glob_bias"], env["stack0"], env["bias0"])
         cos, sin = model.rope_tables(*mb.inputs.shape)
-        out = model.epilogue(h, mb.inputs, cos, sin, self.experts)
+        out = model.epilogue(
+            h, mb.inputs, cos, sin, self.experts, logits=model.cfg.loss_chunk_tokens == 0
+        )
         loss, metrics = self.objective(out, mb, env["norms"], env["weights"])
         aux = self.zero_aux()
         aux.metrics = metrics
