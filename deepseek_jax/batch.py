@@ -6,6 +6,14 @@ Arrays; `data.packing.batch_spec` gives the dtypes):
     targets       int32   [B, S]  next-token ids (inputs shifted by one)
     loss_mask     float32 [B, S]  1 where the target counts in the loss, 0 on padding
     target_bytes  int32   [B, S]  UTF-8 bytes of each target token (bits/byte); None if unknown
+    segment_ids   int32   [B, S]  which packed sample each position belongs to (1, 2, ...; 0 on
+                                  padding); None for pre-training's unsegmented windows
+    positions     int32   [B, S]  position of each token within its sample (restarting at 0 per
+                                  sample); None means 0..S-1 in every row
+
+`segment_ids` and `positions` come from the isolated packer of post-training
+(`post/packing.py`); the objective already keeps MTP targets inside a sample with them
+(`losses.mtp_targets`).
 
 `Batch` is a registered pytree dataclass, so whatever moves a batch -- sharding it over the mesh,
 cutting it into pipeline micro-batches, indexing one micro-batch inside the executor -- maps over
@@ -30,6 +38,8 @@ class Batch:
     targets: Any
     loss_mask: Any
     target_bytes: Any = None
+    segment_ids: Any = None
+    positions: Any = None
 
     @classmethod
     def from_dict(cls, fields: Mapping[str, Any]) -> Batch:

@@ -46,6 +46,15 @@ class Tokenizer(abc.ABC):
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self.encode_batch([text])[0], dtype=np.int32)
 
+    @abc.abstractmethod
+    def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int32 [N], character spans int64 [N, 2]) of one tokenization of `text`.
+
+        Special tokens spelled in the text are recognised where the tokenizer has any (HF added
+        tokens); the chat code maps rendered character spans to tokens with the spans, so a
+        conversation is tokenized once, never piece by piece.
+        """
+
 
 class ByteTokenizer(Tokenizer):
     """UTF-8 bytes as ids 0..255, EOS = 256, PAD = 257: vocab_size 258.
@@ -66,6 +75,14 @@ class ByteTokenizer(Tokenizer):
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         return [np.frombuffer(t.encode("utf-8"), dtype=np.uint8) for t in texts]
+
+    def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        ids, spans = [], []
+        for i, ch in enumerate(text):
+            b = ch.encode("utf-8")
+            ids.extend(b)
+            spans.extend([(i, i + 1)] * len(b))  # a character's bytes all map to it
+        return np.asarray(ids, np.int32), np.asarray(spans, np.int64).reshape(-1, 2)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         arr = np.asarray(ids, dtype=np.int64)
@@ -143,6 +160,10 @@ class HFTokenizer(Tokenizer):
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         encodings = self._tok.encode_batch_fast(list(texts), add_special_tokens=False)
         return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+
+    def encode_with_offsets(self, text: str) -> tuple[np.ndarray, np.ndarray]:
+        e = self._tok.encode(text, add_special_tokens=False)
+        return np.asarray(e.ids, np.int32), np.asarray(e.offsets, np.int64).reshape(-1, 2)
 
     def decode(self, ids: Sequence[int] | np.ndarray) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)

@@ -100,15 +100,26 @@ def loss_dtype(out: transformer.Outputs):
     return layers.accum_dtype(out.hidden_BSD.dtype)
 
 
-def mtp_targets(targets_BS: jax.Array, mask_BS: jax.Array, depth: int):
-    """[J, B, S] targets and masks: depth k predicts t_{i+k+1} = targets[i+k]."""
-    return mtp_lib.shifted(targets_BS, depth), mtp_lib.shifted(mask_BS, depth)
+def mtp_targets(
+    targets_BS: jax.Array, mask_BS: jax.Array, depth: int, segment_ids_BS: jax.Array | None = None
+):
+    """[J, B, S] targets and masks: depth k predicts t_{i+k+1} = targets[i+k].
+
+    With `segment_ids_BS` (packed, isolated samples), depth k's target at position i counts only
+    if position i+k is in the same sample: the shifted mask alone would let the last k positions
+    of one sample predict the next sample's first targets.
+    """
+    t_JBS, m_JBS = mtp_lib.shifted(targets_BS, depth), mtp_lib.shifted(mask_BS, depth)
+    if segment_ids_BS is not None:
+        same_JBS = mtp_lib.shifted(segment_ids_BS, depth) == segment_ids_BS[None]
+        m_JBS = jnp.where(same_JBS, m_JBS, jnp.zeros((), m_JBS.dtype))
+    return t_JBS, m_JBS
 
 
 def norms(batch: batch_lib.Batch, mtp_depth: int, dtype, microbatches: int = 1) -> Norms:
     """The denominators of `batch` as a whole (tokens counted in `dtype`)."""
     mask_BS = batch.loss_mask.astype(dtype)
-    _, m_JBS = mtp_targets(batch.targets, mask_BS, mtp_depth)
+    _, m_JBS = mtp_targets(batch.targets, mask_BS, mtp_depth, batch.segment_ids)
     return Norms(
         jnp.maximum(mask_BS.sum(), 1.0), jnp.maximum(m_JBS.sum(axis=(1, 2)), 1.0), microbatches
     )
@@ -143,7 +154,7 @@ def objective(
     loss = lm
     if mtp_in is not None:
         depth = mtp_in.shape[0]
-        t_JBS, m_JBS = mtp_targets(batch.targets, mask_BS, depth)
+        t_JBS, m_JBS = mtp_targets(batch.targets, mask_BS, depth, batch.segment_ids)
         per_depth = jax.vmap(lambda x, t, m, n: masked_nll(x, out, t, m, n))(
             mtp_in, t_JBS, m_JBS, norms.mtp_tokens
         )
