@@ -5,6 +5,7 @@ that are loaded back from the persistent cache deadlock in their collectives (re
 docs/training.md). Tests that launch single-device subprocesses may still share one.
 """
 
+import gc
 import os
 
 # XLA:CPU compile time dominates the suite (tiny models, many programs); LLVM's optimisation level
@@ -17,5 +18,35 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def _memory_mappings() -> tuple[int, int] | None:
+    """(mappings this process holds, the kernel's per-process limit), or None off Linux."""
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            limit = int(f.read())
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f), limit
+    except OSError:
+        return None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop jax's compiled programs between test modules once they hold a quarter of the map limit.
+
+    XLA:CPU maps every executable's code into memory mappings of its own, and jax keeps each
+    program it compiled. One process running the whole suite reached vm.max_map_count (65530)
+    about 85% of the way through, and LLVM then aborts inside a compile (`Fatal Python error:
+    Aborted` / `Segmentation fault` in backend_compile_and_load). The costliest module adds about
+    26K mappings, so a quarter leaves twice that in hand; clearing only then keeps the compiles
+    that later modules share (functools.cache'd steps) most of the time.
+    """
+    yield
+    counts = _memory_mappings()
+    if counts is not None and counts[0] > counts[1] // 4:
+        jax.clear_caches()
+        gc.collect()
