@@ -6,6 +6,8 @@ Arrays; `data.packing.batch_spec` gives the dtypes):
     targets       int32   [B, S]  next-token ids (inputs shifted by one)
     loss_mask     float32 [B, S]  1 where the target counts in the loss, 0 on padding
     target_bytes  int32   [B, S]  UTF-8 bytes of each target token (bits/byte); None if unknown
+    segment_ids   int32   [B, S]  packed sample 1, 2, ... (0 on padding); None: one sample a row
+    positions     int32   [B, S]  position within its sample, restarting at 0; None: 0..S-1
 
 `Batch` is a registered pytree dataclass, so whatever moves a batch -- sharding it over the mesh,
 cutting it into pipeline micro-batches, indexing one micro-batch inside the executor -- maps over
@@ -30,6 +32,8 @@ class Batch:
     targets: Any
     loss_mask: Any
     target_bytes: Any = None
+    segment_ids: Any = None
+    positions: Any = None
 
     @classmethod
     def from_dict(cls, fields: Mapping[str, Any]) -> Batch:

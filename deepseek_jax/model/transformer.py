@@ -72,8 +72,13 @@ class Transformer(nnx.Module):
     # A pipeline runs them on different stages: `prologue` on the first, slices of the MoE stack
     # (`run_stack`) on every stage, `epilogue` on the last; `__call__` is their composition.
 
-    def rope_tables(self, batch: int, seq: int):
-        positions = jnp.broadcast_to(jnp.arange(seq)[None, :], (batch, seq))
+    def rope_tables(self, batch: int, seq: int, positions_BS: jax.Array | None = None):
+        """cos, sin for each token's position: 0..S-1, or `positions_BS` (packed samples, each
+        restarting at 0)."""
+        if positions_BS is None:
+            positions = jnp.broadcast_to(jnp.arange(seq)[None, :], (batch, seq))
+        else:
+            positions = positions_BS
         return rope.cos_sin(
             self.cfg.rope,
             self.cfg.qk_rope_head_dim,
@@ -95,12 +100,13 @@ class Transformer(nnx.Module):
         sin,
         experts: dispatch.ExpertFn = dispatch.dropless_experts,
         unroll: bool = False,
+        segment_ids_BS: jax.Array | None = None,
     ):
         """(h, MoEStats stacked over the layers | None). `unroll` traces every layer into one
         computation instead of a while loop (pipeline stages: see parallel/pipeline/stages.py)."""
 
         def body(layer, h, _):
-            return layer(h, cos, sin, experts)
+            return layer(h, cos, sin, experts, segment_ids_BS)
 
         return stack.scan(stack_module, h_BSD, body, None, self.cfg.remat, unroll=unroll)
 
@@ -111,11 +117,14 @@ class Transformer(nnx.Module):
         sin,
         experts: dispatch.ExpertFn = dispatch.dropless_experts,
         unroll: bool = False,
+        segment_ids_BS: jax.Array | None = None,
     ) -> jax.Array:
         """Embedding and the dense layers: the input of the MoE stack."""
         h_BSD = constraints.constrain(self.embed(inputs_BS), block_lib.ACT_BSD)
         if self.dense_layers is not None:
-            h_BSD, _ = self.run_stack(self.dense_layers, h_BSD, cos, sin, experts, unroll)
+            h_BSD, _ = self.run_stack(
+                self.dense_layers, h_BSD, cos, sin, experts, unroll, segment_ids_BS
+            )
         return h_BSD
 
     def epilogue(
@@ -127,6 +136,7 @@ class Transformer(nnx.Module):
         experts: dispatch.ExpertFn = dispatch.dropless_experts,
         *,
         with_mtp: bool = True,
+        segment_ids_BS: jax.Array | None = None,
     ) -> Outputs:
         """Final norm, head and the MTP modules on the MoE stack's output (moe_stats left None)."""
         h_BSD = self.norm(h_BSD)
@@ -134,7 +144,7 @@ class Transformer(nnx.Module):
         mtp_logits, mtp_stats = None, None
         if with_mtp and self.mtp is not None:
             mtp_logits, mtp_stats = self.mtp(
-                h_BSD, inputs_BS, self.embed, self.logits, cos, sin, experts
+                h_BSD, inputs_BS, self.embed, self.logits, cos, sin, experts, segment_ids_BS
             )
         return Outputs(logits_BSY, mtp_logits, None, mtp_stats)
 
@@ -142,16 +152,26 @@ class Transformer(nnx.Module):
         self,
         inputs_BS: jax.Array,
         *,
+        segment_ids_BS: jax.Array | None = None,
+        positions_BS: jax.Array | None = None,
         with_mtp: bool = True,
         experts: dispatch.ExpertFn = dispatch.dropless_experts,
     ) -> Outputs:
+        """Packed samples: `segment_ids_BS` (1, 2, ... per sample, 0 on padding) keeps attention,
+        in the main stack and every MTP depth, within each sample; `positions_BS` restarts RoPE
+        positions per sample. Both None: one sample per row, positions 0..S-1."""
         B, S = inputs_BS.shape
-        cos, sin = self.rope_tables(B, S)
-        h_BSD = self.prologue(inputs_BS, cos, sin, experts)
+        seg = segment_ids_BS
+        cos, sin = self.rope_tables(B, S, positions_BS)
+        h_BSD = self.prologue(inputs_BS, cos, sin, experts, segment_ids_BS=seg)
         moe_stats = None
         if self.moe_layers is not None:
-            h_BSD, moe_stats = self.run_stack(self.moe_layers, h_BSD, cos, sin, experts)
-        out = self.epilogue(h_BSD, inputs_BS, cos, sin, experts, with_mtp=with_mtp)
+            h_BSD, moe_stats = self.run_stack(
+                self.moe_layers, h_BSD, cos, sin, experts, segment_ids_BS=seg
+            )
+        out = self.epilogue(
+            h_BSD, inputs_BS, cos, sin, experts, with_mtp=with_mtp, segment_ids_BS=seg
+        )
         return dataclasses.replace(out, moe_stats=moe_stats)
 
     # -- aux-loss-free balancing -----------------------------------------------------------------
