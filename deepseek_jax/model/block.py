@@ -31,10 +31,13 @@ class Block(nnx.Module):
         cos: jax.Array,
         sin: jax.Array,
         experts: dispatch.ExpertFn = dispatch.dropless_experts,
+        segment_ids_BS: jax.Array | None = None,
     ):
-        """Returns (h, MoEStats | None); `experts` computes the routed experts of a MoE block."""
+        """Returns (h, MoEStats | None); `experts` computes the routed experts of a MoE block;
+        `segment_ids_BS` (packed samples) keeps attention within each sample."""
         h_BSD = constraints.constrain(h_BSD, ACT_BSD)
-        h_BSD = h_BSD + self.attn(self.attn_norm(h_BSD), cos, sin).astype(h_BSD.dtype)
+        attn_BSD = self.attn(self.attn_norm(h_BSD), cos, sin, segment_ids_BS)
+        h_BSD = h_BSD + attn_BSD.astype(h_BSD.dtype)
         stats = None
         if self.is_moe:
             y_BSD, stats = self.ffn(self.ffn_norm(h_BSD), experts)

@@ -70,13 +70,19 @@ class MTP(nnx.Module):
         cos: jax.Array,
         sin: jax.Array,
         experts: dispatch.ExpertFn = dispatch.dropless_experts,
+        segment_ids_BS: jax.Array | None = None,
     ):
-        """Returns (logits [J, B, S, Y], MoEStats stacked over depths [J, ...] | None)."""
+        """Returns (logits [J, B, S, Y], MoEStats stacked over depths [J, ...] | None).
+
+        With packed samples (`segment_ids_BS`) every depth attends within its sample. The shifted
+        input at a sample's last k positions is the next sample's first tokens: harmless, because
+        those positions' depth-k targets cross the sample and are masked by the loss, and causal
+        attention inside the sample never lets an earlier position see them."""
 
         def body(layer: MTPLayer, h_prev_BSD, ids_BS):
             e_BSD = layer.enorm(embed(ids_BS))
             x_BSD = layer.eh_proj(jnp.concatenate([e_BSD, layer.hnorm(h_prev_BSD)], axis=-1))
-            h_BSD, stats = layer.block(x_BSD, cos, sin, experts)
+            h_BSD, stats = layer.block(x_BSD, cos, sin, experts, segment_ids_BS)
             return h_BSD, (head(layer.head_norm(h_BSD)), stats)
 
         _, (logits_JBSY, stats) = stack.scan(

@@ -92,8 +92,13 @@ class Transformer(nnx.Module):
     # A pipeline runs them on different stages: `prologue` on the first, slices of the MoE stack
     # (`run_stack`) on every stage, `epilogue` on the last; `__call__` is their composition.
 
-    def rope_tables(self, batch: int, seq: int):
-        positions = jnp.broadcast_to(jnp.arange(seq)[None, :], (batch, seq))
+    def rope_tables(self, batch: int, seq: int, positions_BS: jax.Array | None = None):
+        """cos, sin for each token's position: 0..S-1, or `positions_BS` (packed samples, each
+        restarting at 0)."""
+        if positions_BS is None:
+            positions = jnp.broadcast_to(jnp.arange(seq)[None, :], (batch, seq))
+        else:
+            positions = positions_BS
         return rope.cos_sin(
             self.cfg.rope,
             self.cfg.qk_rope_head_dim,
@@ -120,6 +125,7 @@ class Transformer(nnx.Module):
         experts: dispatch.ExpertFn = dispatch.dropless_experts,
         unroll: bool = False,
         active_L: jax.Array | None = None,
+        segment_ids_BS: jax.Array | None = None,
     ):
         """(h, MoEStats stacked over the layers | None). `unroll` traces every layer into one
         computation instead of a while loop (pipeline stages: see parallel/pipeline/stages.py).
@@ -129,7 +135,7 @@ class Transformer(nnx.Module):
         `cond`, so the stage stays one straight-line computation the backward split can cut)."""
 
         def body(layer, h, on):
-            out, stats = layer(h, cos, sin, experts)
+            out, stats = layer(h, cos, sin, experts, segment_ids_BS)
             if on is None:
                 return out, stats
             keep = on > 0
@@ -145,11 +151,14 @@ class Transformer(nnx.Module):
         sin,
         experts: dispatch.ExpertFn = dispatch.dropless_experts,
         unroll: bool = False,
+        segment_ids_BS: jax.Array | None = None,
     ) -> jax.Array:
         """Embedding and the dense layers: the input of the MoE stack."""
         h_BSD = constraints.constrain(self.embed(inputs_BS), block_lib.ACT_BSD)
         if self.dense_layers is not None:
-            h_BSD, _ = self.run_stack(self.dense_layers, h_BSD, cos, sin, experts, unroll)
+            h_BSD, _ = self.run_stack(
+                self.dense_layers, h_BSD, cos, sin, experts, unroll, segment_ids_BS=segment_ids_BS
+            )
         return h_BSD
 
     def epilogue(
@@ -162,6 +171,7 @@ class Transformer(nnx.Module):
         *,
         with_mtp: bool = True,
         logits: bool = True,
+        segment_ids_BS: jax.Array | None = None,
     ) -> Outputs:
         """Final norm, head and the MTP modules on the MoE stack's output (moe_stats left None).
 
@@ -171,7 +181,9 @@ class Transformer(nnx.Module):
         head = self.logits if logits else (lambda x: x)
         mtp_out, mtp_stats = None, None
         if with_mtp and self.mtp is not None:
-            mtp_out, mtp_stats = self.mtp(h_BSD, inputs_BS, self.embed, head, cos, sin, experts)
+            mtp_out, mtp_stats = self.mtp(
+                h_BSD, inputs_BS, self.embed, head, cos, sin, experts, segment_ids_BS
+            )
         if logits:
             return Outputs(self.logits(h_BSD), mtp_out, None, mtp_stats)
         return Outputs(
@@ -189,17 +201,34 @@ class Transformer(nnx.Module):
         self,
         inputs_BS: jax.Array,
         *,
+        segment_ids_BS: jax.Array | None = None,
+        positions_BS: jax.Array | None = None,
         with_mtp: bool = True,
         logits: bool = True,
         experts: dispatch.ExpertFn = dispatch.dropless_experts,
     ) -> Outputs:
+        """Packed samples: `segment_ids_BS` (1, 2, ... per sample, 0 on padding) keeps attention,
+        in the main stack and every MTP depth, within each sample; `positions_BS` restarts RoPE
+        positions per sample. Both None: one sample per row, positions 0..S-1."""
         B, S = inputs_BS.shape
-        cos, sin = self.rope_tables(B, S)
-        h_BSD = self.prologue(inputs_BS, cos, sin, experts)
+        seg = segment_ids_BS
+        cos, sin = self.rope_tables(B, S, positions_BS)
+        h_BSD = self.prologue(inputs_BS, cos, sin, experts, segment_ids_BS=seg)
         moe_stats = None
         if self.moe_layers is not None:
-            h_BSD, moe_stats = self.run_stack(self.moe_layers, h_BSD, cos, sin, experts)
-        out = self.epilogue(h_BSD, inputs_BS, cos, sin, experts, with_mtp=with_mtp, logits=logits)
+            h_BSD, moe_stats = self.run_stack(
+                self.moe_layers, h_BSD, cos, sin, experts, segment_ids_BS=seg
+            )
+        out = self.epilogue(
+            h_BSD,
+            inputs_BS,
+            cos,
+            sin,
+            experts,
+            with_mtp=with_mtp,
+            logits=logits,
+            segment_ids_BS=seg,
+        )
         return dataclasses.replace(out, moe_stats=moe_stats)
 
     # -- aux-loss-free balancing -----------------------------------------------------------------

@@ -36,7 +36,13 @@ def loss_fn(
     objective: losses.Objective = losses.objective,
 ):
     model = nnx.merge(graphdef, params, expert_bias)
-    out = model(batch.inputs, experts=experts, logits=model.cfg.loss_chunk_tokens == 0)
+    out = model(
+        batch.inputs,
+        segment_ids_BS=batch.segment_ids,
+        positions_BS=batch.positions,
+        experts=experts,
+        logits=model.cfg.loss_chunk_tokens == 0,
+    )
     norms = losses.norms(batch, model.cfg.mtp_depth, losses.loss_dtype(out))
     weights = losses.Weights(mtp_lambda, train_cfg.balance_alpha)
     loss, metrics = objective(out, batch, norms, weights)
@@ -134,7 +140,11 @@ def make_eval_step(graphdef, experts: dispatch.ExpertFn = dispatch.dropless_expe
 
     def eval_step(params, expert_bias, batch: batch_lib.Batch) -> dict[str, Any]:
         out = nnx.merge(graphdef, params, expert_bias)(
-            batch.inputs, with_mtp=False, experts=experts
+            batch.inputs,
+            segment_ids_BS=batch.segment_ids,
+            positions_BS=batch.positions,
+            with_mtp=False,
+            experts=experts,
         )
         mask = batch.loss_mask.astype(jnp.float32)
         nll = losses.token_nll(out.logits_BSY, batch.targets) * mask

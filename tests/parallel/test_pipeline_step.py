@@ -9,14 +9,19 @@ receive slots swapped, or two Ws reading each other's residual slots, run on the
 program, must break the equality.
 """
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from deepseek_jax.model import dispatch
 from deepseek_jax.parallel.config import BackwardSplit
-from deepseek_jax.parallel.pipeline import schedules, stages, ticksim
+from deepseek_jax.parallel.pipeline import executor, schedules, stages, ticks, ticksim
 from deepseek_jax.parallel.pipeline.schedules import Op, OpKind, Schedule
 from deepseek_jax.parallel.pipeline.ticks import Channel, Code
+from deepseek_jax.train import pipeline_step
 from tests.parallel import pipeline_harness as h
 
 CASES = [
@@ -170,3 +175,15 @@ def test_uneven_stages_equal_unpipelined():
     spec = st.params["moe_layers"]["ffn"]["w1"].sharding.spec
     assert spec[0] is None and "pipe" in str(spec), spec
     print("dualpipe pp=2 float32 uneven (2 + 1 layers): " + str(errors))
+
+
+def test_packed_batch_is_refused_before_anything_runs():
+    """The stages do not see segment ids yet, so a packed batch is an error, not a step that
+    silently attends across samples (no executor is called: `run` is None)."""
+    orders = schedules.build(Schedule.DUALPIPE, 2, h.MICROBATCHES)
+    layout = executor.Layout.of(ticks.build(orders, h.EXACT), num_stages=orders.num_stages)
+    pipe = h._pipe(Schedule.DUALPIPE, 2, "float32", layout, dispatch.dropless_experts)
+    st, batch = h.state("float32")
+    packed = dataclasses.replace(batch, segment_ids=jnp.ones_like(batch.inputs))
+    with pytest.raises(ValueError, match="segment_ids"):
+        pipeline_step.loss_and_grads(pipe, None, h.TRAIN, st, packed, pipe.tables())
