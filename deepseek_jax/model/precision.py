@@ -1,15 +1,19 @@
 """The matmul-precision policy: the one seam every weight matmul of the model goes through.
 
-Every `layers.Linear` (attention projections, dense and shared-expert FFNs, MTP's eh_proj, the
-untied head) calls `dot_general` here, and the routed experts' grouped matmuls (single-device and
-expert-parallel alike, through `dispatch.grouped_swiglu`) call `ragged_dot`. A policy says how the
-operands are represented and accumulated. DEFAULT is what the model has always done: both operands
-in the layer's compute dtype, XLA's default accumulation (float32 for bfloat16 inputs on TPU/GPU).
+Every `layers.Linear` (attention projections, dense and shared-expert FFNs, MTP's eh_proj, and the
+untied head, which always uses DEFAULT) calls `dot_general` here, and the routed experts' grouped
+matmuls (single-device and expert-parallel alike, through `dispatch.grouped_swiglu`) call
+`ragged_dot`. A policy says how the operands are represented and accumulated. DEFAULT is what
+the model has always done: both operands in the layer's compute dtype, XLA's default accumulation
+(float32 for bfloat16 inputs on TPU/GPU).
 
-Lower-precision policies (bfloat16 operands with float32 accumulation; DeepSeek's FP8 recipe with
-1x128 activation and 128x128 weight scaling) are added here as members of `MatmulPolicy`, so that
-no layer changes. Embedding lookups, the router, norms and the attention core never come through
-here: they stay in their own precision by design.
+BF16: both operands rounded to bfloat16, float32 accumulation (`preferred_element_type`), the
+result in the input's dtype. FP8_BLOCKWISE: DeepSeek-V3's recipe (model/fp8.py): E4M3 operands
+with 1x128 activation and 128x128 weight scales in the forward, dgrad and wgrad GEMMs, float32
+accumulation; FP8_BLOCKWISE_POW2 is the same with power-of-two scales. The policy is the model
+config's `matmul_policy`, given to each layer through its small config. Embedding lookups, the
+output head, the router, norms and the attention core never use it: they keep their own
+precision by design (the V3 recipe keeps them in BF16/FP32).
 """
 
 from __future__ import annotations
@@ -17,10 +21,20 @@ from __future__ import annotations
 import enum
 
 import jax
+import jax.numpy as jnp
+
+from deepseek_jax.model import fp8
 
 
 class MatmulPolicy(enum.Enum):
     DEFAULT = "default"  # operands in the compute dtype, XLA's default accumulation
+    BF16 = "bf16"  # bfloat16 operands, float32 accumulation
+    FP8_BLOCKWISE = "fp8_blockwise"  # E4M3, 1x128 / 128x128 float32 scales amax/448
+    FP8_BLOCKWISE_POW2 = "fp8_blockwise_pow2"  # the same with scales rounded up to powers of two
+
+    @property
+    def is_fp8(self) -> bool:
+        return self in (MatmulPolicy.FP8_BLOCKWISE, MatmulPolicy.FP8_BLOCKWISE_POW2)
 
 
 def dot_general(
@@ -29,6 +43,16 @@ def dot_general(
     """jax.lax.dot_general(x, w, dimension_numbers) under `policy`."""
     if policy is MatmulPolicy.DEFAULT:
         return jax.lax.dot_general(x, w, dimension_numbers)
+    if policy is MatmulPolicy.BF16:
+        y = jax.lax.dot_general(
+            x.astype(jnp.bfloat16),
+            w.astype(jnp.bfloat16),
+            dimension_numbers,
+            preferred_element_type=jnp.float32,
+        )
+        return y.astype(x.dtype)
+    if policy.is_fp8:
+        return fp8.dot_general(x, w, dimension_numbers, policy is MatmulPolicy.FP8_BLOCKWISE_POW2)
     raise ValueError(f"matmul policy {policy} has no implementation")
 
 
@@ -41,4 +65,15 @@ def ragged_dot(
     """Rows of x grouped by expert (contiguous groups) times their expert's weights."""
     if policy is MatmulPolicy.DEFAULT:
         return jax.lax.ragged_dot(x_ZD, w_EDF, group_sizes_E)
+    if policy is MatmulPolicy.BF16:
+        y = _ragged_dot_f32(x_ZD.astype(jnp.bfloat16), w_EDF.astype(jnp.bfloat16), group_sizes_E)
+        return y.astype(x_ZD.dtype)
+    if policy.is_fp8:
+        pow2 = policy is MatmulPolicy.FP8_BLOCKWISE_POW2
+        return fp8.grouped_matmul(x_ZD, w_EDF, group_sizes_E, _ragged_dot_f32, pow2)
     raise ValueError(f"matmul policy {policy} has no implementation")
+
+
+def _ragged_dot_f32(x_ZD: jax.Array, w_EDF: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
+    """The grouped matmul the lower-precision policies wrap: float32 accumulation."""
+    return jax.lax.ragged_dot(x_ZD, w_EDF, group_sizes_E, preferred_element_type=jnp.float32)
