@@ -18,6 +18,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from deepseek_jax import dataclass_dict
+from deepseek_jax.model import precision
 
 
 class ScoreFunc(enum.Enum):
@@ -94,6 +95,7 @@ class MLAConfig:
     init_std: float
     param_dtype: Any
     compute_dtype: Any
+    matmul: precision.MatmulPolicy = precision.MatmulPolicy.DEFAULT
 
     @property
     def qk_head_dim(self) -> int:
@@ -107,6 +109,7 @@ class MLPConfig:
     init_std: float
     param_dtype: Any
     compute_dtype: Any
+    matmul: precision.MatmulPolicy = precision.MatmulPolicy.DEFAULT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +128,7 @@ class MoEConfig:
     init_std: float
     param_dtype: Any
     compute_dtype: Any
+    matmul: precision.MatmulPolicy = precision.MatmulPolicy.DEFAULT
 
     @property
     def use_bias(self) -> bool:
@@ -174,6 +178,8 @@ class ModelConfig:
     param_dtype: DType = DType.FLOAT32
     compute_dtype: DType = DType.FLOAT32
     remat: RematPolicy = RematPolicy.NONE
+    # How the weight GEMMs (Linears but the head, routed experts) compute: model/precision.py.
+    matmul_policy: precision.MatmulPolicy = precision.MatmulPolicy.DEFAULT
 
     def __post_init__(self):
         self.validate()
@@ -206,6 +212,7 @@ class ModelConfig:
             init_std=self.init_std,
             param_dtype=self.param_dtype.jnp,
             compute_dtype=self.compute_dtype.jnp,
+            matmul=self.matmul_policy,
         )
 
     def dense_mlp(self) -> MLPConfig:
@@ -215,6 +222,7 @@ class ModelConfig:
             self.init_std,
             self.param_dtype.jnp,
             self.compute_dtype.jnp,
+            self.matmul_policy,
         )
 
     def moe(self) -> MoEConfig:
@@ -233,6 +241,7 @@ class ModelConfig:
             init_std=self.init_std,
             param_dtype=self.param_dtype.jnp,
             compute_dtype=self.compute_dtype.jnp,
+            matmul=self.matmul_policy,
         )
 
     def block(self, moe: bool) -> BlockConfig:

@@ -22,7 +22,8 @@ class ExpertFn(Protocol):
     `dropless_experts` below is the single-device implementation; `parallel.expert` builds the
     expert-parallel one (shard_map + all-to-all) for a mesh. Both are exact and dropless. The MoE
     layer receives it as an explicit argument (Transformer.__call__(..., experts=)), so the code
-    that runs is the code the caller passed, never an ambient default.
+    that runs is the code the caller passed, never an ambient default. `policy` is the layer's
+    matmul policy (its config's), applied to the three grouped GEMMs.
     """
 
     def __call__(
@@ -33,6 +34,8 @@ class ExpertFn(Protocol):
         w1_EDF: jax.Array,
         w3_EDF: jax.Array,
         w2_EFD: jax.Array,
+        *,
+        policy: precision.MatmulPolicy = precision.MatmulPolicy.DEFAULT,
     ) -> jax.Array: ...
 
 
@@ -51,11 +54,12 @@ def grouped_swiglu(
     w1_EDF: jax.Array,
     w3_EDF: jax.Array,
     w2_EFD: jax.Array,
+    policy: precision.MatmulPolicy = precision.MatmulPolicy.DEFAULT,
 ) -> jax.Array:
     """SwiGLU of rows already sorted into contiguous expert groups."""
-    gate_ZF = precision.ragged_dot(x_ZD, w1_EDF, group_sizes)
-    up_ZF = precision.ragged_dot(x_ZD, w3_EDF, group_sizes)
-    return precision.ragged_dot(jax.nn.silu(gate_ZF) * up_ZF, w2_EFD, group_sizes)
+    gate_ZF = precision.ragged_dot(x_ZD, w1_EDF, group_sizes, policy)
+    up_ZF = precision.ragged_dot(x_ZD, w3_EDF, group_sizes, policy)
+    return precision.ragged_dot(jax.nn.silu(gate_ZF) * up_ZF, w2_EFD, group_sizes, policy)
 
 
 def combine(y_XkD: jax.Array, weights_Xk: jax.Array, dtype) -> jax.Array:
@@ -72,12 +76,14 @@ def dropless_experts(  # an ExpertFn
     w1_EDF: jax.Array,
     w3_EDF: jax.Array,
     w2_EFD: jax.Array,
+    *,
+    policy: precision.MatmulPolicy = precision.MatmulPolicy.DEFAULT,
 ) -> jax.Array:
     X, k = idx_Xk.shape
     E = w1_EDF.shape[0]
     order, group_sizes = sort_by_expert(idx_Xk, E)
     x_ZD = jnp.take(x_XD, order // k, axis=0)
-    y_ZD = grouped_swiglu(x_ZD, group_sizes, w1_EDF, w3_EDF, w2_EFD)
+    y_ZD = grouped_swiglu(x_ZD, group_sizes, w1_EDF, w3_EDF, w2_EFD, policy)
     inverse = jnp.argsort(order)  # position of each (token, choice) slot in the sorted buffer
     y_XkD = jnp.take(y_ZD, inverse, axis=0).reshape(X, k, -1)
     return combine(y_XkD, weights_Xk, x_XD.dtype)

@@ -53,7 +53,12 @@ class MoE(nnx.Module):
         self.w3 = layers.param(rngs, (E, D, F), ("expert", "embed", "expert_mlp"), **kw)
         self.w2 = layers.param(rngs, (E, F, D), ("expert", "expert_mlp", "embed"), **kw)
         shared_cfg = config_lib.MLPConfig(
-            D, cfg.n_shared_experts * F, cfg.init_std, cfg.param_dtype, cfg.compute_dtype
+            D,
+            cfg.n_shared_experts * F,
+            cfg.init_std,
+            cfg.param_dtype,
+            cfg.compute_dtype,
+            cfg.matmul,
         )
         self.shared = layers.MLP(shared_cfg, rngs=rngs) if cfg.n_shared_experts else None
 
@@ -73,6 +78,7 @@ class MoE(nnx.Module):
             self.w1[...].astype(dt),
             self.w3[...].astype(dt),
             self.w2[...].astype(dt),
+            policy=cfg.matmul,
         )
         y_BSD = y_XD.reshape(B, S, D)
         if self.shared is not None:

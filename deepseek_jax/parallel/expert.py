@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from deepseek_jax.model import dispatch
+from deepseek_jax.model import dispatch, precision
 from deepseek_jax.parallel import config as config_lib
 from deepseek_jax.parallel import mesh as mesh_lib
 from deepseek_jax.parallel import sharding as sharding_lib
@@ -70,9 +70,9 @@ def make_expert_fn(mesh, rules: sharding_lib.Rules, exchange: Exchange) -> dispa
     # Manual over every axis but `pipe`, which a pipeline's enclosing shard_map owns.
     manual = frozenset(a for a in mesh.axis_names if a != mesh_lib.PIPE)
 
-    def experts(*args):
+    def experts(*args, policy: precision.MatmulPolicy = precision.MatmulPolicy.DEFAULT):
         return jax.shard_map(
-            local,
+            functools.partial(local, policy=policy),
             mesh=mesh_lib.current(mesh),
             in_specs=in_specs,
             out_specs=tokens,
@@ -83,14 +83,25 @@ def make_expert_fn(mesh, rules: sharding_lib.Rules, exchange: Exchange) -> dispa
 
 
 def _local(
-    x_XD, idx_Xk, weights_Xk, w1_eDF, w3_eDF, w2_eFD, *, ep, expert_axes, tensor_axes, exchange
+    x_XD,
+    idx_Xk,
+    weights_Xk,
+    w1_eDF,
+    w3_eDF,
+    w2_eFD,
+    *,
+    ep,
+    expert_axes,
+    tensor_axes,
+    exchange,
+    policy,
 ):
     X, k = idx_Xk.shape
     E_l = w1_eDF.shape[0]
     order_Z, group_sizes_E = dispatch.sort_by_expert(idx_Xk, E_l * ep)
     x_ZD = jnp.take(x_XD, order_Z // k, axis=0)
     if ep == 1:
-        y_ZD = dispatch.grouped_swiglu(x_ZD, group_sizes_E, w1_eDF, w3_eDF, w2_eFD)
+        y_ZD = dispatch.grouped_swiglu(x_ZD, group_sizes_E, w1_eDF, w3_eDF, w2_eFD, policy)
     else:
         route = _Route(
             idx_Xk.reshape(-1)[order_Z],
@@ -102,7 +113,7 @@ def _local(
         )
         send = route.dispatch_ragged if exchange is Exchange.RAGGED_ALL_TO_ALL else route.dispatch
         recv_UWD, back = send(x_ZD)
-        y_UWD = _compute_received(recv_UWD, route.recv_counts_Ue, w1_eDF, w3_eDF, w2_eFD)
+        y_UWD = _compute_received(recv_UWD, route.recv_counts_Ue, w1_eDF, w3_eDF, w2_eFD, policy)
         y_ZD = back(y_UWD)
     y_XkD = jnp.take(y_ZD, jnp.argsort(order_Z), axis=0).reshape(X, k, -1)
     acc = jnp.promote_types(x_XD.dtype, jnp.float32)
@@ -169,7 +180,7 @@ class _Route:
         return recv.reshape(ep, W, D), back
 
 
-def _compute_received(recv_UWD, counts_Ue, w1_eDF, w3_eDF, w2_eFD):
+def _compute_received(recv_UWD, counts_Ue, w1_eDF, w3_eDF, w2_eFD, policy):
     """Grouped SwiGLU on received rows; source r's block holds counts_Ue[r] rows per expert."""
     U, W, D = recv_UWD.shape
     ends_Ue = jnp.cumsum(counts_Ue, axis=-1)
@@ -179,5 +190,5 @@ def _compute_received(recv_UWD, counts_Ue, w1_eDF, w3_eDF, w2_eFD):
     order = jnp.argsort(expert_UW.reshape(-1), stable=True)
     rows = jnp.take(recv_UWD.reshape(U * W, D), order, axis=0)
     # Rows past sum(group sizes) -- the padding, sorted last -- come out of ragged_dot as zeros.
-    out = dispatch.grouped_swiglu(rows, counts_Ue.sum(0), w1_eDF, w3_eDF, w2_eFD)
+    out = dispatch.grouped_swiglu(rows, counts_Ue.sum(0), w1_eDF, w3_eDF, w2_eFD, policy)
     return jnp.take(out, jnp.argsort(order), axis=0).reshape(U, W, D)
