@@ -23,13 +23,15 @@ and a BF16/F32 GEMM until a dedicated kernel (Pallas) takes this module's place.
 its definitional reference. We could not inspect the GPU HLO in the session that wrote it.
 
 `matmul` (x [M, K] @ w [K, N]) is a custom_vjp: dgrad dx = dy w^T with dy quantized 1x128 along
-N and the forward's quantized w; wgrad dw = x^T dy with x and dy quantized along M (128x1 tiles
-in their [M, *] layout). The cotangents pass straight through the quantizers. `grouped_matmul`
-is the same recipe around any grouped matmul (jax.lax.ragged_dot or a tiled kernel), passed in.
+N and w in its 128x128 blocks; wgrad dw = x^T dy with x and dy quantized along M (128x1 tiles in
+their [M, *] layout). The cotangents pass straight through the quantizers. `grouped_matmul` is
+the same recipe around any grouped matmul (jax.lax.ragged_dot or a tiled kernel), passed in. Both
+take a `Format`; `BF16` runs the same GEMMs with bfloat16 operands (the precision baseline).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -105,42 +107,60 @@ def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Format:
+    """How the GEMMs below represent each operand: E4M3 with per-tile float32 scales (the V3
+    recipe; `pow2`: power-of-two scales), or bfloat16 (the BF16 baseline, on the same skeleton
+    so that its dgrad and wgrad are bfloat16 GEMMs too, not float32 cotangents times bf16)."""
+
+    fp8: bool = True
+    pow2: bool = False
+
+    def operand(self, t: jax.Array, tile: Sequence[int]) -> jax.Array:
+        if self.fp8:
+            return fake_quant(t, tile, pow2=self.pow2)
+        return t.astype(jnp.bfloat16)
+
+
+E4M3_BLOCKWISE = Format()
+E4M3_BLOCKWISE_POW2 = Format(pow2=True)
+BF16 = Format(fp8=False)
+
+# Residuals are the GEMM's own inputs (what autodiff of a plain dot keeps): the backward pass
+# requantizes w (deterministically, the same blocks) and quantizes x along the rows for wgrad,
+# rather than requantizing the forward's 1x128 tiles, which would round x twice.
+
 # -- the dense GEMM --------------------------------------------------------------------------------
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def matmul(x_MK: jax.Array, w_KN: jax.Array, pow2: bool = False) -> jax.Array:
-    """x @ w with both operands in FP8 (1x128 / 128x128 scales), float32 accumulation; x's dtype."""
-    return _matmul_fwd(x_MK, w_KN, pow2)[0]
+def matmul(x_MK: jax.Array, w_KN: jax.Array, fmt: Format = E4M3_BLOCKWISE) -> jax.Array:
+    """x @ w with both operands in `fmt` (1x128 / 128x128 scales), float32 accumulation; the
+    result in x's dtype."""
+    y_MN = _dot(fmt.operand(x_MK, tiles_along(2, 1)), fmt.operand(w_KN, blocks(2)), (1, 0))
+    return y_MN.astype(x_MK.dtype)
 
 
-def _matmul_fwd(x_MK, w_KN, pow2):
-    wq, ws = quantize(w_KN, blocks(2), pow2=pow2)
-    x_deq = fake_quant(x_MK, tiles_along(2, 1), pow2=pow2)
-    y_MN = _dot(x_deq, dequantize(wq, ws, blocks(2)), (1, 0))
-    # x is kept at its own precision and requantized along M for wgrad (rather than requantizing
-    # the forward's 1x128 tiles, which would round it twice); w is kept in FP8.
-    return y_MN.astype(x_MK.dtype), (x_MK, wq, ws, jnp.zeros((), w_KN.dtype))
+def _matmul_fwd(x_MK, w_KN, fmt):
+    return matmul(x_MK, w_KN, fmt), (x_MK, w_KN)
 
 
-def _matmul_bwd(pow2, res, dy_MN):
-    x_MK, wq, ws, w_like = res
-    # dgrad: contraction over N; dy in 1x128 tiles along N, w's blocks reused transposed.
-    dy_n = fake_quant(dy_MN, tiles_along(2, 1), pow2=pow2)
-    dx_MK = _dot(dy_n, dequantize(wq, ws, blocks(2)), (1, 1))
+def _matmul_bwd(fmt, res, dy_MN):
+    x_MK, w_KN = res
+    # dgrad: contraction over N; dy in 1x128 tiles along N, w's blocks used transposed.
+    dx_MK = _dot(fmt.operand(dy_MN, tiles_along(2, 1)), fmt.operand(w_KN, blocks(2)), (1, 1))
     # wgrad: contraction over M; x and dy in 128x1 tiles (1x128 along M).
-    x_m = fake_quant(x_MK, tiles_along(2, 0), pow2=pow2)
-    dy_m = fake_quant(dy_MN, tiles_along(2, 0), pow2=pow2)
-    dw_KN = _dot(x_m, dy_m, (0, 0))
-    return dx_MK.astype(x_MK.dtype), dw_KN.astype(w_like.dtype)
+    x_m = fmt.operand(x_MK, tiles_along(2, 0))
+    dw_KN = _dot(x_m, fmt.operand(dy_MN, tiles_along(2, 0)), (0, 0))
+    return dx_MK.astype(x_MK.dtype), dw_KN.astype(w_KN.dtype)
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 
-def dot_general(x: jax.Array, w: jax.Array, dimension_numbers, pow2: bool = False) -> jax.Array:
+def dot_general(x: jax.Array, w: jax.Array, dimension_numbers, fmt: Format) -> jax.Array:
     """The Linear contraction (x's trailing dims against w's leading dims, no batch dims) as one
-    FP8 `matmul` of the flattened [tokens, in] x [in, out] matrices: the 2D layout (and hence the
+    `matmul` of the flattened [tokens, in] x [in, out] matrices: the 2D layout (and hence the
     128x128 blocks) of the official checkpoints' weights."""
     (cx, cw), (bx, bw) = dimension_numbers
     rank = len(cx)
@@ -156,7 +176,7 @@ def dot_general(x: jax.Array, w: jax.Array, dimension_numbers, pow2: bool = Fals
         )
     lead, out = x.shape[: x.ndim - rank], w.shape[rank:]
     K = math.prod(w.shape[:rank])
-    y = matmul(x.reshape(-1, K), w.reshape(K, -1), pow2)
+    y = matmul(x.reshape(-1, K), w.reshape(K, -1), fmt)
     return y.reshape(*lead, *out)
 
 
@@ -168,43 +188,49 @@ def grouped_matmul(
     w_EDF: jax.Array,
     group_sizes_E: jax.Array,
     matmul_fn: GroupedMatmul,
-    pow2: bool = False,
+    fmt: Format = E4M3_BLOCKWISE,
 ) -> jax.Array:
-    """matmul_fn(x, w, group_sizes) with the FP8 recipe: x in 1x128 tiles along D, each expert's
-    w in 128x128 blocks; dgrad and wgrad are matmul_fn's own transposes applied to operands
-    quantized along their contraction dims (F for dgrad, the rows Z for wgrad), so any grouped
-    matmul (ragged_dot, a tiled kernel) gets FP8 forward and backward. `matmul_fn` receives
-    float32 operands and must accumulate in float32. Row tiles for wgrad are fixed 128-row windows
-    of the expert-sorted buffer; a window may straddle two experts' groups (still one scale per
-    element, so the dequantized operand is exact; a GPU kernel would align groups to 128 rows)."""
-    return _grouped(matmul_fn, pow2, x_ZD, w_EDF, group_sizes_E)
+    """matmul_fn(x, w, group_sizes) with operands in `fmt`: x in 1x128 tiles along D, each
+    expert's w in 128x128 blocks; dgrad and wgrad are matmul_fn's own transposes applied to
+    operands quantized along their contraction dims (F for dgrad, the rows Z for wgrad), so any
+    grouped matmul (ragged_dot, a tiled kernel) gets FP8 forward and backward: dgrad is
+    matmul_fn with transposed weights, wgrad matmul_fn's transpose in w. `matmul_fn`
+    receives the operands as `fmt` represents them (float32 dequantized E4M3, or bfloat16) and
+    must accumulate in float32. Row tiles for wgrad are fixed 128-row windows of the
+    expert-sorted buffer; a window may straddle two experts' groups (still one scale per element,
+    so the dequantized operand is exact; a GPU kernel would align groups to 128 rows). Under
+    tensor parallelism each rank quantizes its own F-slice of the weights, which gives the
+    unsharded blocks when the slice is a multiple of 128 wide."""
+    return _grouped(matmul_fn, fmt, x_ZD, w_EDF, group_sizes_E)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _grouped(matmul_fn, pow2, x_ZD, w_EDF, group_sizes_E):
-    return _grouped_fwd(matmul_fn, pow2, x_ZD, w_EDF, group_sizes_E)[0]
+def _grouped(matmul_fn, fmt, x_ZD, w_EDF, group_sizes_E):
+    x = fmt.operand(x_ZD, tiles_along(2, 1))
+    y_ZF = matmul_fn(x, fmt.operand(w_EDF, blocks(3)), group_sizes_E)
+    return y_ZF.astype(x_ZD.dtype)
 
 
-def _grouped_fwd(matmul_fn, pow2, x_ZD, w_EDF, group_sizes_E):
-    wq, ws = quantize(w_EDF, blocks(3), pow2=pow2)
-    x_deq = fake_quant(x_ZD, tiles_along(2, 1), pow2=pow2)
-    y_ZF = matmul_fn(x_deq, dequantize(wq, ws, blocks(3)), group_sizes_E)
-    res = (x_ZD, wq, ws, group_sizes_E, jnp.zeros((), w_EDF.dtype))
-    return y_ZF.astype(x_ZD.dtype), res
+def _grouped_fwd(matmul_fn, fmt, x_ZD, w_EDF, group_sizes_E):
+    return _grouped(matmul_fn, fmt, x_ZD, w_EDF, group_sizes_E), (x_ZD, w_EDF, group_sizes_E)
 
 
-def _grouped_bwd(matmul_fn, pow2, res, dy_ZF):
-    x_ZD, wq, ws, group_sizes_E, w_like = res
-    w_deq = dequantize(wq, ws, blocks(3))
-    dy_f = fake_quant(dy_ZF, tiles_along(2, 1), pow2=pow2)
-    x_z = fake_quant(x_ZD, tiles_along(2, 0), pow2=pow2)
-    dy_z = fake_quant(dy_ZF, tiles_along(2, 0), pow2=pow2)
-    # matmul_fn is linear in each operand, so its VJP at any point is its transpose.
-    _, dgrad = jax.vjp(lambda x: matmul_fn(x, w_deq, group_sizes_E), x_z)
-    _, wgrad = jax.vjp(lambda w: matmul_fn(x_z, w, group_sizes_E), w_deq)
-    (dx_ZD,) = dgrad(dy_f)
+def _grouped_bwd(matmul_fn, fmt, res, dy_ZF):
+    x_ZD, w_EDF, group_sizes_E = res
+    w = fmt.operand(w_EDF, blocks(3))
+    dy_f = fmt.operand(dy_ZF, tiles_along(2, 1))
+    x_z = fmt.operand(x_ZD, tiles_along(2, 0))
+    dy_z = fmt.operand(dy_ZF, tiles_along(2, 0))
+    # dgrad is itself a grouped matmul, with each expert's weights transposed.
+    dx_ZD = matmul_fn(dy_f, jnp.swapaxes(w, 1, 2), group_sizes_E)
+    # wgrad contracts the rows of each group: matmul_fn's transpose in w (it is linear, so its
+    # VJP at any point is that transpose; the primal jax.vjp also evaluates is unused and XLA
+    # drops it). Its operands are float32 holding the format's values (for BF16: bfloat16
+    # values), as the VJP takes a cotangent in matmul_fn's float32 output dtype.
+    x_z, dy_z = x_z.astype(jnp.float32), dy_z.astype(jnp.float32)
+    _, wgrad = jax.vjp(lambda w: matmul_fn(x_z, w, group_sizes_E), w.astype(jnp.float32))
     (dw_EDF,) = wgrad(dy_z)
-    return dx_ZD.astype(x_ZD.dtype), dw_EDF.astype(w_like.dtype), None
+    return dx_ZD.astype(x_ZD.dtype), dw_EDF.astype(w_EDF.dtype), None
 
 
 _grouped.defvjp(_grouped_fwd, _grouped_bwd)

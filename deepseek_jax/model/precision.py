@@ -32,9 +32,14 @@ class MatmulPolicy(enum.Enum):
     FP8_BLOCKWISE = "fp8_blockwise"  # E4M3, 1x128 / 128x128 float32 scales amax/448
     FP8_BLOCKWISE_POW2 = "fp8_blockwise_pow2"  # the same with scales rounded up to powers of two
 
-    @property
-    def is_fp8(self) -> bool:
-        return self in (MatmulPolicy.FP8_BLOCKWISE, MatmulPolicy.FP8_BLOCKWISE_POW2)
+
+# The lower-precision policies share one GEMM skeleton (model/fp8.py) with a custom VJP, so the
+# dgrad and wgrad GEMMs get the operand format too, not only the forward.
+_FORMATS = {
+    MatmulPolicy.BF16: fp8.BF16,
+    MatmulPolicy.FP8_BLOCKWISE: fp8.E4M3_BLOCKWISE,
+    MatmulPolicy.FP8_BLOCKWISE_POW2: fp8.E4M3_BLOCKWISE_POW2,
+}
 
 
 def dot_general(
@@ -43,16 +48,8 @@ def dot_general(
     """jax.lax.dot_general(x, w, dimension_numbers) under `policy`."""
     if policy is MatmulPolicy.DEFAULT:
         return jax.lax.dot_general(x, w, dimension_numbers)
-    if policy is MatmulPolicy.BF16:
-        y = jax.lax.dot_general(
-            x.astype(jnp.bfloat16),
-            w.astype(jnp.bfloat16),
-            dimension_numbers,
-            preferred_element_type=jnp.float32,
-        )
-        return y.astype(x.dtype)
-    if policy.is_fp8:
-        return fp8.dot_general(x, w, dimension_numbers, policy is MatmulPolicy.FP8_BLOCKWISE_POW2)
+    if policy in _FORMATS:
+        return fp8.dot_general(x, w, dimension_numbers, _FORMATS[policy])
     raise ValueError(f"matmul policy {policy} has no implementation")
 
 
@@ -65,12 +62,8 @@ def ragged_dot(
     """Rows of x grouped by expert (contiguous groups) times their expert's weights."""
     if policy is MatmulPolicy.DEFAULT:
         return jax.lax.ragged_dot(x_ZD, w_EDF, group_sizes_E)
-    if policy is MatmulPolicy.BF16:
-        y = _ragged_dot_f32(x_ZD.astype(jnp.bfloat16), w_EDF.astype(jnp.bfloat16), group_sizes_E)
-        return y.astype(x_ZD.dtype)
-    if policy.is_fp8:
-        pow2 = policy is MatmulPolicy.FP8_BLOCKWISE_POW2
-        return fp8.grouped_matmul(x_ZD, w_EDF, group_sizes_E, _ragged_dot_f32, pow2)
+    if policy in _FORMATS:
+        return fp8.grouped_matmul(x_ZD, w_EDF, group_sizes_E, _ragged_dot_f32, _FORMATS[policy])
     raise ValueError(f"matmul policy {policy} has no implementation")
 
 

@@ -88,7 +88,7 @@ def deq(t, tile):
 def test_gemm_equals_float64_einsum_of_dequantized_operands():
     x = outliers(2, (96, 640))
     w = 0.02 * jax.random.normal(jax.random.key(3), (640, 200))
-    y = np.asarray(fp8.matmul(x, w, False), np.float64)
+    y = np.asarray(fp8.matmul(x, w, fp8.E4M3_BLOCKWISE), np.float64)
     want = np.einsum("mk,kn->mn", deq(x, (1, 128)), deq(w, (128, 128)))
     assert np.linalg.norm(y - want) / np.linalg.norm(want) <= 1e-6
     # ... and the FP8 product is a few percent from the exact one, not more (E4M3's 3 bits).
@@ -100,11 +100,13 @@ def test_dot_general_flattens_linear_contractions():
     x = jax.random.normal(jax.random.key(4), (2, 5, 4, 48))  # [B, S, H, V] into wo
     w = 0.1 * jax.random.normal(jax.random.key(5), (4, 48, 160))  # [H, V, D]
     dims = (((2, 3), (0, 1)), ((), ()))
-    y = fp8.dot_general(x, w, dims)
-    want = fp8.matmul(x.reshape(10, 192), w.reshape(192, 160), False).reshape(2, 5, 160)
+    y = fp8.dot_general(x, w, dims, fp8.E4M3_BLOCKWISE)
+    want = fp8.matmul(x.reshape(10, 192), w.reshape(192, 160), fp8.E4M3_BLOCKWISE).reshape(
+        2, 5, 160
+    )
     np.testing.assert_array_equal(np.asarray(y), np.asarray(want))
     with pytest.raises(ValueError, match="trailing dims"):
-        fp8.dot_general(x, w, (((2, 3), (0, 1)), ((0,), (0,))))
+        fp8.dot_general(x, w, (((2, 3), (0, 1)), ((0,), (0,))), fp8.E4M3_BLOCKWISE)
 
 
 def accumulate(a, b, mantissa_bits, promote_every=None):
@@ -152,7 +154,7 @@ def test_backward_gemms_are_fp8_with_tiles_along_their_contraction():
     x = outliers(6, (300, 256))
     w = 0.05 * jax.random.normal(jax.random.key(7), (256, 200))
     dy = outliers(8, (300, 200), scale=1e-5)  # activation gradients are small
-    _, vjp = jax.vjp(lambda x, w: fp8.matmul(x, w, False), x, w)
+    _, vjp = jax.vjp(lambda x, w: fp8.matmul(x, w, fp8.E4M3_BLOCKWISE), x, w)
     dx, dw = vjp(dy)
     want_dx, want_dw = analytic_grads(x, w, dy)
     for got, want in [(dx, want_dx), (dw, want_dw)]:
@@ -172,7 +174,7 @@ def test_grouped_gemm_forward_and_backward_per_expert():
     x = outliers(9, (300, 256))
     w = 0.05 * jax.random.normal(jax.random.key(10), (4, 256, 136))
     dy = outliers(11, (300, 136), scale=1e-3)
-    fn = functools.partial(fp8.grouped_matmul, matmul_fn=ragged_f32, pow2=False)
+    fn = functools.partial(fp8.grouped_matmul, matmul_fn=ragged_f32, fmt=fp8.E4M3_BLOCKWISE)
     y, vjp = jax.vjp(lambda x, w: fn(x, w, gs), x, w)
     dx, dw = vjp(dy)
     xq, dyq_f = deq(x, (1, 128)), deq(dy, (1, 128))
