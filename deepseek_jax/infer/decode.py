@@ -25,7 +25,16 @@ import jax.numpy as jnp
 
 from deepseek_jax.infer import experts as experts_lib
 from deepseek_jax.infer import kv_cache
-from deepseek_jax.model import attention, constraints, dispatch, layers, rope, stack, transformer
+from deepseek_jax.model import (
+    attention,
+    constraints,
+    dispatch,
+    layers,
+    precision,
+    rope,
+    stack,
+    transformer,
+)
 from deepseek_jax.model import block as block_lib
 from deepseek_jax.model import mla as mla_lib
 
@@ -124,8 +133,10 @@ def block_step(
 def _decode_experts(cfg, tokens: int, experts: dispatch.ExpertFn) -> dispatch.ExpertFn:
     """The single-device dispatch becomes the gathered one for a few tokens; an expert-parallel
     function (a plan's) is kept as it is."""
-    if experts is dispatch.dropless_experts and experts_lib.use_gathered(
-        tokens, cfg.num_experts_per_tok, cfg.n_routed_experts
+    if (
+        experts is dispatch.dropless_experts
+        and cfg.matmul_policy is precision.MatmulPolicy.DEFAULT
+        and experts_lib.use_gathered(tokens, cfg.num_experts_per_tok, cfg.n_routed_experts)
     ):
         return experts_lib.gathered_experts
     return experts

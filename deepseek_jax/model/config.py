@@ -80,6 +80,15 @@ class AttentionConfig:
     block_k: int = 512
 
 
+class MatmulPolicy(enum.Enum):
+    """How the weight GEMMs compute (model/precision.py implements each)."""
+
+    DEFAULT = "default"  # operands in the compute dtype, XLA's default accumulation
+    BF16 = "bf16"  # bfloat16 operands, float32 accumulation
+    FP8_BLOCKWISE = "fp8_blockwise"  # E4M3, 1x128 / 128x128 float32 scales amax/448
+    FP8_BLOCKWISE_POW2 = "fp8_blockwise_pow2"  # the same with scales rounded up to powers of two
+
+
 class GroupedMatmul(enum.Enum):
     """How the routed experts' grouped matmuls run (model/grouped.py says what each costs where).
 
@@ -130,6 +139,7 @@ class MLAConfig:
     param_dtype: Any
     compute_dtype: Any
     attention: AttentionConfig = AttentionConfig()
+    matmul: MatmulPolicy = MatmulPolicy.DEFAULT
 
     @property
     def qk_head_dim(self) -> int:
@@ -143,6 +153,7 @@ class MLPConfig:
     init_std: float
     param_dtype: Any
     compute_dtype: Any
+    matmul: MatmulPolicy = MatmulPolicy.DEFAULT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +173,7 @@ class MoEConfig:
     param_dtype: Any
     compute_dtype: Any
     grouped_matmul: GroupedMatmul = GroupedMatmul.AUTO
+    matmul: MatmulPolicy = MatmulPolicy.DEFAULT
 
     @property
     def use_bias(self) -> bool:
@@ -217,6 +229,8 @@ class ModelConfig:
     # never builds the [tokens, vocab] logits; 0 builds them and differentiates the plain CE.
     # 1024: the fastest of 128..1024 on the vocab-32K CPU benchmark (BENCHMARKS.md, issue 12).
     loss_chunk_tokens: int = 1024
+    # How the weight GEMMs (Linears but the head, routed experts) compute: model/precision.py.
+    matmul_policy: MatmulPolicy = MatmulPolicy.DEFAULT
 
     def __post_init__(self):
         self.validate()
@@ -250,6 +264,7 @@ class ModelConfig:
             param_dtype=self.param_dtype.jnp,
             compute_dtype=self.compute_dtype.jnp,
             attention=self.attention,
+            matmul=self.matmul_policy,
         )
 
     def dense_mlp(self) -> MLPConfig:
@@ -259,6 +274,7 @@ class ModelConfig:
             self.init_std,
             self.param_dtype.jnp,
             self.compute_dtype.jnp,
+            self.matmul_policy,
         )
 
     def moe(self) -> MoEConfig:
@@ -278,6 +294,7 @@ class ModelConfig:
             param_dtype=self.param_dtype.jnp,
             compute_dtype=self.compute_dtype.jnp,
             grouped_matmul=self.grouped_matmul,
+            matmul=self.matmul_policy,
         )
 
     def block(self, moe: bool) -> BlockConfig:

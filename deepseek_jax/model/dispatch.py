@@ -28,7 +28,8 @@ class ExpertFn(Protocol):
     expert-parallel one (shard_map + all-to-all) for a mesh. Both are exact and dropless. The MoE
     layer receives it as an explicit argument (Transformer.__call__(..., experts=)), so the code
     that runs is the code the caller passed, never an ambient default. `grouped_matmul` is the
-    layer's `MoEConfig.grouped_matmul`: how the grouped matmuls run, wherever they run.
+    layer's `MoEConfig.grouped_matmul` (how the grouped matmuls run, wherever they run) and
+    `policy` its matmul policy (its config's), applied to the three grouped GEMMs.
     """
 
     def __call__(
@@ -41,6 +42,7 @@ class ExpertFn(Protocol):
         w2_EFD: jax.Array,
         *,
         grouped_matmul: GroupedMatmul = GroupedMatmul.AUTO,
+        policy: precision.MatmulPolicy = precision.MatmulPolicy.DEFAULT,
     ) -> jax.Array: ...
 
 
@@ -60,9 +62,12 @@ def grouped_swiglu(
     w3_EDF: jax.Array,
     w2_EFD: jax.Array,
     impl: GroupedMatmul = GroupedMatmul.AUTO,
+    policy: precision.MatmulPolicy = precision.MatmulPolicy.DEFAULT,
 ) -> jax.Array:
     """SwiGLU of rows already sorted into contiguous expert groups (rows past the groups: 0)."""
-    mm = functools.partial(precision.grouped_matmul, group_sizes_E=group_sizes, impl=impl)
+    mm = functools.partial(
+        precision.grouped_matmul, group_sizes_E=group_sizes, policy=policy, impl=impl
+    )
     gate_ZF = mm(x_ZD, w1_EDF)
     up_ZF = mm(x_ZD, w3_EDF)
     return mm(jax.nn.silu(gate_ZF) * up_ZF, w2_EFD)
@@ -84,12 +89,15 @@ def dropless_experts(  # an ExpertFn
     w2_EFD: jax.Array,
     *,
     grouped_matmul: GroupedMatmul = GroupedMatmul.AUTO,
+    policy: precision.MatmulPolicy = precision.MatmulPolicy.DEFAULT,
 ) -> jax.Array:
     X, k = idx_Xk.shape
     E = w1_EDF.shape[0]
     order, group_sizes = sort_by_expert(idx_Xk, E)
     x_ZD = jnp.take(x_XD, order // k, axis=0)
-    y_ZD = grouped_swiglu(x_ZD, group_sizes, w1_EDF, w3_EDF, w2_EFD, grouped_matmul)
+    y_ZD = grouped_swiglu(
+        x_ZD, group_sizes, w1_EDF, w3_EDF, w2_EFD, impl=grouped_matmul, policy=policy
+    )
     inverse = jnp.argsort(order)  # position of each (token, choice) slot in the sorted buffer
     y_XkD = jnp.take(y_ZD, inverse, axis=0).reshape(X, k, -1)
     return combine(y_XkD, weights_Xk, x_XD.dtype)

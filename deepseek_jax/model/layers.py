@@ -78,16 +78,19 @@ class Linear(nnx.Module):
         param_dtype: Any,
         compute_dtype: Any,
         rngs: nnx.Rngs,
+        policy: precision.MatmulPolicy = precision.MatmulPolicy.DEFAULT,
     ):
         self.in_rank = len(in_shape)
         self.out_rank = len(out_shape)
         self.compute_dtype = compute_dtype
+        self.policy = policy
         self.kernel = param(rngs, (*in_shape, *out_shape), logical_axes, std=std, dtype=param_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         w = self.kernel[...].astype(self.compute_dtype)
         contract = (tuple(range(x.ndim - self.in_rank, x.ndim)), tuple(range(self.in_rank)))
-        return precision.dot_general(x.astype(self.compute_dtype), w, (contract, ((), ())))
+        dims = (contract, ((), ()))
+        return precision.dot_general(x.astype(self.compute_dtype), w, dims, self.policy)
 
 
 class Embed(nnx.Module):
@@ -122,6 +125,7 @@ class MLP(nnx.Module):
             param_dtype=cfg.param_dtype,
             compute_dtype=cfg.compute_dtype,
             rngs=rngs,
+            policy=cfg.matmul,
         )
         self.w1 = Linear((cfg.d_model,), (cfg.d_ff,), ("embed", mlp_axis), **kw)
         self.w3 = Linear((cfg.d_model,), (cfg.d_ff,), ("embed", mlp_axis), **kw)

@@ -25,6 +25,7 @@ class MLA(nnx.Module):
             param_dtype=cfg.param_dtype,
             compute_dtype=cfg.compute_dtype,
             rngs=rngs,
+            policy=cfg.matmul,
         )
         if cfg.q_lora_rank is None:
             self.wq = layers.Linear((D,), (H, N + R), ("embed", "heads", "qk_head"), **kw)

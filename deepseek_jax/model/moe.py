@@ -53,7 +53,12 @@ class MoE(nnx.Module):
         self.w3 = layers.param(rngs, (E, D, F), ("expert", "embed", "expert_mlp"), **kw)
         self.w2 = layers.param(rngs, (E, F, D), ("expert", "expert_mlp", "embed"), **kw)
         shared_cfg = config_lib.MLPConfig(
-            D, cfg.n_shared_experts * F, cfg.init_std, cfg.param_dtype, cfg.compute_dtype
+            D,
+            cfg.n_shared_experts * F,
+            cfg.init_std,
+            cfg.param_dtype,
+            cfg.compute_dtype,
+            cfg.matmul,
         )
         self.shared = layers.MLP(shared_cfg, rngs=rngs) if cfg.n_shared_experts else None
 
@@ -74,6 +79,7 @@ class MoE(nnx.Module):
             self.w3[...].astype(dt),
             self.w2[...].astype(dt),
             grouped_matmul=cfg.grouped_matmul,
+            policy=cfg.matmul,
         )
         y_BSD = y_XD.reshape(B, S, D)
         if self.shared is not None:

@@ -35,6 +35,7 @@ class MTPLayer(nnx.Module):
             param_dtype=pdt,
             compute_dtype=cfg.compute_dtype.jnp,
             rngs=rngs,
+            policy=cfg.matmul_policy,
         )
         self.block = block_lib.Block(cfg.block(moe=cfg.mtp_is_moe), rngs=rngs)
         self.head_norm = layers.RMSNorm(D, cfg.norm_eps, param_dtype=pdt)

@@ -11,7 +11,7 @@ from flax import nnx
 
 from deepseek_jax.model import block as block_lib
 from deepseek_jax.model import config as config_lib
-from deepseek_jax.model import constraints, dispatch, layers, rope, stack
+from deepseek_jax.model import constraints, dispatch, layers, precision, rope, stack
 from deepseek_jax.model import moe as moe_lib
 from deepseek_jax.model import mtp as mtp_lib
 
@@ -84,6 +84,8 @@ class Transformer(nnx.Module):
                 param_dtype=pdt,
                 compute_dtype=cdt,
                 rngs=rngs,
+                # The head keeps the compute dtype under every matmul policy (V3 keeps it BF16).
+                policy=precision.MatmulPolicy.DEFAULT,
             )
         )
         self.mtp = mtp_lib.MTP(cfg, rngs=rngs) if cfg.mtp_depth else None

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from deepseek_jax.model import dispatch, grouped
+from deepseek_jax.model import dispatch, grouped, precision
 from deepseek_jax.parallel import config as config_lib
 from deepseek_jax.parallel import mesh as mesh_lib
 from deepseek_jax.parallel import sharding as sharding_lib
@@ -74,10 +74,14 @@ def make_expert_fn(mesh, rules: sharding_lib.Rules, exchange: Exchange) -> dispa
     # AbstractMesh has no devices: AUTO then follows jax.default_backend().
     platform = mesh.devices.flat[0].platform if isinstance(mesh, jax.sharding.Mesh) else None
 
-    def experts(*args, grouped_matmul: dispatch.GroupedMatmul = dispatch.GroupedMatmul.AUTO):
+    def experts(
+        *args,
+        grouped_matmul: dispatch.GroupedMatmul = dispatch.GroupedMatmul.AUTO,
+        policy: precision.MatmulPolicy = precision.MatmulPolicy.DEFAULT,
+    ):
         impl = grouped.resolve(grouped_matmul, platform)
         return jax.shard_map(
-            functools.partial(local, impl=impl),
+            functools.partial(local, impl=impl, policy=policy),
             mesh=mesh_lib.current(mesh),
             in_specs=in_specs,
             out_specs=tokens,
@@ -100,13 +104,16 @@ def _local(
     tensor_axes,
     exchange,
     impl,
+    policy,
 ):
     X, k = idx_Xk.shape
     E_l = w1_eDF.shape[0]
     order_Z, group_sizes_E = dispatch.sort_by_expert(idx_Xk, E_l * ep)
     x_ZD = jnp.take(x_XD, order_Z // k, axis=0)
     if ep == 1:
-        y_ZD = dispatch.grouped_swiglu(x_ZD, group_sizes_E, w1_eDF, w3_eDF, w2_eFD, impl)
+        y_ZD = dispatch.grouped_swiglu(
+            x_ZD, group_sizes_E, w1_eDF, w3_eDF, w2_eFD, impl=impl, policy=policy
+        )
     else:
         route = _Route(
             idx_Xk.reshape(-1)[order_Z],
@@ -118,7 +125,9 @@ def _local(
         )
         send = route.dispatch_ragged if exchange is Exchange.RAGGED_ALL_TO_ALL else route.dispatch
         recv_UWD, back = send(x_ZD)
-        y_UWD = _compute_received(recv_UWD, route.recv_counts_Ue, w1_eDF, w3_eDF, w2_eFD, impl)
+        y_UWD = _compute_received(
+            recv_UWD, route.recv_counts_Ue, w1_eDF, w3_eDF, w2_eFD, impl, policy
+        )
         y_ZD = back(y_UWD)
     y_XkD = jnp.take(y_ZD, jnp.argsort(order_Z), axis=0).reshape(X, k, -1)
     acc = jnp.promote_types(x_XD.dtype, jnp.float32)
@@ -185,7 +194,7 @@ class _Route:
         return recv.reshape(ep, W, D), back
 
 
-def _compute_received(recv_UWD, counts_Ue, w1_eDF, w3_eDF, w2_eFD, impl):
+def _compute_received(recv_UWD, counts_Ue, w1_eDF, w3_eDF, w2_eFD, impl, policy):
     """Grouped SwiGLU on received rows; source r's block holds counts_Ue[r] rows per expert."""
     U, W, D = recv_UWD.shape
     ends_Ue = jnp.cumsum(counts_Ue, axis=-1)
@@ -195,6 +204,8 @@ def _compute_received(recv_UWD, counts_Ue, w1_eDF, w3_eDF, w2_eFD, impl):
     order = jnp.argsort(expert_UW.reshape(-1), stable=True)
     rows = jnp.take(recv_UWD.reshape(U * W, D), order, axis=0)
     # Rows past sum(group sizes) -- the padding, sorted last -- come out of the grouped matmul as
-    # zeros (both implementations).
-    out = dispatch.grouped_swiglu(rows, counts_Ue.sum(0), w1_eDF, w3_eDF, w2_eFD, impl)
+    # zeros (both implementations, under every policy).
+    out = dispatch.grouped_swiglu(
+        rows, counts_Ue.sum(0), w1_eDF, w3_eDF, w2_eFD, impl=impl, policy=policy
+    )
     return jnp.take(out, jnp.argsort(order), axis=0).reshape(U, W, D)

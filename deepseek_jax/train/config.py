@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 
 
 @dataclasses.dataclass(frozen=True)
@@ -20,6 +21,13 @@ class Piecewise:
             )
         if list(self.boundaries) != sorted(self.boundaries):
             raise ValueError(f"piecewise boundaries must increase, got {self.boundaries}")
+
+
+class MomentDType(enum.Enum):
+    """Storage dtype of AdamW's two moments (the V3 recipe keeps them in bfloat16)."""
+
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +48,8 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    # mu and nu are updated in float32 and stored in this dtype; params stay in param_dtype.
+    adam_moment_dtype: MomentDType = MomentDType.FLOAT32
     # DeepSeek-V3 extras: MTP weight lambda, bias update speed gamma, balance-loss alpha.
     mtp_lambda: Piecewise = Piecewise((0.3,))
     bias_update_rate: Piecewise = Piecewise((0.001,))

@@ -26,7 +26,15 @@ from deepseek_jax import errors
 log = logging.getLogger(__name__)
 
 RESUMABLE_MODEL_FIELDS = frozenset(
-    {"remat", "compute_dtype", "init_std", "attention", "grouped_matmul"}
+    {
+        "remat",
+        "compute_dtype",
+        "init_std",
+        "attention",
+        "grouped_matmul",
+        "matmul_policy",
+        "loss_chunk_tokens",
+    }
 )
 _ABSENT = object()
 

@@ -26,6 +26,8 @@ _FREE_FIELDS = (
     "remat",
     "attention",
     "grouped_matmul",
+    "matmul_policy",
+    "loss_chunk_tokens",
     "init_std",
     "mtp_depth",
 )
