@@ -12,28 +12,9 @@ from flax import nnx
 
 from deepseek_jax.model import config as config_lib
 from deepseek_jax.model import layers, losses, transformer
+from tests.model import test_model
 
-CFG = config_lib.ModelConfig(
-    vocab_size=32,
-    d_model=32,
-    n_layers=3,
-    first_k_dense_replace=1,
-    intermediate_size=48,
-    n_heads=2,
-    q_lora_rank=16,
-    kv_lora_rank=16,
-    qk_nope_head_dim=8,
-    qk_rope_head_dim=4,
-    v_head_dim=8,
-    n_routed_experts=8,
-    n_shared_experts=1,
-    moe_intermediate_size=16,
-    num_experts_per_tok=2,
-    n_group=2,
-    topk_group=1,
-    mtp_depth=2,
-    init_std=0.2,
-)
+CFG = test_model.CFG  # the model tests' tiny MoE + MTP (D = 2) config
 LENGTHS = (5, 7, 6)  # A, B, C
 PAD = 2
 S = sum(LENGTHS) + PAD
