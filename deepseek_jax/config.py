@@ -1,7 +1,8 @@
 """Experiment configuration: a `configs/*.py` ConfigDict -> typed frozen dataclasses, once.
 
 Sections: model (ModelConfig), train (TrainConfig), data (DataConfig), parallel (ParallelConfig),
-checkpoint (CheckpointConfig). Every value is validated here, before anything is compiled, and
+checkpoint (CheckpointConfig), sft (post/config.SFTConfig: fine-tuning on chat data instead of
+pre-training on `data`). Every value is validated here, before anything is compiled, and
 errors name the field (e.g. "model.n_group: ...").
 """
 
@@ -17,6 +18,7 @@ from deepseek_jax import dataclass_dict, errors
 from deepseek_jax.data import config as data_config
 from deepseek_jax.model import config as model_config
 from deepseek_jax.parallel import config as parallel_config
+from deepseek_jax.post import config as sft_config
 from deepseek_jax.train import config as train_config
 
 
@@ -48,6 +50,7 @@ class ExperimentConfig:
     data: data_config.DataConfig
     parallel: parallel_config.ParallelConfig
     checkpoint: CheckpointConfig
+    sft: sft_config.SFTConfig = sft_config.SFTConfig()
 
     def __post_init__(self):
         parallel_config.check_pipeline(self.parallel, self.model, self.train)
@@ -59,10 +62,11 @@ class ExperimentConfig:
             "data": self.data.to_dict(),
             "parallel": dataclass_dict.to_dict(self.parallel),
             "checkpoint": dataclass_dict.to_dict(self.checkpoint),
+            "sft": dataclass_dict.to_dict(self.sft),
         }
 
 
-SECTIONS = ("model", "train", "data", "parallel", "checkpoint")
+SECTIONS = ("model", "train", "data", "parallel", "checkpoint", "sft")
 
 
 def section_types() -> dict[str, type]:
@@ -150,6 +154,7 @@ def _convert(d: Mapping[str, Any]) -> ExperimentConfig:
         checkpoint=dataclass_dict.from_dict(
             CheckpointConfig, d.get("checkpoint", {}), "checkpoint"
         ),
+        sft=dataclass_dict.from_dict(sft_config.SFTConfig, d.get("sft", {}), "sft"),
     )
 
 
@@ -236,6 +241,7 @@ def default_config_dict():
         data=data_config.DataConfig(),
         parallel=parallel_config.ParallelConfig(),
         checkpoint=CheckpointConfig(),
+        sft=sft_config.SFTConfig(),
     )
     sections = _tuples(default.to_dict())
     return ml_collections.ConfigDict(

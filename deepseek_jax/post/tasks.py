@@ -1,7 +1,7 @@
 """Synthetic chat tasks a tiny byte-level model can learn on CPU in minutes, deterministic, with a
 held-out split that never shares a problem with training.
 
-    reverse   "Reverse: stone"  ->  "enots"
+    reverse   "Reverse: stone"  ->  "enots"   (3 to 6 letters, or a fixed length)
     add       "12+30="          ->  "42"
 
 A problem's split is a hash of its text (1 in 8 is "eval"), so splits are disjoint whatever the
@@ -53,22 +53,27 @@ def split_of(prompt: str) -> Split:
     return Split.EVAL if h % _EVAL_ONE_IN == 0 else Split.TRAIN
 
 
-def _problem(task: Task, rng: np.random.Generator) -> tuple[str, str, str]:
+def _problem(task: Task, rng: np.random.Generator, length: int) -> tuple[str, str, str]:
     if task is Task.REVERSE:
-        word = "".join(rng.choice(_LETTERS, int(rng.integers(3, 7))))
+        word = "".join(rng.choice(_LETTERS, length or int(rng.integers(3, 7))))
         return f"Reverse: {word}", word[::-1], f"{word} backwards"
     a, b = (int(x) for x in rng.integers(0, 50, 2))
     return f"{a}+{b}=", str(a + b), f"{a} plus {b}"
 
 
-def examples(task: Task, split: Split, n: int, seed: int = 0, think: bool = False) -> list[Example]:
+def examples(
+    task: Task, split: Split, n: int, seed: int = 0, think: bool = False, length: int = 0
+) -> list[Example]:
+    """`length`: REVERSE's word length (0: 3 to 6 letters, drawn per problem)."""
+    if length < 0 or (length and task is not Task.REVERSE):
+        raise ValueError(f"a word length applies to the reverse task only, got {length}")
     rng = np.random.default_rng([seed, list(Task).index(task)])
     seen: set[str] = set()
     out: list[Example] = []
     for _ in range(200 * n + 1000):
         if len(out) == n:
             return out
-        prompt, answer, thought = _problem(task, rng)
+        prompt, answer, thought = _problem(task, rng, length)
         if prompt in seen or split_of(prompt) is not split:
             continue
         seen.add(prompt)

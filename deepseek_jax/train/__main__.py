@@ -52,6 +52,8 @@ def main(argv):
     del argv
     # Everything that can be checked without devices, before touching them.
     exp = cli.experiment()
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every file it reads/renames at INFO
     workdir = preflight.check(_WORKDIR.value, exp)
     multi = _COORDINATOR.value is not None or _NUM_PROCESSES.value is not None
     cluster = (
@@ -59,8 +61,6 @@ def main(argv):
         if multi
         else None
     )
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)  # orbax logs every file it renames at INFO
     if multi or _auto_cluster():
         distributed.initialize(
             cluster,

@@ -1,9 +1,11 @@
 """The training loop: data -> jitted step -> metrics, evaluation, checkpoints, preemption.
 
 Resumes from the newest good checkpoint in `<workdir>/checkpoints/` (state, data-iterator position,
-config); otherwise initialises (or loads `checkpoint.init_from`). Step n's metrics are read after
-step n+1 has been dispatched, so the host never stalls the device; a run of non-finite steps longer
-than `train.max_nonfinite_in_a_row` stops with the step, the metric and the batch named.
+config); otherwise initialises (or loads `checkpoint.init_from`). With `sft.source` set the data and
+the evaluation are those of supervised fine-tuning (train/sft.py); everything else is the same.
+Step n's metrics are read after step n+1 has been dispatched, so the host never stalls the
+device; a run of non-finite steps longer than `train.max_nonfinite_in_a_row` stops with the step,
+the metric and the batch named.
 Everything runs on the mesh of `exp.parallel` (parallel/plan.py; the state and the steps on it come
 from train/sharded.py): the state is created or restored sharded, each process loads only its rows
 of every batch, and metrics come back replicated.
@@ -28,7 +30,7 @@ from deepseek_jax.cost import devices
 from deepseek_jax.model import counting
 from deepseek_jax.parallel import plan as plan_lib
 from deepseek_jax.train import checkpoint as checkpoint_lib
-from deepseek_jax.train import config_diff, init_from, optim, preemption, sharded
+from deepseek_jax.train import config_diff, init_from, optim, preemption, sft, sharded
 from deepseek_jax.train import metrics as metrics_lib
 from deepseek_jax.train import progress as progress_lib
 from deepseek_jax.train import state as state_lib
@@ -129,10 +131,23 @@ def guard_compilation_cache() -> None:
         jax.config.update("jax_enable_compilation_cache", False)
 
 
+def _eval_line(m: dict[str, float]) -> str:
+    line = f"held-out {m['eval_loss']:.4f} nats/token, {m['eval_bpb']:.4f} bits/byte"
+    if "eval_exact_match" in m:
+        line += f", greedy exact match {m['eval_exact_match']:.1%}"
+    return line
+
+
 def run(exp: config_lib.ExperimentConfig, workdir: str | pathlib.Path) -> dict[str, Any]:
     """Trains to exp.train.steps (resuming if possible); returns a summary for callers and tests."""
     guard_compilation_cache()
     workdir = pathlib.Path(workdir)
+    sft_data = None
+    if exp.sft.enabled:  # read and pack every conversation before anything else: errors first
+        tokenizer, corpus = sft.load_corpus(exp)
+        rows = sft.pack(exp, tokenizer, corpus.train)
+        exp = sft.resolve(exp, rows["inputs"].shape[0])
+        sft_data = (tokenizer, corpus, rows)
     config_diff.check_resume(workdir, exp)  # a different model: fail before touching anything
     workdir.mkdir(parents=True, exist_ok=True)
     t, pid = exp.train, jax.process_index()
@@ -144,16 +159,34 @@ def run(exp: config_lib.ExperimentConfig, workdir: str | pathlib.Path) -> dict[s
 
     # Each process loads only the rows its devices hold (see Plan.data_shard).
     data_index, data_count = plan.data_shard(t.global_batch_size)
-    train_iter = data_lib.make_train_iterator(
-        exp.data,
-        seq_len=t.seq_len,
-        global_batch_size=t.global_batch_size,
-        model_vocab_size=exp.model.vocab_size,
-        seed=t.seed,
-        process_index=data_index,
-        process_count=data_count,
-    )
-    evaluate = Evaluator(exp, graphdef, plan, tx)
+    if sft_data is not None:
+        tokenizer, corpus, rows = sft_data
+        train_iter = sft.Data(
+            rows,
+            global_batch=t.global_batch_size,
+            process_index=data_index,
+            process_count=data_count,
+            seed=t.seed,
+            pad_id=tokenizer.pad_id,
+            fingerprint=corpus.fingerprint,
+        )
+        evaluate = sft.Evaluator(exp, graphdef, plan, tx, tokenizer, corpus)
+        print(
+            f"sft: {len(corpus.train)} samples packed into {train_iter.num_rows} rows, "
+            f"{train_iter.batches_per_epoch} steps per epoch, {t.steps} steps",
+            flush=True,
+        )
+    else:
+        train_iter = data_lib.make_train_iterator(
+            exp.data,
+            seq_len=t.seq_len,
+            global_batch_size=t.global_batch_size,
+            model_vocab_size=exp.model.vocab_size,
+            seed=t.seed,
+            process_index=data_index,
+            process_count=data_count,
+        )
+        evaluate = Evaluator(exp, graphdef, plan, tx)
 
     guard = preemption.PreemptionGuard().install()
     ckpt = checkpoint_lib.Checkpointer(
@@ -194,10 +227,7 @@ def run(exp: config_lib.ExperimentConfig, workdir: str | pathlib.Path) -> dict[s
         first = evaluate(state)
         writer.write(0, first, split="eval")
         summary["eval_bpb_start"] = first["eval_bpb"]
-        bar.message(
-            f"step 0: held-out {first['eval_loss']:.4f} nats/token, "
-            f"{first['eval_bpb']:.4f} bits/byte"
-        )
+        bar.message(f"step 0: {_eval_line(first)}")
 
     interval, skipped, streak, pending = _Interval(), 0, 0, None
     tokens_per_step = t.global_batch_size * t.seq_len
@@ -253,7 +283,10 @@ def run(exp: config_lib.ExperimentConfig, workdir: str | pathlib.Path) -> dict[s
             if step % t.eval_every == 0 and step < t.steps:
                 consume(*pending)
                 pending = None
-                writer.write(step, evaluate(state), split="eval")
+                m_eval = evaluate(state)
+                writer.write(step, m_eval, split="eval")
+                if exp.sft.enabled:
+                    bar.message(f"step {step}: {_eval_line(m_eval)}")
             if step % exp.checkpoint.every_steps == 0 or step == t.steps:
                 ckpt.save(step, state, data=train_iter.get_state(), config=config_json)
             if guard.should_stop(step):
@@ -274,10 +307,9 @@ def run(exp: config_lib.ExperimentConfig, workdir: str | pathlib.Path) -> dict[s
             skipped_steps=skipped,
             preempted=False,
         )
-        bar.message(
-            f"step {step}: held-out {last['eval_loss']:.4f} nats/token, "
-            f"{last['eval_bpb']:.4f} bits/byte"
-        )
+        if "eval_exact_match" in last:
+            summary["eval_exact_match_end"] = last["eval_exact_match"]
+        bar.message(f"step {step}: {_eval_line(last)}")
         if "eval_bpb_start" in summary:
             bar.message(
                 f"held-out bits/byte: {summary['eval_bpb_start']:.4f} at step 0 -> "

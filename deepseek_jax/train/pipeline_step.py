@@ -47,16 +47,6 @@ def microbatched(batch: batch_lib.Batch, microbatches: int) -> batch_lib.Batch:
     )
 
 
-def check_unpacked(batch: batch_lib.Batch) -> None:
-    """Packed samples are refused here rather than silently attended across: a stage's layers see
-    only the activation the schedule hands them, not the micro-batch's segment ids."""
-    if batch.segment_ids is not None or batch.positions is not None:
-        raise ValueError(
-            "the pipelined step does not take packed samples yet (Batch.segment_ids / positions"
-            " are set): train them with parallel.pipeline=none, or one sample a row"
-        )
-
-
 @dataclasses.dataclass(frozen=True)
 class Pipeline:
     """A schedule bound to a model: its op orders, table, executor layout and stage."""
@@ -115,7 +105,6 @@ def loss_and_grads(
     acc = pipe.stage.acc_dtype
     mtp_lambda = optim.piecewise(train_cfg.mtp_lambda, state.step)
     weights = losses.Weights(mtp_lambda.astype(acc), train_cfg.balance_alpha)
-    check_unpacked(batch)
     norms = losses.norms(batch, cfg.mtp_depth, acc, pipe.microbatches)
     mbs = microbatched(batch, pipe.microbatches)
     stack, glob = stages.split(state.params)

@@ -119,9 +119,30 @@ def _numpy_state(n_layers: int = 5) -> tuple:
 _TX = optim.optimizer(TRAIN)  # one object: plan shardings are cached per (config, tx)
 
 
+# The float32 programs take packed rows (2 or 3 samples each: segment ids, positions restarting
+# per sample), the float64 ones plain rows: every schedule is checked on both kinds of batch with
+# no extra compile. Packed rows must reach every stage's attention and RoPE (stages.Stage).
+PACKED = ("float32",)
+
+
+def packed(batch: Batch) -> Batch:
+    B, S = batch.inputs.shape
+    seg = np.ones((B, S), np.int32)
+    for r in range(B):
+        for cut in sorted({2 + r % 3, S // 2 + r % 2} if r % 4 else {3}):
+            seg[r, cut:] += 1
+    starts = np.concatenate([np.ones((B, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+    idx = np.arange(S)[None, :]
+    pos = idx - np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
+    return dataclasses.replace(batch, segment_ids=seg, positions=pos.astype(np.int32))
+
+
 def state(dtype: str, n_layers: int = 5) -> tuple[state_lib.TrainState, Batch]:
-    """The train state (fresh AdamW) and batch in `dtype`; call under enable_x64 for float64."""
+    """The train state (fresh AdamW) and batch in `dtype` (packed for PACKED dtypes); call under
+    enable_x64 for float64."""
     params, bias, batch = _numpy_state(n_layers)
+    if dtype in PACKED:
+        batch = packed(batch)
     cast = functools.partial(jax.tree.map, lambda a: jnp.asarray(a, dtype))
     params, bias = cast(params), cast(bias)
     return state_lib.TrainState(jnp.zeros((), jnp.int32), params, bias, _TX.init(params)), (

@@ -12,16 +12,15 @@ program, must break the equality.
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from deepseek_jax.model import dispatch
 from deepseek_jax.parallel.config import BackwardSplit
-from deepseek_jax.parallel.pipeline import executor, schedules, stages, ticks, ticksim
+from deepseek_jax.parallel.pipeline import schedules, stages, ticksim
 from deepseek_jax.parallel.pipeline.schedules import Op, OpKind, Schedule
 from deepseek_jax.parallel.pipeline.ticks import Channel, Code
-from deepseek_jax.train import pipeline_step
+from deepseek_jax.train import state as state_lib
+from deepseek_jax.train import step as step_lib
 from tests.parallel import pipeline_harness as h
 
 CASES = [
@@ -177,13 +176,15 @@ def test_uneven_stages_equal_unpipelined():
     print("dualpipe pp=2 float32 uneven (2 + 1 layers): " + str(errors))
 
 
-def test_packed_batch_is_refused_before_anything_runs():
-    """The stages do not see segment ids yet, so a packed batch is an error, not a step that
-    silently attends across samples (no executor is called: `run` is None)."""
-    orders = schedules.build(Schedule.DUALPIPE, 2, h.MICROBATCHES)
-    layout = executor.Layout.of(ticks.build(orders, h.EXACT), num_stages=orders.num_stages)
-    pipe = h._pipe(Schedule.DUALPIPE, 2, "float32", layout, dispatch.dropless_experts)
+def test_packed_rows_change_the_step():
+    """The float32 programs above run packed rows (pipeline_harness.PACKED) and equal the
+    unpipelined step on them; that means something only if the segment ids change the loss."""
     st, batch = h.state("float32")
-    packed = dataclasses.replace(batch, segment_ids=jnp.ones_like(batch.inputs))
-    with pytest.raises(ValueError, match="segment_ids"):
-        pipeline_step.loss_and_grads(pipe, None, h.TRAIN, st, packed, pipe.tables())
+    assert batch.segment_ids is not None and int(batch.segment_ids.max()) == 3
+    graphdef, _, _ = state_lib.abstract_model(h.model_config("float32"))
+    loss = jax.jit(lambda s, b: step_lib.loss_and_grads(graphdef, h.TRAIN, s, b)[0])
+    plain = dataclasses.replace(batch, segment_ids=None, positions=None)
+    with_ids, without = float(loss(st, batch)), float(loss(st, plain))
+    # 10x the float32 equality tolerance: the ids move the loss far more than the check allows.
+    assert abs(with_ids - without) > 1e-4 * abs(without), (with_ids, without)
+    assert abs(with_ids - float(h.reference("float32")[2]["loss"])) < 1e-5 * abs(with_ids)

@@ -187,12 +187,12 @@ class Ops:
         batch = take(env["mbs"], mb)
         x = jax.lax.cond(
             env["first"][c] > 0,
-            lambda: st.prologue({}, env, batch.inputs),
+            lambda: st.prologue({}, env, batch),
             lambda: carry.act[slot].astype(st.cfg.compute_dtype.jnp),
         )
         active = None if env["active"] is None else env["active"][c]
         (h, _), (load, balance) = st.body(
-            take(env["stack"], c), x, take(env["bias"], c), env, active
+            take(env["stack"], c), x, take(env["bias"], c), env, active, batch
         )
         _, epi = jax.lax.cond(
             env["last"][c] > 0,
@@ -217,10 +217,12 @@ class Ops:
         d_glob, x, received = transient
         if weights:
             (h, aux_loss), body_vjp = jax.vjp(
-                lambda p, x_: st.body(p, x_, bias, env, on)[0], chunk, x
+                lambda p, x_: st.body(p, x_, bias, env, on, batch)[0], chunk, x
             )
         else:
-            (h, aux_loss), body_vjp = jax.vjp(lambda x_: st.body(chunk, x_, bias, env, on)[0], x)
+            (h, aux_loss), body_vjp = jax.vjp(
+                lambda x_: st.body(chunk, x_, bias, env, on, batch)[0], x
+            )
 
         def from_loss(d_glob):
             if weights:
@@ -245,7 +247,7 @@ class Ops:
 
         def into_prologue(d_glob):
             _, vjp = jax.vjp(
-                lambda d: st.prologue(d, env, batch.inputs), self._glob(self.pro_keys, env["glob"])
+                lambda d: st.prologue(d, env, batch), self._glob(self.pro_keys, env["glob"])
             )
             return _add(d_glob, vjp(d_x)[0])
 

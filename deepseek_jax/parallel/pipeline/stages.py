@@ -31,6 +31,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from deepseek_jax import batch as batch_lib
 from deepseek_jax.model import config as config_lib
 from deepseek_jax.model import dispatch, losses
 from deepseek_jax.parallel import mesh as mesh_lib
@@ -213,18 +214,30 @@ class Stage:
     # interleave, e.g. one chunk's expert all-to-all with the other's compute. A stage holds few
     # layers (V3 on 16 stages: ~4), so the program grows little.
 
-    def prologue(self, diff: dict, env: dict, ids) -> jax.Array:
-        model = self._model({**env["glob"], **diff}, env["glob_bias"], env["stack0"], env["bias0"])
-        cos, sin = model.rope_tables(*ids.shape)
-        return model.prologue(ids, cos, sin, self.experts, unroll=True)
+    # Every stage function takes its micro-batch `mb`: packed samples (mb.segment_ids,
+    # mb.positions) must reach each stage's attention and RoPE, not only the first stage's.
 
-    def body(self, chunk, x, bias_chunk, env: dict, active_L=None):
+    def prologue(self, diff: dict, env: dict, mb: batch_lib.Batch) -> jax.Array:
+        model = self._model({**env["glob"], **diff}, env["glob_bias"], env["stack0"], env["bias0"])
+        cos, sin = model.rope_tables(*mb.inputs.shape, mb.positions)
+        return model.prologue(
+            mb.inputs, cos, sin, self.experts, unroll=True, segment_ids_BS=mb.segment_ids
+        )
+
+    def body(self, chunk, x, bias_chunk, env: dict, active_L, mb: batch_lib.Batch):
         """The stage's MoE layers: ((h, alpha * balance share), (load [Ls, E], balance / M)).
         active_L [Ls]: 0 marks a padding slot of an uneven stage (the identity, zero stats)."""
         model = self._model(env["glob"], env["glob_bias"], chunk, bias_chunk)
-        cos, sin = model.rope_tables(*x.shape[:2])
+        cos, sin = model.rope_tables(*x.shape[:2], mb.positions)
         h, stats = model.run_stack(
-            model.moe_layers, x, cos, sin, self.experts, unroll=True, active_L=active_L
+            model.moe_layers,
+            x,
+            cos,
+            sin,
+            self.experts,
+            unroll=True,
+            active_L=active_L,
+            segment_ids_BS=mb.segment_ids,
         )
         weights = env["weights"]
         loss = weights.balance_alpha * losses.balance_term(stats, env["norms"])
@@ -233,9 +246,15 @@ class Stage:
     def epilogue(self, diff: dict, h, mb, env: dict):
         """Final norm, head, MTP and the objective on this micro-batch: (loss, EpilogueAux)."""
         model = self._model({**env["glob"], **diff}, env["glob_bias"], env["stack0"], env["bias0"])
-        cos, sin = model.rope_tables(*mb.inputs.shape)
+        cos, sin = model.rope_tables(*mb.inputs.shape, mb.positions)
         out = model.epilogue(
-            h, mb.inputs, cos, sin, self.experts, logits=model.cfg.loss_chunk_tokens == 0
+            h,
+            mb.inputs,
+            cos,
+            sin,
+            self.experts,
+            logits=model.cfg.loss_chunk_tokens == 0,
+            segment_ids_BS=mb.segment_ids,
         )
         loss, metrics = self.objective(out, mb, env["norms"], env["weights"])
         aux = self.zero_aux()

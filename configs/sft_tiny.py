@@ -1,0 +1,51 @@
+"""Supervised fine-tuning of the tiny model on an embedded synthetic chat task.
+
+    make smoke   # or any checkpoint of configs/tiny.py's architecture (a from-hf output too)
+    python -m deepseek_jax.train --config=configs/sft_tiny.py --workdir=runs/sft_tiny \
+        [--config.checkpoint.init_from=runs/smoke]
+
+The task: "Reverse: stone" -> "enots", in the byte tokenizer's chat template, answered in R1's
+<think>…</think><answer>…</answer> form so that GRPO (configs/grpo_tiny.py) can start from the
+result. Samples are packed several to a row with isolation; the loss is on the assistant's tokens
+only. Evaluation: held-out assistant-token loss and greedy exact match on problems never trained
+on. The schedule follows V3's SFT: cosine decay over 2 epochs (sft.epochs sets train.steps).
+"""
+
+
+def get_config():
+    c = _tiny()  # the model (and every other default) of configs/tiny.py
+    c.sft.update(
+        source="task",
+        task="reverse",
+        think=True,
+        task_length=4,  # fixed offsets: the tiny model learns them in minutes (3-6 it does not)
+        task_train=8000,
+        task_eval=128,
+        epochs=2.0,
+        moe_bias="updated",
+        eval_generate=128,
+        max_new_tokens=64,
+    )
+    c.train.update(
+        global_batch_size=16,
+        seq_len=256,
+        lr=3e-3,
+        lr_final=3e-4,
+        warmup_steps=10,
+        log_every=10,
+        eval_every=100,
+        balance_alpha=1e-4,
+    )
+    c.checkpoint.update(every_steps=100, keep_last=2, init_from="runs/smoke")
+    return c
+
+
+def _tiny():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).with_name("tiny.py")
+    spec = importlib.util.spec_from_file_location("_tiny_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
