@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # FP8 vs BF16 train step on ONE GPU, and whether XLA:GPU made FP8 GEMMs of model/fp8.py's
-# dequantize -> dot. Prepared for an H200 lent by the device tool (~5 min: 3 compiles per size).
+# dequantize -> dot. Prepared for an H200 lent by the device tool (~6 min: 3 policies x 2 sizes,
+# one compile each).
 #
 #   bash bench/fp8_gpu.sh            # results in $OUT (default /tmp/fp8_gpu)
 #
@@ -8,7 +9,7 @@
 #    experts x 1408 top-6; the pipeline_gpu.sh stage), bfloat16 compute, seq $SEQ x batch $BATCH:
 #    the jitted train step under model.matmul_policy = bf16, fp8_blockwise and default, step ms
 #    and the ratio to bf16.
-# 2. The optimized HLO of each (in $OUT/hlo/<policy>.hlo.txt) and its census: dots with
+# 2. The optimized HLO of each ($OUT/hlo_<seq>/<policy>.hlo.txt) and its census: dots with
 #    f8e4m3fn operands, cuBLASLt FP8 GEMM custom-calls (__cublas$lt$matmul$f8), fusions that take
 #    f8 and contain a dot (the dequantize fused into a wider GEMM), all dots and cuBLAS GEMMs.
 #    model/fp8.py scales per 1x128 / 128x128 tile; XLA's FP8 rewriter is documented for
@@ -57,6 +58,6 @@ for hlo in "$OUT"/hlo_*/fp8_blockwise.hlo.txt; do
     echo "== $hlo"
     grep -E "(dot|convolution|custom-call)\(.*f8e4m3fn" "$hlo" | cut -c1-240 | head -n 5 \
         || echo "no dot or custom-call with an f8e4m3fn operand"
-    grep -c "f8e4m3fn" "$hlo" | sed 's/^/lines mentioning f8e4m3fn: /'
+    echo "lines mentioning f8e4m3fn: $(grep -c "f8e4m3fn" "$hlo" || true)"
 done | tee "$OUT/fp8_grep.txt"
 echo "results in $OUT"
