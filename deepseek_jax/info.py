@@ -6,6 +6,7 @@
         [--phase=[NAME:]SEQ_LEN:TOKENS[:MFU] ...] [--add_hours=NAME:HOURS]   # or a list
         [--device_hours=2664e3]                                             # inverse: the MFU
         [--mfu=measured --bench_json=bench.json]                            # a run's MFU
+        [--peak=auto|bf16|fp8]      # auto: the FP8 peak under model.matmul_policy=fp8_blockwise
 
 Figures come from abstract shapes (nothing allocated); FLOPs use train.seq_len (`--tokens`) or
 each phase's SEQ_LEN, from the counter the trainer logs MFU with (docs/cost.md).
@@ -47,7 +48,10 @@ _ADD_HOURS = flags.DEFINE_multi_string(
     "add_hours", [], "Cost: NAME:HOURS added as they are (e.g. post-training:5e3)."
 )
 _PEAK = flags.DEFINE_enum_class(
-    "peak", devices.Peak.BF16, devices.Peak, "Cost: the peak MFU is relative to."
+    "peak",
+    devices.PeakChoice.AUTO,
+    devices.PeakChoice,
+    "Cost: the peak MFU is relative to; auto: FP8 when model.matmul_policy is an FP8 policy.",
 )
 _NUM_DEVICES = flags.DEFINE_integer("num_devices", None, "Cost: devices, for days.", lower_bound=1)
 _PRICE = flags.DEFINE_float("price", None, "Cost: USD per device-hour.", lower_bound=0)
@@ -97,7 +101,7 @@ def cost(exp) -> None:
     device = devices.get(_DEVICE.value)
     todo = _cost_phases(exp)
     fixed = [phases.parse_fixed(f) for f in _ADD_HOURS.value]
-    peak = _PEAK.value
+    peak, peak_reason = estimate.peak_for(exp.model.matmul_policy, _PEAK.value)
     if _DEVICE_HOURS.value is not None:
         if _MFU.value is not None or any(p.mfu is not None for p in todo):
             raise errors.UserError("--device_hours asks for the MFU: drop --mfu and phase MFUs")
@@ -107,10 +111,11 @@ def cost(exp) -> None:
             raise errors.UserError(f"--device_hours={_DEVICE_HOURS.value}: {e}") from None
         inv = estimate.inverse(exp.model, todo, device, hours, peak)
         if _JSON.value:
-            print(json.dumps({"device": device.name, "device_hours": hours, **inv}, sort_keys=True))
+            head = {"device": device.name, "device_hours": hours, "peak": peak.value}
+            print(json.dumps({**head, "peak_reason": peak_reason, **inv}, sort_keys=True))
         else:
             tokens = sum(p.tokens for p in todo)
-            print(cost_report.inverse_text(device, peak, inv, hours, tokens))
+            print(cost_report.inverse_text(device, peak, inv, hours, tokens, peak_reason))
         return
     mfu, source = None, None
     if _MFU.value == "measured":
@@ -125,11 +130,12 @@ def cost(exp) -> None:
     est = estimate.estimate(exp.model, todo, device, peak, mfu, fixed)
     if _JSON.value:
         out = cost_report.as_dict(est, _NUM_DEVICES.value, _PRICE.value)
+        out["peak_reason"] = peak_reason
         if source:
             out["mfu_source"] = source
         print(json.dumps(out, sort_keys=True))
         return
-    print(cost_report.text(est, _NUM_DEVICES.value, _PRICE.value))
+    print(cost_report.text(est, _NUM_DEVICES.value, _PRICE.value, peak_reason))
     if source:
         print(f"MFU {100 * mfu:.2f}% from {_BENCH_JSON.value}: {source}")
 

@@ -48,6 +48,20 @@ def test_inverse_mode(capsys):
     assert "40.65% (39.06% without MTP)" in out and "402.2 TFLOP/s per GPU" in out
 
 
+def test_the_peak_follows_the_runs_matmul_policy(capsys):
+    # V3 trained in FP8: against the FP8 peak its hours imply half the BF16-peak MFU
+    fp8 = ["--device=h800", "--tokens=14.8e12", "--gpu_hours=2664e3"]
+    fp8 += ["--config.model.matmul_policy=fp8_blockwise"]
+    code, out, _ = run(fp8, capsys)
+    assert code == 0 and "dense FP8 peak 1978.9 TFLOP/s" in out
+    assert "--peak=auto: model.matmul_policy=fp8_blockwise" in out and "20.33%" in out
+    code, out, _ = run([*fp8, "--peak=bf16"], capsys)
+    assert code == 0 and "dense BF16 peak 989.4 TFLOP/s, --peak=bf16): 40.65%" in out
+    code, out, _ = run([fp8[0], fp8[1], fp8[3], "--mfu=0.2033", "--json"], capsys)
+    d = json.loads(out)
+    assert d["peak"] == "fp8" and d["peak_flops_per_device"] == 1978.9e12
+
+
 def test_json(capsys):
     code, out, _ = run(["--device=v5p", "--tokens=1T", "--mfu=0.5", "--json"], capsys)
     d = json.loads(out)

@@ -35,6 +35,14 @@ class Peak(enum.Enum):
     FP8 = "fp8"
 
 
+class PeakChoice(enum.Enum):
+    """The `--peak` flag: AUTO follows the run's matmul format (cost.estimate.peak_for)."""
+
+    AUTO = "auto"
+    BF16 = "bf16"
+    FP8 = "fp8"
+
+
 @dataclasses.dataclass(frozen=True)
 class Device:
     name: str  # as printed

@@ -7,8 +7,11 @@ a run and the MFU an estimate assumes are the same quantity. Then
     device-hours = FLOPs / (MFU x peak) / 3600        (forward)
     MFU          = FLOPs / (device-hours x 3600 x peak)   (inverse: the MFU a reported cost implies)
 
-with `peak` the dense BF16 (or FP8) FLOP/s of one chip from `cost.devices`. Conventions (causal
-attention at S/2 keys, MTP counted, embedding lookup not counted) are in docs/cost.md.
+with `peak` the dense BF16 (or FP8) FLOP/s of one chip from `cost.devices`: by default the peak
+of the format the run's weight GEMMs use (`peak_for`: FP8 under `model.matmul_policy=
+fp8_blockwise`, BF16 otherwise), so an FP8 run is not credited with a 2x headroom it cannot use.
+Conventions (causal attention at S/2 keys, MTP counted, embedding lookup not counted) are in
+docs/cost.md.
 """
 
 from __future__ import annotations
@@ -23,6 +26,20 @@ from deepseek_jax.cost import devices as devices_lib
 from deepseek_jax.cost import phases as phases_lib
 from deepseek_jax.model import config as config_lib
 from deepseek_jax.model import counting
+
+_FP8_POLICIES = (config_lib.MatmulPolicy.FP8_BLOCKWISE, config_lib.MatmulPolicy.FP8_BLOCKWISE_POW2)
+
+
+def peak_for(
+    policy: config_lib.MatmulPolicy,
+    choice: devices_lib.PeakChoice = devices_lib.PeakChoice.AUTO,
+) -> tuple[devices_lib.Peak, str]:
+    """(the peak MFU is relative to, why): `choice` unless AUTO, else the format of the run's
+    weight GEMMs. The trainer's logged MFU and the cost estimate both resolve it here."""
+    if choice is not devices_lib.PeakChoice.AUTO:
+        return devices_lib.Peak(choice.value), f"--peak={choice.value}"
+    peak = devices_lib.Peak.FP8 if policy in _FP8_POLICIES else devices_lib.Peak.BF16
+    return peak, f"--peak=auto: model.matmul_policy={policy.value}"
 
 
 @dataclasses.dataclass(frozen=True)

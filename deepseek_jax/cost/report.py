@@ -52,7 +52,9 @@ def as_dict(est: estimate_lib.Estimate, n_devices: int | None, price: float | No
     return out
 
 
-def text(est: estimate_lib.Estimate, n_devices: int | None, price: float | None) -> str:
+def text(
+    est: estimate_lib.Estimate, n_devices: int | None, price: float | None, peak_reason: str = ""
+) -> str:
     unit = f"{est.device.kind}-hours"
     head = ["phase", "seq_len", "tokens", "GFLOP/token", "MFU", f"TFLOP/s/{est.device.kind}"]
     head += [unit, f"{unit} per 1T tokens"]
@@ -87,7 +89,8 @@ def text(est: estimate_lib.Estimate, n_devices: int | None, price: float | None)
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     lines = [
         f"{est.device.name}: dense {est.peak.value.upper()} peak {est.peak_flops / 1e12:.1f} "
-        f"TFLOP/s per chip; FLOPs per token from deepseek_jax.model.counting (the trainer's MFU)"
+        f"TFLOP/s per chip{f' ({peak_reason})' if peak_reason else ''}; FLOPs per token from "
+        "deepseek_jax.model.counting (the trainer's MFU)"
     ]
     for r in [head, *rows]:
         lines.append(
@@ -98,12 +101,15 @@ def text(est: estimate_lib.Estimate, n_devices: int | None, price: float | None)
     return "\n".join(lines)
 
 
-def inverse_text(est_device, peak, inv: dict, device_hours: float, tokens: float) -> str:
+def inverse_text(
+    est_device, peak, inv: dict, device_hours: float, tokens: float, peak_reason: str = ""
+) -> str:
     unit = f"{est_device.kind}-hours"
     no_mtp = inv["mfu_no_mtp"]
+    why = f", {peak_reason}" if peak_reason else ""
     return (
         f"implied MFU on {est_device.name} (dense {peak.value.upper()} peak "
-        f"{est_device.peak(peak) / 1e12:.1f} TFLOP/s): {100 * inv['mfu']:.2f}%"
+        f"{est_device.peak(peak) / 1e12:.1f} TFLOP/s{why}): {100 * inv['mfu']:.2f}%"
         + (f" ({100 * no_mtp:.2f}% without MTP)" if no_mtp != inv["mfu"] else "")
         + "\n"
         f"  {_hours(device_hours)} {unit} for {_si(tokens)} tokens, {inv['flops']:.4g} FLOPs: "

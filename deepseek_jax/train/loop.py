@@ -26,7 +26,8 @@ import numpy as np
 from deepseek_jax import config as config_lib
 from deepseek_jax import data as data_lib
 from deepseek_jax import errors
-from deepseek_jax.cost import devices
+from deepseek_jax.cost import devices, estimate
+from deepseek_jax.model import config as model_config
 from deepseek_jax.model import counting
 from deepseek_jax.parallel import plan as plan_lib
 from deepseek_jax.train import checkpoint as checkpoint_lib
@@ -55,13 +56,18 @@ def host_peak_flops() -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
-def peak_flops() -> float:
-    """Dense BF16 peak of all devices (cost.devices, the cost estimate's catalogue), or the
-    measured matmul rate of the hosts where the chip is not catalogued (CPU)."""
+def peak_flops(policy: model_config.MatmulPolicy) -> tuple[float, str]:
+    """(FLOP/s, what it is): the MFU denominator. On a catalogued chip the dense peak of all
+    devices in the format of the run's weight GEMMs (FP8 under an FP8 matmul policy, BF16
+    otherwise; cost.estimate.peak_for, as the cost estimate's --peak=auto), else the measured
+    matmul rate of the hosts (CPU, where FP8 is emulated and has no peak of its own)."""
     dev = devices.for_device_kind(jax.devices()[0].device_kind)
     if dev is not None:
-        return dev.bf16 * jax.device_count()
-    return host_peak_flops() * jax.process_count()
+        peak, why = estimate.peak_for(policy)
+        return dev.peak(peak) * jax.device_count(), (
+            f"{jax.device_count()} x {dev.name} dense {peak.value.upper()} peak ({why})"
+        )
+    return host_peak_flops() * jax.process_count(), "the measured matmul rate of this host"
 
 
 class Evaluator:
@@ -213,7 +219,7 @@ def run(exp: config_lib.ExperimentConfig, workdir: str | pathlib.Path) -> dict[s
 
     train_step = sharded.train_step(plan, exp.model, t, graphdef, tx)
     counts = counting.count(exp.model, t.seq_len)
-    peak = peak_flops()
+    peak, peak_what = peak_flops(exp.model.matmul_policy)
     writer = metrics_lib.MetricsWriter(workdir, process_index=pid)
     bar = progress_lib.Progress(t.steps, log_every=t.log_every, process_index=pid)
     n_moe = exp.model.n_moe_layers + (exp.model.mtp_depth if exp.model.mtp_is_moe else 0)
@@ -222,7 +228,8 @@ def run(exp: config_lib.ExperimentConfig, workdir: str | pathlib.Path) -> dict[s
     ]
     config_json = exp.to_dict()
 
-    summary: dict[str, Any] = {"start_step": step}
+    summary: dict[str, Any] = {"start_step": step, "mfu_peak": peak_what}
+    bar.message(f"MFU against {peak_what}")
     if step == 0:
         first = evaluate(state)
         writer.write(0, first, split="eval")

@@ -11,7 +11,7 @@ split "train" (one record per logged step):
     lr              float   learning rate applied at this step
     grad_norm       float   global gradient norm before clipping
     tokens_per_s    float   training throughput over the logging interval (all processes)
-    mfu             float   model FLOPs utilisation in [0, 1]
+    mfu             float   model FLOPs utilisation in [0, 1] (peak: loop.peak_flops)
     skipped_steps   int     cumulative count of updates skipped for non-finite loss/gradients
     expert_load     list[list[float]]  per MoE layer, per routed expert: fraction of routed
                                        token slots sent to that expert over the logging interval

@@ -13,6 +13,7 @@ from deepseek_jax import config as experiment
 from deepseek_jax import errors
 from deepseek_jax.cost import devices, estimate, phases
 from deepseek_jax.model import counting
+from deepseek_jax.model.config import MatmulPolicy
 
 H800 = devices.get("h800")
 PRETRAIN = [phases.Phase("pretrain", 4096, 14.8e12)]
@@ -112,6 +113,25 @@ def test_fp8_peak_halves_the_mfu(v3):
     bf16 = estimate.inverse(v3, PRETRAIN, H800, 2664e3)
     fp8 = estimate.inverse(v3, PRETRAIN, H800, 2664e3, devices.Peak.FP8)
     assert fp8["mfu"] == pytest.approx(bf16["mfu"] * 989.4 / 1978.9, rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "policy, choice, peak",
+    [
+        ("default", "auto", "bf16"),
+        ("bf16", "auto", "bf16"),
+        ("fp8_blockwise", "auto", "fp8"),
+        ("fp8_blockwise_pow2", "auto", "fp8"),
+        ("fp8_blockwise", "bf16", "bf16"),  # an explicit --peak wins
+        ("default", "fp8", "fp8"),
+    ],
+)
+def test_peak_follows_the_matmul_policy_unless_given(policy, choice, peak):
+    got, why = estimate.peak_for(MatmulPolicy(policy), devices.PeakChoice(choice))
+    assert got is devices.Peak(peak)
+    assert why == (
+        f"--peak=auto: model.matmul_policy={policy}" if choice == "auto" else f"--peak={choice}"
+    )
 
 
 def test_phase_without_mfu_is_an_error(v3):
