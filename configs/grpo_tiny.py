@@ -28,7 +28,7 @@ def _tiny():
 def get_config():
     c = rl_config.default_config_dict()
     c.model.update(_tiny().model.to_dict())
-    c.rl.update(steps=100, prompts_per_step=4, max_new_tokens=64, seq_len=128, lr=2e-5)
+    c.rl.update(steps=100, prompts_per_step=8, max_new_tokens=64, seq_len=128, lr=5e-5)
     c.rl.update(log_every=10)
     c.grpo.update(dataclass_dict.to_dict(grpo.GRPOConfig()))  # DeepSeekMath: G 8, beta 0.04
     # R1-Zero preset (G 16, beta 0.001, temperature 1): uncomment the next line.
