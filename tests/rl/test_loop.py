@@ -152,3 +152,24 @@ def test_a_workdir_of_another_kind_of_run_is_refused(
     with pytest.raises(errors.UserError, match="not an rl run"):
         loop.run(experiment(trained_policy), other)
     assert _saved(other) == before
+
+
+def test_cli_reports_bad_input_in_one_paragraph(tmp_path, capsys):
+    from deepseek_jax.rl import __main__ as rl_main
+
+    argv = [
+        "deepseek_jax.rl",
+        "--config=configs/grpo_tiny.py",
+        f"--workdir={tmp_path / 'run'}",
+        "--config.grpo.group_size=1",
+    ]
+    with pytest.raises(SystemExit) as exit_info:
+        rl_main.parse_flags(argv)
+        errors.guard(rl_main.main)([])
+    assert exit_info.value.code == errors.EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err.startswith("error: grpo.group_size must be an int >= 2") and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        rl_main.parse_flags([*argv[:3], "--config.grpo.G=8"])
+    assert "grpo.G: unknown field" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
