@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from absl import flags
 from ml_collections import config_flags
@@ -41,9 +42,12 @@ def _config_file(argv: Sequence[str]) -> str | None:
     return None
 
 
-def check_argv(argv: Sequence[str]) -> None:
+def check_argv(
+    argv: Sequence[str], check_field: Callable[[str], None] = config_lib.check_field_path
+) -> None:
     """Checks what ml_collections would otherwise report as a traceback: the config file exists,
-    and every `--config.a.b` override names a field of the experiment config."""
+    and every `--config.a.b` override names a field of the experiment config (`check_field`:
+    of another tool's config, e.g. rl's)."""
     path = _config_file(argv[1:])
     if path is not None:
         file = path.split(":", 1)[0]  # config_flags allows `file.py:argument`
@@ -55,13 +59,17 @@ def check_argv(argv: Sequence[str]) -> None:
         if arg == "--":
             break
         if m := _OVERRIDE.match(arg):
-            config_lib.check_field_path(m[1])
+            check_field(m[1])
 
 
-def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = FLAGS) -> list[str]:
+def parse_flags(
+    argv: Sequence[str],
+    flag_values: flags.FlagValues = FLAGS,
+    check_field: Callable[[str], None] = config_lib.check_field_path,
+) -> list[str]:
     """absl's flags_parser: parses argv, turning every flag error into a UserError report."""
     try:
-        check_argv(argv)
+        check_argv(argv, check_field)
         # Override flags are defined while parsing; drop those of an earlier parse so that an
         # in-process caller (the tests) can parse again.
         for name in [n for n in flag_values if n.startswith("config.")]:
@@ -78,8 +86,9 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = FLAGS) -> l
         sys.exit(errors.report(e))
 
 
-def experiment() -> config_lib.ExperimentConfig:
-    """The typed experiment config from flags; invalid values raise a ConfigError."""
+def experiment(convert: Callable[[Any], Any] = config_lib.from_config_dict) -> Any:
+    """The typed experiment config from flags (`convert`: another tool's typed config, e.g.
+    rl's); invalid values raise a ConfigError."""
     if _CONFIG.value is None:
         raise config_lib.ConfigError("--config=<configs/*.py> is required")
-    return config_lib.from_config_dict(_CONFIG.value)
+    return convert(_CONFIG.value)

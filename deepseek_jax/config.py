@@ -78,10 +78,12 @@ def _dataclass_of(tp: Any) -> type | None:
     return tp if dataclasses.is_dataclass(tp) else None
 
 
-def check_field_path(path: str) -> None:
+def check_field_path(path: str, root: type | None = None) -> None:
     """Raises ConfigError unless `path` ("model.n_layers", "train.mtp_lambda.values") names a
-    field of the experiment config; the message says which section and the closest name."""
-    cls, where = ExperimentConfig, []
+    field of the experiment config (or of `root`, another tool's config dataclass, e.g. the rl
+    one); the message says which section and the closest name."""
+    cls, where = root or ExperimentConfig, []
+    sections = list(dataclass_dict.field_types(cls))
     for part in path.split("."):
         names = dataclass_dict.field_types(cls)
         if part not in names:
@@ -89,7 +91,7 @@ def check_field_path(path: str) -> None:
                 raise ConfigError(
                     f"--config.{path}: unknown config section {part!r}"
                     f"{errors.did_you_mean(part, names)}; sections: "
-                    f"{', '.join(SECTIONS)}"
+                    f"{', '.join(sections)}"
                 )
             raise ConfigError(
                 "--config." + dataclass_dict.unknown_field(".".join(where), part, set(names))

@@ -10,6 +10,8 @@ Reads `<workdir>/metrics.jsonl` (names in docs/metrics.md) and writes PNGs:
   routing is white, hot experts red and starved ones blue, and collapse is visible over time.
 * `expert_load_summary.png`: the whole model at a glance: layers x experts at the last logged
   step, and layers x steps of max/mean load.
+* `rl.png` (GRPO runs): reward per component, KL to the reference, clip fraction, completion
+  length and the sampler-vs-trainer log-prob difference against step.
 
 A plot whose metrics are absent is skipped with a message; a missing or empty metrics file is an
 error (one `error:` line, exit status 2). Uses matplotlib's object API (no pyplot), so no display
@@ -107,6 +109,35 @@ def plot_diagnostics(records: Records, out_dir: str, dpi: int) -> str | None:
         _line_panel(ax, records, [(key, "train", key)])
         ax.set_title(title)
     return _save(fig, out_dir, "diagnostics.png", dpi)
+
+
+def plot_rl(records: Records, out_dir: str, dpi: int) -> str | None:
+    """GRPO runs (`python -m deepseek_jax.rl`): rewards, KL, clipping, lengths, logprob diff."""
+    rewards = [
+        (k, "train", label)
+        for k, label in (
+            ("reward_mean", "total reward (mean)"),
+            ("reward_accuracy_mean", "accuracy reward"),
+            ("reward_format_mean", "format reward"),
+        )
+    ]
+    if not metrics.series(records, "reward_mean", "train")[0].size:
+        return None
+    panels = [(rewards, "reward per completion")] + [
+        ([(k, "train", k)], title)
+        for k, title in (
+            ("kl", "KL to the reference (k3, nats/token)"),
+            ("clip_fraction", "clipped fraction of completion tokens"),
+            ("response_length", "completion length (tokens)"),
+            ("logprob_diff", "|sampler - trainer| log-prob, mean per token"),
+        )
+        if metrics.series(records, k, "train")[0].size
+    ]
+    fig = Figure(figsize=(8, 2.6 * len(panels)), layout="constrained")
+    for ax, (keys, title) in zip(fig.subplots(len(panels), 1, squeeze=False)[:, 0], panels):
+        _line_panel(ax, records, keys)
+        ax.set_title(title)
+    return _save(fig, out_dir, "rl.png", dpi)
 
 
 def expert_load_history(records: Records) -> tuple[np.ndarray, np.ndarray, list[int]]:
@@ -211,6 +242,7 @@ def plot_all(records: Records, out_dir: str, *, dpi: int = 120, log: Any = print
         ("lr.png", plot_lr, "lr"),
         ("diagnostics.png", plot_diagnostics, "grad_norm, tokens_per_s, mfu or skipped_steps"),
         ("expert_load.png", plot_expert_load, "expert_load"),
+        ("rl.png", plot_rl, None),  # rl runs only: no note on every pre-training run
     ):
         try:
             result = plotter(records, out_dir, dpi)
@@ -221,7 +253,7 @@ def plot_all(records: Records, out_dir: str, *, dpi: int = 120, log: Any = print
         paths = [result] if isinstance(result, str) else list(result or [])
         if paths:
             written.extend(paths)
-        else:
+        elif needs is not None:
             log(f"skipping {name}: no {needs} in the metrics")
     return written
 

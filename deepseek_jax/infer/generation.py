@@ -7,7 +7,9 @@ Donating the state (cache included) makes each step update the cache in place, s
 costs one dispatch and one small device->host read (the done flags) per step.
 
 Rows are right-padded prompts of unequal length; each row decodes at its own positions. A row
-stops at EOS (kept in the output) or after max_new_tokens; its later slots hold -1.
+stops at EOS (kept in the output) or after max_new_tokens; its later slots hold -1. Plain
+decoding also returns each emitted token's log-probability under the sampling distribution (RL
+rollouts compare it with the trainer's); speculative decoding leaves it 0.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ class Output:
     tokens_BN: jax.Array  # int32, -1 where nothing was emitted
     count_B: jax.Array  # tokens emitted per row
     done_B: jax.Array  # bool: EOS emitted or max_new_tokens reached
+    logp_BN: jax.Array  # float32 log-prob of each emitted token as sampled; 0 elsewhere
 
 
 def empty_output(batch: int, n: int) -> Output:
@@ -59,11 +62,19 @@ def empty_output(batch: int, n: int) -> Output:
         jnp.full((batch, n), -1, jnp.int32),
         jnp.zeros((batch,), jnp.int32),
         jnp.zeros((batch,), bool),
+        jnp.zeros((batch, n), jnp.float32),
     )
 
 
-def emit(out: Output, new_BW: jax.Array, n_B: jax.Array, eos_id: int | None) -> Output:
-    """Appends the first n_b of new_BW[b] to each unfinished row, up to and including EOS."""
+def emit(
+    out: Output,
+    new_BW: jax.Array,
+    n_B: jax.Array,
+    eos_id: int | None,
+    logp_BW: jax.Array | None = None,
+) -> Output:
+    """Appends the first n_b of new_BW[b] (and their log-probs) to each unfinished row, up to and
+    including EOS."""
     B, W = new_BW.shape
     N = out.tokens_BN.shape[1]
     j_W = jnp.arange(W)[None, :]
@@ -78,9 +89,13 @@ def emit(out: Output, new_BW: jax.Array, n_B: jax.Array, eos_id: int | None) -> 
     pos_BW = out.count_B[:, None] + j_W
     valid_BW = valid_BW & (pos_BW < N)
     pos_BW = jnp.where(valid_BW, pos_BW, N)  # out of bounds: dropped
-    tokens = out.tokens_BN.at[jnp.arange(B)[:, None], pos_BW].set(new_BW, mode="drop")
+    rows_B1 = jnp.arange(B)[:, None]
+    tokens = out.tokens_BN.at[rows_B1, pos_BW].set(new_BW, mode="drop")
+    logp = out.logp_BN
+    if logp_BW is not None:
+        logp = logp.at[rows_B1, pos_BW].set(logp_BW.astype(logp.dtype), mode="drop")
     count = out.count_B + valid_BW.sum(axis=1).astype(jnp.int32)
-    return Output(tokens, count, out.done_B | hit_eos | (count >= N))
+    return Output(tokens, count, out.done_B | hit_eos | (count >= N), logp)
 
 
 @jax.tree_util.register_dataclass
@@ -92,12 +107,17 @@ class State:
     key: jax.Array
 
 
-def pad_prompts(prompts: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Right-padded int32 [B, P_max] and lengths [B]."""
+def pad_prompts(
+    prompts: Sequence[np.ndarray], pad_to: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Right-padded int32 [B, P] (P = pad_to, or the longest prompt) and lengths [B]."""
     lengths = np.array([len(p) for p in prompts], np.int32)
     if len(prompts) == 0 or lengths.min() < 1:
         raise ValueError("every prompt needs at least one token")
-    tokens = np.zeros((len(prompts), int(lengths.max())), np.int32)
+    width = int(lengths.max()) if pad_to is None else pad_to
+    if lengths.max() > width:
+        raise ValueError(f"a prompt of {lengths.max()} tokens does not fit pad_to={pad_to}")
+    tokens = np.zeros((len(prompts), width), np.int32)
     for i, p in enumerate(prompts):
         tokens[i, : len(p)] = p
     return tokens, lengths
@@ -110,6 +130,7 @@ class Result:
     prefill_s: float
     decode_s: float
     stats: dict[str, Any]  # speculative: acceptance per draft position, mean accepted length
+    logprobs: np.ndarray | None = None  # float32 [B, max_new_tokens]; 0 where tokens is -1
 
     @property
     def generated(self) -> int:
@@ -139,12 +160,13 @@ class Generator:
             cache = kv_cache.init(model.cfg, B, max_len, cfg.mode, cfg.cache_dtype)
             logits_BY, _, cache = decode.prefill(model, tokens_BP, lengths_B, cache)
             key, sub = jax.random.split(key)
-            first_B = sampling.sample(logits_BY, sub, cfg.sampling)
+            first_B, logp_B = sampling.sample_with_logp(logits_BY, sub, cfg.sampling)
             out = emit(
                 empty_output(B, cfg.max_new_tokens),
                 first_B[:, None],
                 jnp.ones((B,), jnp.int32),
                 cfg.eos_id,
+                logp_B[:, None],
             )
             return State(cache, first_B, out, key)
 
@@ -159,8 +181,8 @@ class Generator:
             logits_B1Y, _, cache = decode.forward(model, s.token_B[:, None], s.cache)
             cache = cache.with_length(cache.length_B + 1)
             key, sub = jax.random.split(s.key)
-            nxt_B = sampling.sample(logits_B1Y[:, 0], sub, cfg.sampling)
-            out = emit(s.out, nxt_B[:, None], jnp.ones_like(nxt_B), cfg.eos_id)
+            nxt_B, logp_B = sampling.sample_with_logp(logits_B1Y[:, 0], sub, cfg.sampling)
+            out = emit(s.out, nxt_B[:, None], jnp.ones_like(nxt_B), cfg.eos_id, logp_B[:, None])
             return State(cache, nxt_B, out, key)
 
         return step
@@ -192,14 +214,20 @@ class Generator:
         self,
         prompts: Sequence[np.ndarray],
         on_step: Callable[[np.ndarray, np.ndarray], None] | None = None,
+        *,
+        pad_to: int | None = None,
+        key: jax.Array | None = None,
     ) -> Result:
-        """on_step(tokens [B, N], count [B]) is called after the prefill and every step."""
-        tokens, lengths = pad_prompts(prompts)
+        """on_step(tokens [B, N], count [B]) is called after the prefill and every step.
+
+        `pad_to`: pad every batch's prompts to this length, so batches of different prompt
+        lengths share one compile; `key`: the sampling key (default: key(cfg.seed)).
+        """
+        tokens, lengths = pad_prompts(prompts, pad_to)
         start, step = self.compiled(*tokens.shape)
         t0 = time.perf_counter()
-        state = start(
-            self.params, jnp.asarray(tokens), jnp.asarray(lengths), jax.random.key(self.cfg.seed)
-        )
+        key = jax.random.key(self.cfg.seed) if key is None else key
+        state = start(self.params, jnp.asarray(tokens), jnp.asarray(lengths), key)
         done = np.asarray(state.out.done_B)
         t1 = time.perf_counter()
         if on_step is not None:
@@ -212,6 +240,7 @@ class Generator:
             if on_step is not None:
                 on_step(np.asarray(state.out.tokens_BN), np.asarray(state.out.count_B))
         out = np.asarray(state.out.tokens_BN)
+        logprobs = np.asarray(state.out.logp_BN)
         t2 = time.perf_counter()
         stats = {}
         if self.cfg.draft_tokens:
@@ -219,4 +248,4 @@ class Generator:
 
             stats = speculative.summary(state)
         self.last_state = state
-        return Result(out, steps, t1 - t0, t2 - t1, stats)
+        return Result(out, steps, t1 - t0, t2 - t1, stats, logprobs)

@@ -63,3 +63,19 @@ def sample(logits_BY: jax.Array, key: jax.Array, cfg: SamplingConfig) -> jax.Arr
     if cfg.greedy:
         return jnp.argmax(logits_BY, axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, log_probs(logits_BY, cfg), axis=-1).astype(jnp.int32)
+
+
+def sample_with_logp(
+    logits_BY: jax.Array, key: jax.Array, cfg: SamplingConfig
+) -> tuple[jax.Array, jax.Array]:
+    """(int32 [B] tokens, float32 [B] their log-probability under the distribution drawn from).
+
+    The same draw as `sample` (same key, same tokens); greedy gives log-prob 0 (one-hot). RL
+    compares these with the trainer's recomputed log-probs of the same tokens.
+    """
+    lp_BY = log_probs(logits_BY, cfg)
+    if cfg.greedy:
+        tok_B = jnp.argmax(logits_BY, axis=-1).astype(jnp.int32)
+    else:
+        tok_B = jax.random.categorical(key, lp_BY, axis=-1).astype(jnp.int32)
+    return tok_B, jnp.take_along_axis(lp_BY, tok_B[:, None], axis=-1)[:, 0]
