@@ -154,22 +154,24 @@ def test_a_workdir_of_another_kind_of_run_is_refused(
     assert _saved(other) == before
 
 
-def test_cli_reports_bad_input_in_one_paragraph(tmp_path, capsys):
-    from deepseek_jax.rl import __main__ as rl_main
+def test_cli_reports_bad_input_in_one_paragraph(tmp_path):
+    # A subprocess, as a user runs it: absl flags are process-global, and the train CLI's
+    # --workdir is already defined in this pytest process.
+    import pathlib
+    import subprocess
+    import sys
 
-    argv = [
-        "deepseek_jax.rl",
-        "--config=configs/grpo_tiny.py",
-        f"--workdir={tmp_path / 'run'}",
-        "--config.grpo.group_size=1",
-    ]
-    with pytest.raises(SystemExit) as exit_info:
-        rl_main.parse_flags(argv)
-        errors.guard(rl_main.main)([])
-    assert exit_info.value.code == errors.EXIT_BAD_INPUT
-    err = capsys.readouterr().err
-    assert err.startswith("error: grpo.group_size must be an int >= 2") and "Traceback" not in err
-    with pytest.raises(SystemExit):
-        rl_main.parse_flags([*argv[:3], "--config.grpo.G=8"])
-    assert "grpo.G: unknown field" in capsys.readouterr().err
+    repo = pathlib.Path(__file__).resolve().parents[2]
+
+    def cli(*extra):
+        argv = [sys.executable, "-m", "deepseek_jax.rl", "--config=configs/grpo_tiny.py"]
+        argv += [f"--workdir={tmp_path / 'run'}", *extra]
+        return subprocess.run(argv, cwd=repo, capture_output=True, text=True, timeout=120)
+
+    bad = cli("--config.grpo.group_size=1")
+    assert bad.returncode == errors.EXIT_BAD_INPUT
+    assert bad.stderr.startswith("error: grpo.group_size must be an int >= 2"), bad.stderr
+    assert "Traceback" not in bad.stderr
+    typo = cli("--config.grpo.G=8")
+    assert typo.returncode != 0 and "grpo.G: unknown field" in typo.stderr
     assert not (tmp_path / "run").exists()
