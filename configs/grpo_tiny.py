@@ -8,26 +8,19 @@ accuracy reward (exact answer) plus the format reward. DeepSeekMath's GRPO defau
 epsilon 0.2, mu 1, G 8, k3 KL); the learning rate is far above its 1e-6 because the model is tiny.
 """
 
-import importlib.util
 import pathlib
 
+from deepseek_jax import config as config_lib
 from deepseek_jax import dataclass_dict
 from deepseek_jax.post import grpo
 from deepseek_jax.rl import config as rl_config
 
 
-def _tiny():
-    """configs/tiny.py, whose model the SFT checkpoint has."""
-    path = pathlib.Path(__file__).with_name("tiny.py")
-    spec = importlib.util.spec_from_file_location("_tiny_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def get_config():
     c = rl_config.default_config_dict()
-    c.model.update(_tiny().model.to_dict())
+    # configs/tiny.py, whose model the SFT checkpoint has.
+    tiny = config_lib.config_dict(pathlib.Path(__file__).with_name("tiny.py"))
+    c.model.update(tiny.model.to_dict())
     c.rl.update(steps=100, prompts_per_step=8, max_new_tokens=64, seq_len=128, lr=5e-5)
     c.rl.update(log_every=10)
     c.grpo.update(dataclass_dict.to_dict(grpo.GRPOConfig()))  # DeepSeekMath: G 8, beta 0.04

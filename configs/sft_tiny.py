@@ -11,9 +11,14 @@ only. Evaluation: held-out assistant-token loss and greedy exact match on proble
 on. The schedule follows V3's SFT: cosine decay over 2 epochs (sft.epochs sets train.steps).
 """
 
+import pathlib
+
+from deepseek_jax import config as config_lib
+
 
 def get_config():
-    c = _tiny()  # the model (and every other default) of configs/tiny.py
+    # The model (and every other default) of configs/tiny.py.
+    c = config_lib.config_dict(pathlib.Path(__file__).with_name("tiny.py"))
     c.sft.update(
         source="task",
         task="reverse",
@@ -38,14 +43,3 @@ def get_config():
     )
     c.checkpoint.update(every_steps=100, keep_last=2, init_from="runs/smoke")
     return c
-
-
-def _tiny():
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).with_name("tiny.py")
-    spec = importlib.util.spec_from_file_location("_tiny_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()

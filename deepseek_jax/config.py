@@ -177,11 +177,12 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def load(path: str, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
-    """Loads a configs/*.py file (get_config()) and applies dotted overrides ("train.steps": 10)."""
+def config_dict(path) -> Any:
+    """The ConfigDict of a configs/*.py file (its get_config()), e.g. to build on another config."""
     import importlib.util
     import os
 
+    path = str(path)
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path}: no such file")
     spec = importlib.util.spec_from_file_location("_experiment_config", path)
@@ -189,7 +190,12 @@ def load(path: str, overrides: Mapping[str, Any] | None = None) -> ExperimentCon
         raise ConfigError(f"cannot load config file {path}")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    cd = module.get_config()
+    return module.get_config()
+
+
+def load(path: str, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:
+    """Loads a configs/*.py file (get_config()) and applies dotted overrides ("train.steps": 10)."""
+    cd = config_dict(path)
     for key, value in (overrides or {}).items():
         check_field_path(key)
         node = cd

@@ -63,14 +63,7 @@ def check_inputs(workdir: pathlib.Path, exp: rl_config.RLExperimentConfig) -> pr
             "checkpoint.init_from: required: the policy (and the frozen reference) to start "
             "from, e.g. --config.checkpoint.init_from=<SFT workdir or step dir>"
         )
-    from deepseek_jax.convert import ckpt_io
-
-    try:
-        step_dir = ckpt_io.resolve_step_dir(pathlib.Path(source))
-    except errors.UserError as e:
-        raise errors.UserError(f"checkpoint.init_from={source}: {e}") from None
-    with errors.as_user_error(ValueError):
-        init_from.check_architecture(ckpt_io.model_config(step_dir), exp.model, step_dir)
+    preflight.check_init_source(source, exp.model)
     return prompts.Pool(exp.task, exp.rl)
 
 

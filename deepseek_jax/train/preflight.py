@@ -40,6 +40,11 @@ def check_init_from(workdir: pathlib.Path, exp: config_lib.ExperimentConfig) -> 
     source = exp.checkpoint.init_from
     if not source or has_checkpoints(workdir):
         return
+    check_init_source(source, exp.model)
+
+
+def check_init_source(source: str, model) -> None:
+    """`checkpoint.init_from=source` names a checkpoint of `model`'s architecture."""
     from deepseek_jax.convert import ckpt_io
     from deepseek_jax.train import init_from
 
@@ -48,7 +53,7 @@ def check_init_from(workdir: pathlib.Path, exp: config_lib.ExperimentConfig) -> 
     except errors.UserError as e:
         raise errors.UserError(f"checkpoint.init_from={source}: {e}") from None
     with errors.as_user_error(ValueError):
-        init_from.check_architecture(ckpt_io.model_config(step_dir), exp.model, step_dir)
+        init_from.check_architecture(ckpt_io.model_config(step_dir), model, step_dir)
 
 
 def check(workdir: str | None, exp: config_lib.ExperimentConfig) -> pathlib.Path:
