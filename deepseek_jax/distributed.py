@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import ipaddress
+import logging
 import os
 import re
 import socket
@@ -206,17 +207,55 @@ def initialize(
 _LOST_PEER = re.compile(r"Connection (closed|reset) by peer|heartbeat|UNAVAILABLE|Socket closed")
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+class _LostPeerRecords(logging.Filter):
+    """Drops the traceback from a log record whose exception says a peer is gone, keeping one
+    line. Libraries log such errors from their own threads (orbax's background commit fails its
+    barrier when a peer dies mid-save), racing the coordination service's abort."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import jax
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, jax.errors.JaxRuntimeError) and _LOST_PEER.search(str(exc)):
+            lost = f"lost contact with another process ({_first_line(exc)})"
+            record.msg = f"{record.getMessage()}: {lost}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+_LOST_PEER_RECORDS = _LostPeerRecords()
+
+
+def quiet_lost_peer_logs() -> None:
+    """Installs the filter on absl's logger (what jax and orbax log) and the root logger, for the
+    rest of the process: the records it is for come while the process is already exiting."""
+    for name in ("absl", ""):
+        logger = logging.getLogger(name)
+        if _LOST_PEER_RECORDS not in logger.filters:
+            logger.addFilter(_LOST_PEER_RECORDS)
+
+
 @contextlib.contextmanager
 def lost_peer_is_one_paragraph(active: bool) -> Iterator[None]:
     """In a multi-process run, a runtime error that says a peer is gone is reported as one
-    paragraph instead of a traceback. The process then exits; jax's shutdown barrier waits up to
-    --heartbeat_timeout_s, and the coordination service names the lost process as it aborts."""
+    paragraph instead of a traceback, whether raised here or logged by a library's thread. The
+    process then exits; jax's shutdown barrier waits up to --heartbeat_timeout_s, and the
+    coordination service names the lost process as it aborts."""
     import jax
 
+    if active:
+        quiet_lost_peer_logs()
     try:
         yield
     except jax.errors.JaxRuntimeError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = _first_line(e)
         if not active or not _LOST_PEER.search(str(e)):
             raise
         print(

@@ -111,3 +111,30 @@ def test_process_0_alone_stops_with_a_message_at_the_timeout(tmp_path):
     assert "not all 2 processes joined within 2 s" in result.stderr
     assert "Traceback" not in result.stderr and "Check failure" not in result.stderr
     assert took < 60, took
+
+
+def test_a_library_logging_a_lost_peer_prints_one_line_not_a_traceback(caplog):
+    """orbax's background commit logs its failed barrier with exc_info when a peer dies mid-save;
+    in a multi-process run that is one line, while any other logged error keeps its traceback."""
+    import jax
+    from absl import logging as absl_logging
+
+    distributed.quiet_lost_peer_logs()
+
+    def log(text):
+        try:
+            raise jax.errors.JaxRuntimeError(text)
+        except jax.errors.JaxRuntimeError:
+            absl_logging.error("[process=%d] Failed to commit %s", 0, "ckpt/4", exc_info=True)
+
+    with caplog.at_level("ERROR"):
+        log("INTERNAL: Barrier failed: UNAVAILABLE: Task 1 heartbeat timeout.\nmore detail")
+    assert "Traceback" not in caplog.text, caplog.text
+    assert (
+        "[process=0] Failed to commit ckpt/4: lost contact with another process "
+        "(INTERNAL: Barrier failed: UNAVAILABLE: Task 1 heartbeat timeout.)" in caplog.text
+    ), caplog.text
+    caplog.clear()
+    with caplog.at_level("ERROR"):
+        log("INVALID_ARGUMENT: a shape mismatch")
+    assert "Traceback" in caplog.text and "a shape mismatch" in caplog.text, caplog.text
