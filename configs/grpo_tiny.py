@@ -26,6 +26,6 @@ def get_config():
     c.grpo.update(dataclass_dict.to_dict(grpo.GRPOConfig()))  # DeepSeekMath: G 8, beta 0.04
     # R1-Zero preset (G 16, beta 0.001, temperature 1): uncomment the next line.
     # c.grpo.update(dataclass_dict.to_dict(grpo.GRPOConfig.r1_zero()))
-    c.task.update(name="reverse", think=True)
+    c.task.update(name="reverse", think=True, length=4)  # configs/sft_tiny.py's task_length
     c.checkpoint.update(every_steps=25, keep_last=2)
     return c

@@ -83,10 +83,16 @@ class TaskConfig:
     think: bool = True  # the SFT replies' format, <think>...</think><answer>...</answer>
     problems: int = 1024  # distinct training prompts, cycled in a seeded order per epoch
     seed: int = 0  # which problems (tasks.examples)
+    length: int = 0  # reverse's word length (0: 3 to 6 letters); match the SFT's sft.task_length
 
     def __post_init__(self):
         if self.problems < 1:
             raise ValueError(f"task.problems: must be >= 1, got {self.problems}")
+        if self.length < 0 or (self.length and self.name is not tasks.Task.REVERSE):
+            raise ValueError(
+                f"task.length: fixes the reverse task's word length (>= 0), got {self.length} "
+                f"for task {self.name.value}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -30,7 +30,12 @@ class Pool:
         self.tokenizer = tokenizers.ByteTokenizer()
         template = chat.byte_template(self.tokenizer)
         examples = tasks.examples(
-            task.name, tasks.Split.TRAIN, task.problems, seed=task.seed, think=task.think
+            task.name,
+            tasks.Split.TRAIN,
+            task.problems,
+            seed=task.seed,
+            think=task.think,
+            length=task.length,
         )
         self.prompts = []
         for ex in examples:

@@ -98,6 +98,7 @@ def _saved(workdir):
         ({"grpo.epsilon": 0.0}, "grpo.epsilon must be > 0"),
         ({"rl.max_new_tokens": 100}, "rl.max_new_tokens: 100 leaves no room"),
         ({"rewards.accuracy": -1.0}, "rewards.accuracy: weights must be >= 0"),
+        ({"task.length": -1}, "task.length: fixes the reverse task's word length"),
     ],
 )
 def test_bad_config_names_the_field(trained_policy, overrides, message):
