@@ -2,7 +2,8 @@
 
     python bench/decode.py --config=configs/small.py [--contexts=512,2048,8192] [--batches=1,8]
         [--dtypes=float32,bfloat16] [--steps=8] [--hf-context=2048] [--hf-tokens=32]
-        [--spec-checkpoint=runs/smoke] [--spec-tokens=128] [--parts=cache,hf,spec] [--json=FILE]
+        [--spec-checkpoint=runs/smoke] [--spec-tokens=128] [--spec-reps=3] [--parts=cache,hf,spec]
+        [--json=FILE]
         [--set model.d_model=1024 ...]
 
 1. cache: tokens/s of one decode step (batch B at context T) for the naive full per-head cache and
@@ -207,7 +208,7 @@ def part_spec(exp, args, out):
             res = {}
             for k, g in gens.items():
                 g.generate([prompt])  # compile (once per generator and prompt length)
-                res[k] = [g.generate([prompt]) for _ in range(3)]
+                res[k] = [g.generate([prompt]) for _ in range(args.spec_reps)]
             plain_s = np.median([r.decode_s / r.steps for r in res[0]])  # per emitted token
             for k in (1, 2, 3):
                 r = res[k][0]
@@ -256,6 +257,7 @@ def main():
     p.add_argument("--spec-checkpoint", default="runs/smoke")
     p.add_argument("--spec-tokens", type=int, default=128)
     p.add_argument("--spec-temperatures", default="0,0.8")
+    p.add_argument("--spec-reps", type=int, default=3, help="timed runs per prompt (median)")
     p.add_argument("--parts", default="cache,hf,spec")
     p.add_argument("--json", default=None)
     p.add_argument("--set", action="append", default=[], help="config override a.b=value")

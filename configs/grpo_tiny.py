@@ -1,7 +1,7 @@
 """GRPO on the tiny model of configs/tiny.py, from its SFT checkpoint, on the `reverse` task.
 
     python -m deepseek_jax.rl --config=configs/grpo_tiny.py --workdir=runs/grpo_tiny \
-        --config.checkpoint.init_from=runs/sft_tiny
+        --config.checkpoint.init_from=runs/sft_tiny/checkpoints/250
 
 The policy answers in R1's format, <think>...</think><answer>...</answer>, and earns the
 accuracy reward (exact answer) plus the format reward. DeepSeekMath's GRPO defaults (beta 0.04,

@@ -2,7 +2,8 @@
 
 Contract: a step directory `<workdir>/checkpoints/<step>/` holds orbax items `state/` (a PyTree
 checkpoint of `{"step", "params", "expert_bias", "opt_state"}`, params and expert_bias being
-`nnx.to_pure_dict` trees) and `config/` (JSON, `{"model": ModelConfig.to_dict(), ...}`).
+`nnx.to_pure_dict` trees; a GRPO run's state holds that tree under "policy") and `config/` (JSON,
+`{"model": ModelConfig.to_dict(), ...}`).
 
 Both directions stream. Reading opens each leaf's TensorStore array (the spec orbax itself builds)
 and reads one slice at a time, aligned to the stored chunks, so opt_state is never touched and a
@@ -42,6 +43,7 @@ PARAMS, EXPERT_BIAS = "params", "expert_bias"
 Path = tuple[str, ...]
 WRITE_BUDGET_BYTES = 64 * 2**20  # slices held while their writes are in flight
 _ARRAY_TYPES = ("np.ndarray", "jax.Array")  # value types in orbax's _METADATA
+_MODEL_ROOTS: tuple[Path, ...] = ((), ("policy",))  # rl/loop.py's RLState.policy
 
 
 # -- locating checkpoints ---------------------------------------------------------------------
@@ -127,15 +129,22 @@ class StateReader:
         self._open: dict[str, Any] = {}
         self._cache: tuple[tuple, np.ndarray] | None = None  # one block: bounds memory
         self.leaves: dict[str, dict[Path, Leaf]] = {}
+        # Where the model's TrainState sits: at the top (pre-training, SFT) or under the RL
+        # state's "policy" (a GRPO run); the first root holding params is the model's.
+        root = next(
+            (r for r in _MODEL_ROOTS if any(e[: len(r) + 1] == (*r, PARAMS) for e in entries)),
+            (),
+        )
+        n = len(root)
         for collection in (PARAMS, EXPERT_BIAS):
-            if not any(keys[0] == collection for keys in entries):
+            if not any(e[: n + 1] == (*root, collection) for e in entries):
                 raise ConversionError(f"{self.dir}: the state has no '{collection}' entry")
             self.leaves[collection] = {}
             for *keys, value_type in entries:
-                if keys[0] != collection or value_type not in _ARRAY_TYPES:
+                if tuple(keys[: n + 1]) != (*root, collection) or value_type not in _ARRAY_TYPES:
                     continue
                 t = self._store(".".join(keys))
-                self.leaves[collection][tuple(keys[1:])] = Leaf(
+                self.leaves[collection][tuple(keys[n + 1 :])] = Leaf(
                     tuple(t.shape), np.dtype(t.dtype.numpy_dtype), ".".join(keys)
                 )
 

@@ -48,6 +48,8 @@ def _transformers_logits(hf_dir: pathlib.Path, tokens: np.ndarray) -> np.ndarray
         raise ConversionError(
             f"verify needs torch and transformers (pip install -e '.[torch]'): {e}"
         ) from None
+    transformers.logging.set_verbosity_error()  # its load report lists our MTP layers
+    transformers.logging.disable_progress_bar()
     model = transformers.AutoModelForCausalLM.from_pretrained(
         hf_dir, attn_implementation="eager", dtype=torch.float32
     )

@@ -176,3 +176,17 @@ def test_cli_reports_bad_input_in_one_paragraph(tmp_path):
     typo = cli("--config.grpo.G=8")
     assert typo.returncode != 0 and "grpo.G: unknown field" in typo.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_the_grpo_result_exports_to_hf_and_matches_transformers(uninterrupted, tmp_path):
+    """The RL state holds the policy under "policy": to-hf finds it, and the export's logits
+    under transformers equal the trained policy's (convert verify, float32)."""
+    from deepseek_jax.convert import __main__ as convert_cli
+    from deepseek_jax.convert import verify
+
+    whole, _ = uninterrupted
+    out = tmp_path / "hf"
+    argv = ["to-hf", f"--checkpoint={whole}", f"--out={out}", "--dtype=float32"]
+    assert convert_cli.main(argv) == 0
+    result = verify.verify(whole, out, seq_len=16)
+    assert result.ok and result.max_abs_diff <= 1e-4, result
