@@ -26,13 +26,7 @@ CONTEXTS=${CONTEXTS:-2048,8192,32768}
 BATCHES=${BATCHES:-1,8,32}
 TRAIN_STEPS=${TRAIN_STEPS:-600}
 SPEC_TOKENS=${SPEC_TOKENS:-128}
-mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export XLA_PYTHON_CLIENT_PREALLOCATE=false
-
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt" \
-    || echo "no nvidia-smi" | tee "$OUT/gpu.txt"
-"$PY" -c "import jax; print(jax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
+source bench/gpu_env.sh
 
 SIZE=(--set model.d_model=2048 --set model.n_heads=16 --set model.q_lora_rank=768
       --set model.kv_lora_rank=512 --set model.qk_nope_head_dim=128

@@ -34,13 +34,7 @@ PY=${PY:-python}
 OUT=${OUT:-/tmp/pipeline_gpu}
 SEQ=${SEQ:-4096}
 LAYERS=${LAYERS:-2}
-mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export XLA_PYTHON_CLIENT_PREALLOCATE=false
-
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt" \
-    || echo "no nvidia-smi" | tee "$OUT/gpu.txt"
-"$PY" -c "import jax; print(jax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
+source bench/gpu_env.sh
 
 # A stage of a mid-size DeepSeek-V3-shaped model (d=2048, 64 experts top-6, MLA), bf16 compute.
 SIZE=(--set model.d_model=2048 --set model.n_heads=16 --set model.q_lora_rank=768
