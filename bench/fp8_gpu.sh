@@ -21,7 +21,8 @@
 # count is 0 there: FP8 is emulated on CPU):
 #   PY=.venv/bin/python SEQ=64 BATCH=1 STEPS=2 EXTRA="--set model.d_model=128 \
 #     --set model.intermediate_size=256 --set model.moe_intermediate_size=128 \
-#     --set model.n_routed_experts=8 --set model.n_layers=2" bash bench/fp8_gpu.sh
+#     --set model.n_routed_experts=8 --set model.n_group=2 --set model.topk_group=1 \
+#     --set model.num_experts_per_tok=2 --set model.n_layers=2" bash bench/fp8_gpu.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
