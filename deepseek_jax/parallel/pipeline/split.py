@@ -6,10 +6,13 @@ micro-batch, norms), `transient` those it cannot (the stored stage input, the re
 the running gradient accumulators). `inputs_out` is what Bi must produce (the stage-input
 gradient and the accumulated global gradients), `weights_out` the weight gradients W produces.
 
-`Split.of` traces `fn` once (forward recompute and its vjp together) to a flat jaxpr: `jit` calls
-and `scan`s (the stage's layers) are inlined, so the backward loop over layers becomes straight-line
-code in which every layer's weight GEMMs are separate equations. The equations are then cut by
-dependency:
+`Split.of` traces `fn` (forward recompute and its vjp together) to a flat jaxpr: `jit` calls are
+inlined, and so is every `scan` that carries both kinds of work (the stage's loop over layers, whose
+backward body computes a layer's input gradient and its weight gradients), so that every layer's
+weight GEMMs become separate equations. Loops of one kind stay loops (a grouped matmul's tile loop:
+its forward and input-gradient loops go to Bi, its weight-gradient loop to W); unrolling them would
+grow Bi and W with the token count. Which scans mix is found by cutting, and tracing again with
+those unrolled, until none does. The equations are then cut by dependency:
   Bi = every equation `inputs_out` depends on (the forward and the input-gradient chain);
   W  = every other equation `weights_out` depends on (the weight GEMMs `x^T g` and their
        reductions), nothing else: no forward recompute, no input-gradient equation twice.
@@ -60,34 +63,75 @@ def _bind(eqn, invals):
     return out if eqn.primitive.multiple_results else [out]
 
 
-def _inline(jaxpr, consts, args) -> list:
-    """Evaluates `jaxpr`, tracing jit calls and scans inline (a Python loop over iterations)."""
+def _inline(jaxpr, consts, args, unroll: frozenset, path: tuple, kept: list) -> list:
+    """Evaluates `jaxpr`, tracing jit calls inline, and the scans whose path is in `unroll` as a
+    Python loop over iterations. Every other scan is bound whole; its path is appended to
+    `kept`, in bind order (= the order of the scan equations in the traced jaxpr)."""
     env = dict(zip(jaxpr.constvars, consts)) | dict(zip(jaxpr.invars, args))
-    for eqn in jaxpr.eqns:
+    for j, eqn in enumerate(jaxpr.eqns):
         invals = [_val(env, v) for v in eqn.invars]
-        name = eqn.primitive.name
+        name, here = eqn.primitive.name, (*path, j)
         if name in _INLINE:
             inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
             closed = inner if isinstance(inner, jcore.ClosedJaxpr) else jcore.ClosedJaxpr(inner, ())
-            outs = _inline(closed.jaxpr, closed.consts, invals)
-        elif name == "scan":
-            outs = _scan(eqn.params, invals)
+            outs = _inline(closed.jaxpr, closed.consts, invals, unroll, here, kept)
+        elif name == "scan" and here in unroll:
+            outs = _scan(eqn.params, invals, unroll, here, kept)
         else:
+            if name == "scan":
+                kept.append(here)
             outs = _bind(eqn, invals)
         env.update(zip(eqn.outvars, outs))
     return [_val(env, v) for v in jaxpr.outvars]
 
 
-def _scan(p: dict, invals: list) -> list:
+def _scan(p: dict, invals: list, unroll: frozenset, path: tuple, kept: list) -> list:
     nc, nk, n = p["num_consts"], p["num_carry"], p["length"]
     consts, carry, xs = invals[:nc], invals[nc : nc + nk], invals[nc + nk :]
     body = p["jaxpr"]
     ys = [None] * n
     for i in reversed(range(n)) if p["reverse"] else range(n):
-        out = _inline(body.jaxpr, body.consts, consts + carry + [x[i] for x in xs])
+        args = consts + carry + [x[i] for x in xs]
+        out = _inline(body.jaxpr, body.consts, args, unroll, (*path, i), kept)
         carry, ys[i] = out[:nk], out[nk:]
     stacked = [jnp.stack([y[j] for y in ys]) for j in range(len(body.jaxpr.outvars) - nk)]
     return carry + stacked
+
+
+def _needed(jaxpr, producer: dict, outvars, skip=frozenset()) -> set:
+    """Indices of the equations `outvars` depend on, not walking through `skip`."""
+    seen, stack = set(), [v for v in outvars if not isinstance(v, jcore.Literal)]
+    while stack:
+        i = producer.get(stack.pop())
+        if i is None or i in seen or i in skip:
+            continue
+        seen.add(i)
+        stack.extend(v for v in jaxpr.eqns[i].invars if not isinstance(v, jcore.Literal))
+    return seen
+
+
+def _cut(jaxpr, n_in: int) -> tuple[set, set]:
+    """(Bi, W) equation indices: Bi what the first `n_in` outputs need, W the rest of what the
+    weight outputs need."""
+    producer = {v: i for i, e in enumerate(jaxpr.eqns) for v in e.outvars}
+    bi = _needed(jaxpr, producer, jaxpr.outvars[:n_in])
+    return bi, _needed(jaxpr, producer, jaxpr.outvars[n_in:], skip=frozenset(bi))
+
+
+def _mixed_scans(jaxpr, n_in: int, bi: set, kept: list) -> set:
+    """Paths of the whole scans on the Bi side with an output only W reads: a loop carrying
+    both kinds of work (the layer stack's backward), to be unrolled so that its weight GEMMs
+    move to W. Scans of one kind (a grouped matmul's tile loop) stay loops."""
+    scans = [i for i, e in enumerate(jaxpr.eqns) if e.primitive.name == "scan"]
+    assert len(scans) == len(kept), (len(scans), len(kept))
+    var = lambda vs: {v for v in vs if not isinstance(v, jcore.Literal)}  # noqa: E731
+    bi_reads = var(v for i in bi for v in jaxpr.eqns[i].invars) | var(jaxpr.outvars[:n_in])
+    all_reads = var(v for e in jaxpr.eqns for v in e.invars) | var(jaxpr.outvars)
+    return {
+        path
+        for i, path in zip(scans, kept)
+        if i in bi and any(v not in bi_reads and v in all_reads for v in jaxpr.eqns[i].outvars)
+    }
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -115,23 +159,19 @@ class Split:
             return jax.tree.leaves(ins) + jax.tree.leaves(ws)
 
         nested = jax.make_jaxpr(flat_fn)(*flat)
-        closed = jax.make_jaxpr(lambda *a: _inline(nested.jaxpr, nested.consts, list(a)))(*flat)
-        jaxpr = closed.jaxpr
         n_in = out_trees[0].num_leaves
-        producer = {v: i for i, e in enumerate(jaxpr.eqns) for v in e.outvars}
-
-        def needed(outvars, skip=frozenset()) -> set:
-            seen, stack = set(), [v for v in outvars if not isinstance(v, jcore.Literal)]
-            while stack:
-                i = producer.get(stack.pop())
-                if i is None or i in seen or i in skip:
-                    continue
-                seen.add(i)
-                stack.extend(v for v in jaxpr.eqns[i].invars if not isinstance(v, jcore.Literal))
-            return seen
-
-        bi = needed(jaxpr.outvars[:n_in])
-        w = needed(jaxpr.outvars[n_in:], skip=frozenset(bi))
+        unroll: frozenset = frozenset()
+        while True:  # unroll mixed loops until none is left; each round traces once more
+            kept: list = []
+            closed = jax.make_jaxpr(
+                lambda *a, u=unroll, k=kept: _inline(nested.jaxpr, nested.consts, list(a), u, (), k)
+            )(*flat)
+            jaxpr = closed.jaxpr
+            bi, w = _cut(jaxpr, n_in)
+            mixed = _mixed_scans(jaxpr, n_in, bi, kept)
+            if not mixed:
+                break
+            unroll |= mixed
         w_defined = {v for i in w for v in jaxpr.eqns[i].outvars}
         stable_vars = set(jaxpr.invars[:n_stable]) | set(jaxpr.constvars)
         reads = [v for i in sorted(w) for v in jaxpr.eqns[i].invars]
@@ -189,6 +229,19 @@ class Split:
         return jax.tree.unflatten(self.out_trees[1], outs)
 
     def count(self, part: str, primitive: str = "dot_general") -> int:
-        """Equations of `primitive` in `part` ('bi' or 'w'), for tests and the bench."""
-        eqns = self.bi_eqns if part == "bi" else self.w_eqns
-        return sum(e.primitive.name == primitive for e in eqns)
+        """Equations of `primitive` in `part` ('bi' or 'w'), inside the loops kept whole too
+        (once per loop body, not per iteration), for tests and the bench."""
+        return _count(self.bi_eqns if part == "bi" else self.w_eqns, primitive)
+
+
+def _count(eqns, primitive: str) -> int:
+    n = 0
+    for e in eqns:
+        n += e.primitive.name == primitive
+        for v in e.params.values():  # the bodies of a loop, cond or shard_map
+            for sub in v if isinstance(v, tuple) else (v,):
+                if isinstance(sub, jcore.ClosedJaxpr):
+                    sub = sub.jaxpr
+                if isinstance(sub, jcore.Jaxpr):
+                    n += _count(sub.eqns, primitive)
+    return n
