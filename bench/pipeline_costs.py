@@ -10,11 +10,13 @@ predicted table uses the exact split's costs; `--json` prints both splits' per-o
 
 Times the executor's own op branches (`pipeline_ops.Ops`, exactly what runs inside the tick loop)
 on one device for a middle stage (no prologue or epilogue) of `--layers` MoE layers, one jitted
-op per call; an op's cost is its fastest of `--reps` interleaved rounds. DualPipeV folds twice as
-many stages onto the same ranks, so at a fixed model its stages are half as deep: its costs are
-measured on a stage of layers/2. The costs go into `costmodel` (asynchronous = the official
-DualPipe's timeline, lock-step = this executor's) for PP=4 and 8; the printout is the
-BENCHMARKS.md table. `--costs`/`--half-costs` skip the measurement and reuse given costs.
+op per call, its carry donated and threaded from call to call as the tick loop carries it (so an
+op pays for its in-place updates of the gradient accumulators and slots, not for building or
+copying out the carry); an op's cost is its fastest of `--reps` interleaved rounds. DualPipeV
+folds twice as many stages onto the same ranks, so at a fixed model its stages are half as deep:
+its costs are measured on a stage of layers/2. The costs go into `costmodel` (asynchronous =
+the official DualPipe's timeline, lock-step = this executor's) for PP=4 and 8; the printout is
+the BENCHMARKS.md table. `--costs`/`--half-costs` skip the measurement and reuse given costs.
 """
 
 from __future__ import annotations
@@ -78,11 +80,14 @@ def compile_ops(
     out, wres = {}, None
     for name, code in OPS.items():  # Bi before W: W is timed on the residuals Bi stored
 
-        def op(stack, stack_bias, row, wres, code=code):
+        def ops_of(stack, stack_bias):
             env = pipeline_ops.make_env(
                 stack, stack_bias, glob, glob_bias, mbs, norms, weights, zero, zero
             )
-            ops = pipeline_ops.Ops(stage, env, split)
+            return env, pipeline_ops.Ops(stage, env, split)
+
+        def init(stack, stack_bias, wres):
+            env, ops = ops_of(stack, stack_bias)
             x_bytes = microbatch * seq * cfg.d_model * jnp.dtype(cfg.compute_dtype.jnp).itemsize
             RESIDUALS[(layers, split.value)] = dict(
                 residual_bytes=ops.split.residual_bytes if ops.split else 0,
@@ -91,17 +96,25 @@ def compile_ops(
             )
             carry = pipeline_ops.init_carry(stage, env, 2, 2, ops.residuals, 1)
             x = jax.random.normal(jax.random.key(1), carry.act.shape, carry.act.dtype)
-            carry = dataclasses.replace(
+            return dataclasses.replace(
                 carry, act=x, grd=1e-3 * x, wres=carry.wres if wres is None else wres
             )
-            carry, outbox, _ = ops.branch(code)(carry, row)
-            return carry.d_stack, outbox, carry.wres if code is Code.BI else ()
 
-        use = wres if code is Code.W else None
-        fn, args = jax.jit(op), (pair(stack), pair(stack_bias), row, use)
-        result = jax.block_until_ready(fn(*args))  # compile and warm up
+        # The carry is donated and threaded from call to call, as the tick loop carries it:
+        # an op pays for its own in-place updates of the accumulators and slots, not for
+        # creating or copying out the whole carry.
+        def op(carry, stack, stack_bias, row, code=code):
+            _, ops = ops_of(stack, stack_bias)
+            carry, outbox, _ = ops.branch(code)(carry, row)
+            return carry, outbox
+
+        stack2, bias2 = pair(stack), pair(stack_bias)
+        carry = jax.jit(init)(stack2, bias2, wres if code is Code.W else None)
+        fn = jax.jit(op, donate_argnums=0)
+        args = [carry, stack2, bias2, row]
+        args[0] = jax.block_until_ready(fn(*args))[0]  # compile and warm up
         if code is Code.BI:
-            wres = result[2]
+            wres = jax.tree.map(jnp.copy, args[0].wres)
         out[name] = (fn, args)
     return out
 
@@ -114,7 +127,7 @@ def measure(compiled: dict[str, dict], reps: int) -> dict[str, dict[str, float]]
         for size, ops in compiled.items():
             for op, (fn, args) in ops.items():
                 t = time.perf_counter()
-                jax.block_until_ready(fn(*args))
+                args[0] = jax.block_until_ready(fn(*args))[0]  # the next call's carry
                 best[size][op] = min(best[size][op], time.perf_counter() - t)
     return best
 
