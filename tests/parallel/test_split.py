@@ -162,35 +162,32 @@ def _layer_stack(stable, transient):
     def body(x_ZD, w_EDD):
         return jnp.tanh(grouped.tiled(x_ZD, w_EDD, sizes_E, tile=8)), None
 
-    y, vjp = jax.vjp(lambda x, w: jax.lax.scan(body, x, w)[0], x_ZD, w_LEDD)
+    _, vjp = jax.vjp(lambda x, w: jax.lax.scan(body, x, w)[0], x_ZD, w_LEDD)
     return vjp(g_ZD)
 
 
 def test_mixed_loops_are_unrolled_and_single_kind_loops_stay_loops():
-    with jax.enable_x64(True):  # float64: Bi + W and the plain vjp agree to rounding
-        _mixed_loops()
-
-
-def _mixed_loops():
     L, E, D = 3, 4, 8
     rng = np.random.default_rng(0)
-    w = jnp.asarray(rng.standard_normal((L, E, D, D)) / np.sqrt(D), jnp.float64)
     counts = {}
-    for rows in (32, 128):
-        sizes = jnp.asarray([rows // 2, 0, rows // 4, rows // 4], jnp.int32)  # one empty expert
-        x, g = (jnp.asarray(rng.standard_normal((rows, D)), jnp.float64) for _ in range(2))
-        stable, transient = (w, sizes), (x, g)
-        sp = split_lib.Split.of(_layer_stack, stable, transient)
-        # The layer loop is gone (each layer's weight gradient is its own W work); the tile
-        # loops stay: one weight-gradient loop per layer in W, the forward and input-gradient
-        # ones in Bi.
-        top = lambda eqns: sum(e.primitive.name == "scan" for e in eqns)  # noqa: E731
-        assert top(sp.w_eqns) == L and top(sp.bi_eqns) >= 2 * L
-        assert sp.count("w", "dot_general") == L  # one x^T g per layer, inside its tile loop
-        counts[rows] = (len(sp.bi_eqns), len(sp.w_eqns))
-        dx, res = sp.input_grads(stable, transient)
-        want_dx, want_dw = _layer_stack(stable, transient)
-        np.testing.assert_allclose(dx, want_dx, rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(sp.weight_grads(stable, res), want_dw, rtol=1e-12, atol=1e-12)
+    with jax.enable_x64(True):  # float64: Bi + W and the plain vjp agree to rounding
+        w = jnp.asarray(rng.standard_normal((L, E, D, D)) / np.sqrt(D), jnp.float64)
+        for rows in (32, 128):
+            sizes = jnp.asarray([rows // 2, 0, rows // 4, rows // 4], jnp.int32)  # one empty
+            x, g = (jnp.asarray(rng.standard_normal((rows, D)), jnp.float64) for _ in range(2))
+            stable, transient = (w, sizes), (x, g)
+            sp = split_lib.Split.of(_layer_stack, stable, transient)
+            # The layer loop is gone (each layer's weight gradient is its own W work); the tile
+            # loops stay: one weight-gradient loop per layer in W, the forward and
+            # input-gradient ones in Bi.
+            top = lambda eqns: sum(e.primitive.name == "scan" for e in eqns)  # noqa: E731
+            assert top(sp.w_eqns) == L and top(sp.bi_eqns) >= 2 * L
+            assert sp.count("w", "dot_general") == L  # one x^T g per layer, in its tile loop
+            counts[rows] = (len(sp.bi_eqns), len(sp.w_eqns))
+            dx, res = sp.input_grads(stable, transient)
+            want_dx, want_dw = _layer_stack(stable, transient)
+            np.testing.assert_allclose(dx, want_dx, rtol=1e-12, atol=1e-12)
+            dw = sp.weight_grads(stable, res)
+            np.testing.assert_allclose(dw, want_dw, rtol=1e-12, atol=1e-12)
     # So Bi and W do not grow with the rows (4x the tiles here).
     assert counts[32] == counts[128], counts
