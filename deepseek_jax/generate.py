@@ -3,13 +3,14 @@
   python -m deepseek_jax.generate --checkpoint=<step dir | workdir | HF dir> [--step=N]
       (--prompt=TEXT | --prompts=FILE.jsonl | --prompt-tokens=FILE.npy) --max-new-tokens=N
       [--temperature=0] [--top-k=0] [--top-p=1] [--seed=0] [--eos-id=ID]
-      [--speculative=none|mtp] [--draft-tokens=k] [--decode=absorbed|naive]
+      [--speculative=none|mtp] [--draft-tokens=k] [--decode=absorbed|naive] [--steps-per-call=8]
       [--dtype=float32|bfloat16] [--cache-dtype=...] [--out=FILE.npy|FILE.jsonl] [--overwrite]
 
 Text prompts go through the checkpoint's tokenizer (the byte tokenizer or the tokenizer.json of
 its data config; tokenizer.json inside an HF directory). --prompts is JSONL with one {"prompt":
 TEXT} per line; --prompt-tokens an int .npy [B, T] (every row T tokens). With one text prompt the
-tokens stream to stdout as they are decoded. --out=FILE.npy writes int32 [B, max_new_tokens]
+tokens stream to stdout as they are decoded, after every --steps-per-call decode steps (run in
+one device call each; 1 streams every token but pays a dispatch per step). --out=FILE.npy writes int32 [B, max_new_tokens]
 (-1 after a row stopped); --out=FILE.jsonl one {"tokens", "text"} per row. A row stops at EOS (the
 tokenizer's, or --eos-id; -1 = none). The last line is a summary: tokens/s, and the acceptance per
 draft position and mean accepted length of a speculative run.
@@ -52,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--speculative", choices=["none", "mtp"], default="none")
     p.add_argument("--draft-tokens", type=int, default=1)
     p.add_argument("--decode", choices=["absorbed", "naive"], default="absorbed")
+    p.add_argument(
+        "--steps-per-call",
+        type=int,
+        default=8,
+        help="decode steps per device call (the text streams after each call; 1 = every step)",
+    )
     p.add_argument(
         "--dtype",
         choices=["float32", "bfloat16"],
@@ -163,7 +170,9 @@ def run(args) -> int:
     # Flag values first, then the checkpoint header, the prompts, and only then the weights.
     try:
         scfg = sampling.SamplingConfig(args.temperature, args.top_k, args.top_p)
-        generation.GenerateConfig(max_new_tokens=args.max_new_tokens)
+        generation.GenerateConfig(
+            max_new_tokens=args.max_new_tokens, steps_per_call=args.steps_per_call
+        )
     except ValueError as e:
         fail(str(e))
     if args.speculative == "mtp" and args.draft_tokens < 1:
@@ -188,6 +197,7 @@ def run(args) -> int:
         cache_dtype=cache_dtype,
         seed=args.seed,
         draft_tokens=args.draft_tokens if args.speculative == "mtp" else 0,
+        steps_per_call=args.steps_per_call,
     )
     longest = max(len(p) for p in prompts)
     if longest > max_pos:

@@ -122,6 +122,7 @@ BAD = [
     (["--top-p", 1.5], "--top-p"),
     (["--top-k", -2], "--top-k"),
     (["--speculative", "mtp", "--draft-tokens", 0], "--draft-tokens"),
+    (["--steps-per-call", 0], "--steps-per-call"),
 ]
 
 

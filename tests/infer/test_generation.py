@@ -95,12 +95,25 @@ def test_batched_greedy_equals_each_row_alone(small):
         np.testing.assert_array_equal(gen.generate([p]).tokens[0], batched.tokens[i])
 
 
-def test_decode_step_compiles_once(small):
-    gen, first = run(small)
+def test_decode_step_compiles_once_and_chunks_equal_single_steps(small):
+    temp = sampling.SamplingConfig(temperature=1.0)
+    gen, first = run(small, sampling=temp, seed=1)  # 8 steps per call: chunks of 8 and 3
     assert first.steps == 11 and gen.traces == 1
     again = gen.generate(prompts(SMALL, 4))
     assert gen.traces == 1  # same batch/cache shape: the compiled step is reused
     np.testing.assert_array_equal(again.tokens, first.tokens)
+    graphdef, state = small
+    single = generation.Generator(
+        graphdef,
+        state,
+        generation.GenerateConfig(max_new_tokens=12, sampling=temp, seed=1, steps_per_call=1),
+    )
+    calls = []
+    one = single.generate(prompts(SMALL, 4), on_step=lambda t, c: calls.append(c.copy()))
+    assert one.steps == 11 and len(calls) == 12  # the prefill's token, then one per step
+    np.testing.assert_array_equal(one.tokens, first.tokens)
+    np.testing.assert_array_equal(one.logprobs, first.logprobs)
+    assert (first.logprobs < 0).all()  # sampled, so the log-probs are real
 
 
 def test_sampling_seed_top_k_top_p(small):
