@@ -224,6 +224,10 @@ class ModelConfig:
     param_dtype: DType = DType.FLOAT32
     compute_dtype: DType = DType.FLOAT32
     remat: RematPolicy = RematPolicy.NONE
+    # False: the layer stacks run as a Python loop over slices of the same stacked parameters,
+    # not a lax.scan: no per-layer residuals stacked for the backward (-16% step time on the
+    # 4-layer moe-heavy CPU bench, BENCHMARKS.md issue 12), but compile time grows with depth.
+    scan_layers: bool = True
     grouped_matmul: GroupedMatmul = GroupedMatmul.AUTO  # the routed experts' grouped matmul
     # Training loss: tokens per chunk of the fused head + cross-entropy (model/head_loss.py), which
     # never builds the [tokens, vocab] logits; 0 builds them and differentiates the plain CE.

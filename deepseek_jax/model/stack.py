@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from deepseek_jax.model import config as config_lib
@@ -46,16 +47,28 @@ def scan(
     xs: Any = None,
     policy: config_lib.RematPolicy = config_lib.RematPolicy.NONE,
     unroll: bool = False,
+    loop: bool = False,
 ):
     """Runs body(layer, carry, x) -> (carry, y) over the stacked layers of `module`; `unroll`
-    traces every layer inline (no while loop), so XLA can schedule across layer boundaries."""
+    traces every layer inline (no while loop), so XLA can schedule across layer boundaries.
+
+    `loop`: a Python loop over slices of the stacked state instead of a scan. The same values;
+    under autodiff a scan stacks every layer's residuals into [L, ...] buffers for its backward
+    (and unroll=True keeps that stacking), a loop keeps them as separate arrays."""
     graphdef, state = nnx.split(module)
 
     def step(c, inputs):
         layer_state, x = inputs
         return body(nnx.merge(graphdef, layer_state), c, x)
 
-    return jax.lax.scan(remat(step, policy), carry, (state, xs), unroll=unroll)
+    if not loop:
+        return jax.lax.scan(remat(step, policy), carry, (state, xs), unroll=unroll)
+    step = remat(step, policy)
+    ys = []
+    for i in range(num_layers(module)):
+        carry, y = step(carry, jax.tree.map(lambda a: a[i], (state, xs)))
+        ys.append(y)
+    return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
 
 
 def layer(module: nnx.Module, i: int) -> nnx.Module:

@@ -144,7 +144,15 @@ class Transformer(nnx.Module):
             stats = jax.tree.map(lambda a: jnp.where(keep, a, jnp.zeros_like(a)), stats)
             return jnp.where(keep, out, h), stats
 
-        return stack.scan(stack_module, h_BSD, body, active_L, self.cfg.remat, unroll=unroll)
+        return stack.scan(
+            stack_module,
+            h_BSD,
+            body,
+            active_L,
+            self.cfg.remat,
+            unroll=unroll,
+            loop=not self.cfg.scan_layers,
+        )
 
     def prologue(
         self,

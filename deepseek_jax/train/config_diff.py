@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 RESUMABLE_MODEL_FIELDS = frozenset(
     {
         "remat",
+        "scan_layers",
         "compute_dtype",
         "init_std",
         "attention",

@@ -24,6 +24,7 @@ _FREE_FIELDS = (
     "param_dtype",
     "compute_dtype",
     "remat",
+    "scan_layers",
     "attention",
     "grouped_matmul",
     "matmul_policy",

@@ -131,6 +131,29 @@ def test_scan_equals_unrolled_loop():
         np.testing.assert_allclose(got, want, atol=1e-12, rtol=1e-12)
 
 
+def test_scan_layers_off_equals_the_scan_with_gradients():
+    """model.scan_layers=False (a Python loop over the stacked layers) gives the scan's values
+    and parameter gradients, MTP and the balance statistics included."""
+    with jax.enable_x64(True):
+        graphdef, params, biases = build(F64)
+        loop_graphdef, _, _ = build(dataclasses.replace(F64, scan_layers=False))
+        ids = tokens(1)
+
+        def value_and_grad(g):
+            def objective(p):
+                out = nnx.merge(g, p, biases)(ids)
+                stats = sum(s.sum() for s in jax.tree.leaves(out.moe_stats))
+                return out.logits_BSY.sum() + out.mtp_logits_JBSY.sum() + stats
+
+            return jax.jit(jax.value_and_grad(objective))(params)
+
+        want, want_g = value_and_grad(graphdef)
+        got, got_g = value_and_grad(loop_graphdef)
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+        for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
+            np.testing.assert_allclose(a, b, atol=1e-12, rtol=1e-10)
+
+
 def test_mtp_depth1_is_embedding_first_on_post_norm_hidden(tiny):
     graphdef, params, biases = tiny
     ids = tokens(2)
