@@ -15,8 +15,9 @@
 # 2. The optimised HLO of the ragged_dot step (XLA_FLAGS --xla_dump_to) and its census: the
 #    `ragged-dot` instructions left, every custom-call target (a cuDNN grouped GEMM shows as a
 #    __cudnn$fusion custom call or fusion kind; cuBLAS GEMMs as __cublas$gemm), and the largest
-#    dots (a dense rewrite multiplies every row by every expert: a dot with E*F = 90112 or a
-#    64-sized batch dimension). docs/model.md says what the jax 0.10.2 source leads us to expect.
+#    dots: the dense rewrite multiplies every row by every expert, a dot of shape [E, rows, F]
+#    (in the CPU smoke run below: f32[8, 128, 64] at 8 experts). docs/model.md says what the jax
+#    0.10.2 source leads us to expect.
 #
 # Needs jax with CUDA in $PY (default: python). CPU smoke run of the script itself:
 #   PY=.venv/bin/python LAYERS=2 SEQ=64 BATCH=1 STEPS=1 EXTRA="--set model.d_model=128 \
@@ -72,23 +73,27 @@ print(f"active {r['active_params'] / 1e9:.2f}B, total {r['total_params'] / 1e9:.
 EOF
 
 # The ragged_dot step's optimised HLO: was ragged_dot lowered to a grouped GEMM?
-hlo=$(ls -S "$OUT"/hlo/*after_optimizations.txt 2>/dev/null | head -n 1 || true)
-{
-    if [ -z "$hlo" ]; then
-        echo "no optimised HLO dumped in $OUT/hlo"
-    else
-        echo "== $hlo (the largest module: the train step)"
-        echo "ragged-dot instructions left: $(grep -c " ragged-dot(" "$hlo" || true)"
-        echo "custom-call targets:"
-        grep -o 'custom_call_target="[^"]*"' "$hlo" | sort | uniq -c | sort -rn || true
-        echo "fusion kinds:"
-        grep -o 'kind=k[A-Za-z]*' "$hlo" | sort | uniq -c | sort -rn || true
-        echo "cudnn mentions: $(grep -c -i "cudnn" "$hlo" || true)"
-        echo "the 8 largest dot / GEMM outputs (a dense rewrite of ragged_dot is E times the rows):"
-        grep -E " (dot|custom-call)\(" "$hlo" | sed -E 's/^ *(ROOT )?%?([^ ]+) = ([^ ]+) .*/\3 \2/' \
-            | awk '{ n = 1; s = $1; gsub(/[^0-9,]/, " ", s); split(s, d, /[ ,]+/);
-                     for (i in d) if (d[i] != "") n *= d[i]; print n, $0 }' \
-            | sort -rn | head -n 8 || true
-    fi
-} | tee "$OUT/ragged_dot_hlo.txt"
+"$PY" - "$OUT" <<'EOF' | tee "$OUT/ragged_dot_hlo.txt"
+import collections, math, pathlib, re, sys
+found = sorted(pathlib.Path(sys.argv[1], "hlo").glob("*jit_train_step*after_optimizations.txt"))
+if not found:
+    sys.exit(f"no optimised train-step HLO dumped in {sys.argv[1]}/hlo")
+text = found[-1].read_text()
+print(f"== {found[-1]}")
+print("ragged-dot instructions left:", len(re.findall(r" ragged-dot\(", text)))
+targets = collections.Counter(re.findall(r'custom_call_target="([^"]*)"', text))
+print("custom-call targets:", dict(targets))
+print("fusion kinds:", dict(collections.Counter(re.findall(r"kind=(k\w+)", text))))
+print("lines mentioning cudnn:", sum("cudnn" in line.lower() for line in text.splitlines()))
+# a dense rewrite of ragged_dot computes every row against every expert: look for the biggest
+rows = []
+for line in text.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%?(\S+) = \(?(\w+)\[([\d,]*)\].* (dot|custom-call)\(", line)
+    if m:
+        dims = [int(d) for d in m.group(3).split(",") if d]
+        rows.append((math.prod(dims), m.group(4), m.group(2), dims, m.group(1)))
+print("the 8 largest dot / custom-call outputs (elements, op, dtype, shape, name):")
+for r in sorted(rows, reverse=True)[:8]:
+    print("  ", *r)
+EOF
 echo "results in $OUT"
