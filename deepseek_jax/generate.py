@@ -10,10 +10,11 @@ Text prompts go through the checkpoint's tokenizer (the byte tokenizer or the to
 its data config; tokenizer.json inside an HF directory). --prompts is JSONL with one {"prompt":
 TEXT} per line; --prompt-tokens an int .npy [B, T] (every row T tokens). With one text prompt the
 tokens stream to stdout as they are decoded, after every --steps-per-call decode steps (run in
-one device call each; 1 streams every token but pays a dispatch per step). --out=FILE.npy writes int32 [B, max_new_tokens]
-(-1 after a row stopped); --out=FILE.jsonl one {"tokens", "text"} per row. A row stops at EOS (the
-tokenizer's, or --eos-id; -1 = none). The last line is a summary: tokens/s, and the acceptance per
-draft position and mean accepted length of a speculative run.
+one device call each; 1 streams every token but pays a dispatch per step). --out=FILE.npy
+writes int32 [B, max_new_tokens] (-1 after a row stopped); --out=FILE.jsonl one {"tokens",
+"text"} per row. A row stops at EOS (the tokenizer's, or --eos-id; -1 = none). The last line
+is a summary: tokens/s, and the acceptance per draft position and mean accepted length of a
+speculative run.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ def scan(
     step = remat(step, policy)
     ys = []
     for i in range(num_layers(module)):
-        carry, y = step(carry, jax.tree.map(lambda a: a[i], (state, xs)))
+        carry, y = step(carry, jax.tree.map(lambda a, i=i: a[i], (state, xs)))
         ys.append(y)
     return carry, jax.tree.map(lambda *a: jnp.stack(a), *ys)
 
