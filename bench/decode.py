@@ -3,7 +3,7 @@
     python bench/decode.py --config=configs/small.py [--contexts=512,2048,8192] [--batches=1,8]
         [--dtypes=float32,bfloat16] [--steps=8] [--hf-context=2048] [--hf-tokens=32]
         [--spec-checkpoint=runs/smoke] [--spec-tokens=128] [--spec-reps=3] [--parts=cache,hf,spec]
-        [--json=FILE]
+        [--json=FILE] [--expert-tokens=1,2,4]
         [--set model.d_model=1024 ...]
 
 1. cache: tokens/s of one decode step (batch B at context T) for the naive full per-head cache and
@@ -15,6 +15,10 @@
    decode time excluding the prefill (HF: time(1 + n tokens) - time(1 token), over n).
 3. spec: MTP speculative (k = 1, 2, 3) vs plain greedy at batch 1 on a trained checkpoint (the
    smoke model): acceptance per draft position, mean accepted length, end-to-end speedup.
+4. experts (not in the default parts): one routed-expert layer at decode sizes (X = 1, 2, 4
+   tokens, the config's expert shape), in a device loop whose expert choices depend on the
+   previous output (so nothing is constant-folded): the shipped flat-index gather
+   (`infer.experts.gathered_experts`), the same gather indexed [X, k], and the dropless dispatch.
 Results print as a table and optionally as JSON; BENCHMARKS.md has the numbers and commands.
 """
 
@@ -33,9 +37,9 @@ import numpy as np
 from flax import nnx
 
 from deepseek_jax import config as exp_config
-from deepseek_jax.infer import decode, generation, kv_cache, load, sampling
+from deepseek_jax.infer import decode, experts, generation, kv_cache, load, sampling
 from deepseek_jax.model import config as config_lib
-from deepseek_jax.model import transformer
+from deepseek_jax.model import dispatch, transformer
 
 Mode = kv_cache.DecodeMode
 
@@ -258,6 +262,59 @@ def part_spec(exp, args, out):
             )
 
 
+def _gathered_2d_index(x_XD, idx_Xk, weights_Xk, w1_EDF, w3_EDF, w2_EFD):
+    """The gathered experts indexed [X, k] (what infer.experts did before the flat index)."""
+    gate = jnp.einsum("xd,xkdf->xkf", x_XD, jnp.take(w1_EDF, idx_Xk, axis=0))
+    up = jnp.einsum("xd,xkdf->xkf", x_XD, jnp.take(w3_EDF, idx_Xk, axis=0))
+    y_XkD = jnp.einsum("xkf,xkfd->xkd", jax.nn.silu(gate) * up, jnp.take(w2_EFD, idx_Xk, axis=0))
+    return dispatch.combine(y_XkD, weights_Xk, x_XD.dtype)
+
+
+def part_experts(exp, args, out):
+    cfg = exp.model
+    E, D, k = cfg.n_routed_experts, cfg.d_model, cfg.num_experts_per_tok
+    F = cfg.moe_intermediate_size
+    keys = jax.random.split(jax.random.key(0), 4)
+    w1, w3 = (jax.random.normal(kk, (E, D, F)) * D**-0.5 for kk in keys[:2])
+    w2 = jax.random.normal(keys[2], (E, F, D)) * F**-0.5
+    variants = {
+        "gathered_flat": experts.gathered_experts,
+        "gathered_2d_index": _gathered_2d_index,
+        "dropless": dispatch.dropless_experts,
+    }
+    n = 500
+    for X in args.expert_tokens:
+        x0 = jax.random.normal(keys[3], (X, D))
+        row = {"tokens": X, "experts": E, "top_k": k, "d_model": D, "d_expert": F}
+        ref = None
+        for name, fn in variants.items():
+
+            def loop(x, fn=fn):
+                def body(i, x):
+                    # choices from the running activations: a dynamic index, as in decode
+                    idx = jax.lax.top_k(x[:, :E], k)[1].astype(jnp.int32)
+                    return x + 0.1 * fn(x, idx, jnp.full((x.shape[0], k), 1.0 / k), w1, w3, w2)
+
+                return jax.lax.fori_loop(0, n, body, x)
+
+            run = jax.jit(loop)
+            y = jax.block_until_ready(run(x0))
+            ref = y if ref is None else ref
+            np.testing.assert_allclose(np.asarray(y), np.asarray(ref), rtol=1e-4, atol=1e-4)
+            times = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                jax.block_until_ready(run(x0))
+                times.append((time.perf_counter() - t0) / n * 1e6)
+            row[f"{name}_us"] = float(np.median(times))
+        out.setdefault("experts", []).append(row)
+        print(
+            f"experts X={X} (E={E} k={k} D={D} F={F}): "
+            + ", ".join(f"{name} {row[f'{name}_us']:.1f} us" for name in variants),
+            flush=True,
+        )
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--config", default="configs/small.py")
@@ -278,12 +335,14 @@ def main():
         help="spec part: decode steps per device call (0: the whole generation in one call)",
     )
     p.add_argument("--parts", default="cache,hf,spec")
+    p.add_argument("--expert-tokens", default="1,2,4", help="experts part: tokens per step")
     p.add_argument("--json", default=None)
     p.add_argument("--set", action="append", default=[], help="config override a.b=value")
     args = p.parse_args()
     args.contexts = [int(x) for x in args.contexts.split(",")]
     args.batches = [int(x) for x in args.batches.split(",")]
     args.dtypes = args.dtypes.split(",")
+    args.expert_tokens = [int(x) for x in args.expert_tokens.split(",")]
     args.spec_temperatures = [float(x) for x in args.spec_temperatures.split(",")]
     exp = exp_config.load(args.config, exp_config.parse_overrides(args.set))
     print(f"backend {jax.default_backend()}, {jax.devices()[0].device_kind}, jax {jax.__version__}")
@@ -295,6 +354,8 @@ def main():
         part_hf(exp, args, out)
     if "spec" in parts:
         part_spec(exp, args, out)
+    if "experts" in parts:
+        part_experts(exp, args, out)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(out, indent=1))
 

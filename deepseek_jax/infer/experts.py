@@ -31,12 +31,20 @@ def gathered_experts(
     if policy is not precision.MatmulPolicy.DEFAULT:
         # decode picks the dropless dispatch for every other policy (decode._decode_experts)
         raise ValueError(f"gathered experts compute in the compute dtype, not matmul {policy}")
-    w1_XkDF = jnp.take(w1_EDF, idx_Xk, axis=0)
-    w3_XkDF = jnp.take(w3_EDF, idx_Xk, axis=0)
-    w2_XkFD = jnp.take(w2_EFD, idx_Xk, axis=0)
-    gate_XkF = jnp.einsum("xd,xkdf->xkf", x_XD, w1_XkDF)
-    up_XkF = jnp.einsum("xd,xkdf->xkf", x_XD, w3_XkDF)
-    y_XkD = jnp.einsum("xkf,xkfd->xkd", jax.nn.silu(gate_XkF) * up_XkF, w2_XkFD)
+    # One flat index over the X*k (token, choice) pairs, and a batched matvec over them: with
+    # the index [X, k] and the expert weights [X, k, D, F], XLA:CPU fuses the gather into the
+    # transposes the einsum needs and runs it element by element, ~5x slower at X = 1 and
+    # growing with X (bench/decode.py --parts=experts).
+    X, k = idx_Xk.shape
+    idx_N = idx_Xk.reshape(X * k)
+    x_ND = jnp.repeat(x_XD, k, axis=0)
+    w1_NDF = jnp.take(w1_EDF, idx_N, axis=0)
+    w3_NDF = jnp.take(w3_EDF, idx_N, axis=0)
+    w2_NFD = jnp.take(w2_EFD, idx_N, axis=0)
+    gate_NF = jnp.einsum("nd,ndf->nf", x_ND, w1_NDF)
+    up_NF = jnp.einsum("nd,ndf->nf", x_ND, w3_NDF)
+    y_ND = jnp.einsum("nf,nfd->nd", jax.nn.silu(gate_NF) * up_NF, w2_NFD)
+    y_XkD = y_ND.reshape(X, k, -1)
     return dispatch.combine(y_XkD, weights_Xk, x_XD.dtype)
 
 
