@@ -39,15 +39,21 @@ from deepseek_jax.model import block as block_lib
 from deepseek_jax.model import mla as mla_lib
 
 
-def masked_softmax(scores_BHST: jax.Array, start_B: jax.Array, scale: float) -> jax.Array:
-    """Softmax over keys at positions <= the query's (start_b + s), in at least float32."""
-    S, T = scores_BHST.shape[-2:]
-    q_pos_BS = start_B[:, None] + jnp.arange(S)[None, :]
-    mask_BST = jnp.arange(T)[None, None, :] <= q_pos_BS[:, :, None]
-    dtype = jnp.promote_types(scores_BHST.dtype, jnp.float32)
-    scores_BHST = scores_BHST.astype(dtype) * scale
-    scores_BHST = jnp.where(mask_BST[:, None], scores_BHST, jnp.finfo(dtype).min)
-    return jax.nn.softmax(scores_BHST, axis=-1)
+def masked_softmax(
+    old_BHST: jax.Array, new_BHSU: jax.Array, start_B: jax.Array, scale: float
+) -> tuple[jax.Array, jax.Array]:
+    """One softmax, in at least float32, over the cached keys before each row's start (t < start_b)
+    and the S new keys up to the query's own (u <= s): the cache's entries at and past start_b
+    are stale, and the new tokens' entries are written only after the forward."""
+    S, T = old_BHST.shape[-2:]
+    old_BT = jnp.arange(T)[None, :] < start_B[:, None]
+    new_SU = jnp.arange(S)[None, :] <= jnp.arange(S)[:, None]
+    dtype = jnp.promote_types(old_BHST.dtype, jnp.float32)
+    lo = jnp.finfo(dtype).min
+    old_BHST = jnp.where(old_BT[:, None, None, :], old_BHST.astype(dtype) * scale, lo)
+    new_BHSU = jnp.where(new_SU, new_BHSU.astype(dtype) * scale, lo)
+    probs = jax.nn.softmax(jnp.concatenate([old_BHST, new_BHSU], axis=-1), axis=-1)
+    return probs[..., :T], probs[..., T:]
 
 
 def absorbed_weights(attn: mla_lib.MLA):
@@ -63,32 +69,36 @@ def _expand(attn: mla_lib.MLA, c_BSC: jax.Array):
     return kv_BSHO[..., :N], kv_BSHO[..., N:]
 
 
-def _write_new(attn, kv, c_BSC, k_rope_BSR, start_B):
-    """The cache entries of the new tokens: latent as is, or expanded per head (naive)."""
+def _entries(attn, kv, c_BSC, k_rope_BSR) -> kv_cache.LayerKV:
+    """The new tokens' cache entries [B, S, ...] in the cache dtype: the latent as is, or expanded
+    per head (naive)."""
     if isinstance(kv, kv_cache.LatentKV):
-        return kv_cache.LatentKV(
-            kv_cache.write(kv.c_kv_LBTC, c_BSC, start_B),
-            kv_cache.write(kv.k_rope_LBTR, k_rope_BSR, start_B),
-        )
+        dt = kv.c_kv_LBTC.dtype
+        return kv_cache.LatentKV(c_BSC.astype(dt), k_rope_BSR.astype(dt))
     k_nope_BSHN, v_BSHV = _expand(attn, c_BSC)
     H = k_nope_BSHN.shape[2]
     k_rope_BSHR = jnp.broadcast_to(
         k_rope_BSR[:, :, None, :], k_rope_BSR.shape[:2] + (H,) + k_rope_BSR.shape[-1:]
     ).astype(k_nope_BSHN.dtype)
     k_BSHK = jnp.concatenate([k_nope_BSHN, k_rope_BSHR], axis=-1)
-    return kv_cache.FullKV(
-        kv_cache.write(kv.k_LBTHK, k_BSHK, start_B), kv_cache.write(kv.v_LBTHV, v_BSHV, start_B)
-    )
+    dt = kv.k_LBTHK.dtype
+    return kv_cache.FullKV(k_BSHK.astype(dt), v_BSHV.astype(dt))
 
 
 def attend(attn: mla_lib.MLA, x_BSD, cos, sin, start_B, kv: kv_cache.LayerKV, prefill: bool):
-    """One MLA layer over the cache (kv is this layer's slice: [B, T, ...]). -> (out, kv)."""
+    """One MLA layer over the cache (kv is this layer's slice: [B, T, ...], read only).
+
+    -> (out, the new tokens' entries [B, S, ...]). The new tokens attend to the cache before
+    start_b and to each other, through their entries as the cache stores them (rounded to its
+    dtype), so a verify of S tokens sees what S single steps would; the caller writes the
+    entries of every layer once, after the forward (kv_cache.write), instead of updating each
+    layer's slice in place (XLA:CPU copied the slice around every such update)."""
     cfg = attn.cfg
     cdt = cfg.compute_dtype
     scale = rope.softmax_scale(cfg)
     q_nope_BSHN, q_rope_BSHR = attn.query(x_BSD, cos, sin)
     c_BSC, k_rope_BSR = attn.latent(x_BSD, cos, sin)
-    kv = _write_new(attn, kv, c_BSC, k_rope_BSR, start_B)
+    new = _entries(attn, kv, c_BSC, k_rope_BSR)
     if prefill:  # the training math over the prompt itself (start is 0)
         k_nope_BSHN, v_BSHV = _expand(attn, c_BSC)
         out_BSHV = attention.attend(
@@ -98,27 +108,41 @@ def attend(attn: mla_lib.MLA, x_BSD, cos, sin, start_B, kv: kv_cache.LayerKV, pr
         w_uk_CHN, w_uv_CHV = absorbed_weights(attn)
         c_BTC = constraints.constrain(kv.c_kv_LBTC.astype(cdt), ("act_batch", "act_seq", None))
         k_rope_BTR = kv.k_rope_LBTR.astype(cdt)
+        c_BUC, k_rope_BUR = new.c_kv_LBTC.astype(cdt), new.k_rope_LBTR.astype(cdt)
+        q_rope_BSHR = q_rope_BSHR.astype(cdt)
         q_lat_BSHC = jnp.einsum("bshn,chn->bshc", q_nope_BSHN, w_uk_CHN)
-        scores_BHST = jnp.einsum("bshc,btc->bhst", q_lat_BSHC, c_BTC)
-        scores_BHST = scores_BHST + jnp.einsum(
-            "bshr,btr->bhst", q_rope_BSHR.astype(cdt), k_rope_BTR
+        old_BHST = jnp.einsum("bshc,btc->bhst", q_lat_BSHC, c_BTC) + jnp.einsum(
+            "bshr,btr->bhst", q_rope_BSHR, k_rope_BTR
         )
-        probs_BHST = masked_softmax(scores_BHST, start_B, scale).astype(cdt)
-        ctx_BSHC = jnp.einsum("bhst,btc->bshc", probs_BHST, c_BTC)
+        new_BHSU = jnp.einsum("bshc,buc->bhsu", q_lat_BSHC, c_BUC) + jnp.einsum(
+            "bshr,bur->bhsu", q_rope_BSHR, k_rope_BUR
+        )
+        p_old_BHST, p_new_BHSU = masked_softmax(old_BHST, new_BHSU, start_B, scale)
+        ctx_BSHC = jnp.einsum("bhst,btc->bshc", p_old_BHST.astype(cdt), c_BTC) + jnp.einsum(
+            "bhsu,buc->bshc", p_new_BHSU.astype(cdt), c_BUC
+        )
         out_BSHV = jnp.einsum("bshc,chv->bshv", ctx_BSHC, w_uv_CHV)
     else:
         q_BSHK = jnp.concatenate([q_nope_BSHN, q_rope_BSHR.astype(q_nope_BSHN.dtype)], axis=-1)
         k_BTHK, v_BTHV = kv.k_LBTHK.astype(cdt), kv.v_LBTHV.astype(cdt)
-        scores_BHST = jnp.einsum("bshk,bthk->bhst", q_BSHK, k_BTHK)
-        probs_BHST = masked_softmax(scores_BHST, start_B, scale).astype(cdt)
-        out_BSHV = jnp.einsum("bhst,bthv->bshv", probs_BHST, v_BTHV)
-    return attn.wo(out_BSHV), kv
+        k_BUHK, v_BUHV = new.k_LBTHK.astype(cdt), new.v_LBTHV.astype(cdt)
+        p_old_BHST, p_new_BHSU = masked_softmax(
+            jnp.einsum("bshk,bthk->bhst", q_BSHK, k_BTHK),
+            jnp.einsum("bshk,buhk->bhsu", q_BSHK, k_BUHK),
+            start_B,
+            scale,
+        )
+        out_BSHV = jnp.einsum("bhst,bthv->bshv", p_old_BHST.astype(cdt), v_BTHV) + jnp.einsum(
+            "bhsu,buhv->bshv", p_new_BHSU.astype(cdt), v_BUHV
+        )
+    return attn.wo(out_BSHV), new
 
 
 def block_step(
     block: block_lib.Block, h_BSD, cos, sin, start_B, kv, prefill: bool, experts: dispatch.ExpertFn
 ):
-    """Block.__call__ with the cached attention: h += MLA(norm h); h += FFN(norm h)."""
+    """Block.__call__ with the cached attention: h += MLA(norm h); h += FFN(norm h).
+    -> (h, the new tokens' cache entries)."""
     h_BSD = constraints.constrain(h_BSD, block_lib.ACT_BSD)
     a_BSD, kv = attend(block.attn, block.attn_norm(h_BSD), cos, sin, start_B, kv, prefill)
     h_BSD = h_BSD + a_BSD.astype(h_BSD.dtype)
@@ -175,7 +199,8 @@ def forward(
         def body(layer, h, kv):
             return block_step(layer, h, cos, sin, start_B, kv, prefill, experts)
 
-        h_BSD, stacks[name] = stack.scan(module, h_BSD, body, cache.stacks[name])
+        h_BSD, new = stack.scan(module, h_BSD, body, cache.stacks[name])
+        stacks[name] = kv_cache.write(cache.stacks[name], new, start_B)
     h_BSD = model.norm(h_BSD)
     return model.logits(h_BSD), h_BSD, kv_cache.Cache(stacks, cache.length_B)
 
@@ -200,9 +225,10 @@ def mtp_forward(
     x_BSD = layer.eh_proj(jnp.concatenate([e_BSD, layer.hnorm(h_prev_BSD)], axis=-1))
     kv = jax.tree.map(lambda a: a[module], cache.stacks["mtp"])
     experts = _decode_experts(model.cfg, tokens_BS.size, experts)
-    g_BSD, kv = block_step(layer.block, x_BSD, cos, sin, start_B, kv, prefill, experts)
+    g_BSD, new = block_step(layer.block, x_BSD, cos, sin, start_B, kv, prefill, experts)
     hn_BSD = layer.head_norm(g_BSD)
-    stacks = {"mtp": jax.tree.map(lambda a, u: a.at[module].set(u), cache.stacks["mtp"], kv)}
+    new = jax.tree.map(lambda a: a[None], new)
+    stacks = {"mtp": kv_cache.write(cache.stacks["mtp"], new, start_B, layer=module)}
     return model.logits(hn_BSD), hn_BSD, kv_cache.Cache(stacks, cache.length_B)
 
 

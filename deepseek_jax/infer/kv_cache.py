@@ -147,17 +147,23 @@ def bytes_per_token(cfg: config_lib.ModelConfig, mode: DecodeMode, dtype: Any) -
     return per_layer * cfg.n_layers * item
 
 
-def write(buf_BT: jax.Array, new_BS: jax.Array, start_B: jax.Array) -> jax.Array:
-    """buf[b, start_b : start_b + S] = new[b] for every row (trailing dims copied whole).
+def write(stack: LayerKV, new: LayerKV, start_B: jax.Array, layer: int = 0) -> LayerKV:
+    """Every array buf [L', B, T, ...] of a stack gets buf[layer + l, b, start_b : start_b + S] =
+    new[l, b] for new [L, B, S, ...] (trailing dims copied whole): the entries of L layers, one
+    update per array, in place when the cache is donated.
 
     The caller guarantees start_b + S <= T (dynamic_update_slice would clamp, i.e. shift, the
     write otherwise): generation sizes the cache for prompt + new tokens + drafts.
     """
 
-    def row(buf, new, start):
-        return jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), start, axis=0)
+    def one(buf_LBT, new_LBS):
+        def row(buf, upd, start):  # one batch row: buf [L', T, ...], upd [L, S, ...]
+            idx = (jnp.int32(layer), start) + (jnp.int32(0),) * (buf.ndim - 2)
+            return jax.lax.dynamic_update_slice(buf, upd.astype(buf.dtype), idx)
 
-    return jax.vmap(row)(buf_BT, new_BS, start_B)
+        return jax.vmap(row, in_axes=(1, 1, 0), out_axes=1)(buf_LBT, new_LBS, start_B)
+
+    return jax.tree.map(one, stack, new)
 
 
 def shardings(cache: Cache, mesh, rules) -> Cache:
