@@ -3,18 +3,22 @@
 `matmul(x_ZD, w_EDF, group_sizes_E, impl)` computes y[z] = x[z] @ w[e(z)], where rows
 `sum(group_sizes[:e]) .. sum(group_sizes[:e+1]) - 1` belong to expert e (the dispatch sorts them
 so) and rows past `sum(group_sizes)` come out as zeros (the expert-parallel receive buffer's
-padding). Two implementations, one result (`GroupedMatmul`, the config field
+padding). Three implementations, one result (`GroupedMatmul`, the config field
 `model.grouped_matmul`):
 
-- RAGGED_DOT: `jax.lax.ragged_dot`. XLA:TPU lowers it to a grouped GEMM. XLA:CPU (jax 0.10.2)
-  rewrites it into dense work over every group for every row (its compiled cost analysis is 8x
-  / 32x a dense matmul's at 8 / 32 groups): 2048 rows x 256 -> 128 over 8 groups costs 23x one
-  dense matmul over those rows forward+backward, 8192 x 512 -> 256 over 32 groups 60x
-  (BENCHMARKS.md, bench/grouped_matmul.py). XLA:GPU lowers it to a cuDNN grouped GEMM when its
-  `xla_gpu_experimental_use_ragged_dot_fusion` path applies (fprop and dgrad; cuDNN >= 9.22,
-  sm80+; the weight gradient is still rewritten to a dense dot), else to the same dense
-  rewrite as on CPU (openxla/xla#40189, #42313; reported dense on B200 with jaxlib 0.10.2 in
-  marin-community/marin#7012). We have not checked the GPU HLO ourselves yet.
+- RAGGED_DOT: `jax.lax.ragged_dot`. What XLA makes of it, from the optimised HLO of a
+  deviceless compile (bench/grouped_hlo.py; jax/jaxlib 0.10.2, libtpu 0.0.42.1, the CUDA 12
+  plugin with an H100 target; BENCHMARKS.md):
+  - XLA:CPU rewrites it into dense work over every group for every row (cost analysis 8x / 32x
+    a dense matmul's at 8 / 32 groups; 23x / 60x the time forward+backward).
+  - XLA:GPU (H100) does the same: the rows are expanded to [Z, E*D] (zero outside their group)
+    and multiplied by w as one [E*D, F] matrix; the weight gradient is a batched [E, D, Z] x
+    [E, Z, F] dot over masked rows. E times the FLOPs in all three GEMMs. Its cuDNN ragged-dot
+    fusion (`--xla_gpu_experimental_use_ragged_dot_fusion`) aborts that compile.
+  - XLA:TPU (v5e) runs the forward and the input gradient as a Mosaic grouped GEMM (a
+    `tpu_custom_call` with per-tile group metadata, exactly the dense FLOPs), but the weight
+    gradient as a dense masked [E, Z, D] x [E, Z, F] contraction: 11x the dense FLOPs of the
+    three GEMMs at 32 experts.
 - TILED: each expert's rows padded to a multiple of `tile` rows, so that every tile belongs to
   one expert, then one [tile, D] x [D, F] matmul per tile in a `lax.scan`, tiles past the last
   used one skipped by a `lax.cond`. Static shapes: at most (Z + E*(tile-1)) // tile tiles.
@@ -28,10 +32,16 @@ padding). Two implementations, one result (`GroupedMatmul`, the config field
   products, 43 ms against 11 ms for a dense x^T dy; dx and dw fused into one backward scan, no
   faster. Tile size 64 rows: of 32, 64, 128 and 256
   the fastest or tied at both shapes (BENCHMARKS.md); it pads the 32-expert case to 1.12x rows.
+- MEGABLOX: the grouped GEMM kernels jax ships for TPU (`jax.experimental.pallas.ops.tpu.
+  megablox`, what MaxText runs on TPU): `gmm` for y and, with w transposed, dx; `tgmm` for dw.
+  Each visits only the [tm, tk] x [tk, tn] tiles a group covers, so all three GEMMs do the
+  dense FLOPs (plus partial tiles at group edges). Off TPU the same kernels run in Pallas
+  interpret mode (correct, slow: for tests and CPU smoke runs of a TPU config).
 
-AUTO (`resolve`): TILED on CPU, RAGGED_DOT on TPU and GPU. For GPU this is provisional until the
-HLO check (a cuDNN ragged-dot custom call, not a dense dot over [Z, E*F]) is done on a GPU
-machine; the scan of small matmuls is not a good GPU kernel either.
+AUTO (`resolve`): TILED on CPU, MEGABLOX on TPU (RAGGED_DOT's weight gradient is E times the
+work there), RAGGED_DOT on GPU. On GPU both choices have a cost nobody here has timed:
+RAGGED_DOT does E times the FLOPs, TILED runs one small GEMM per tile in a loop;
+bench/train_gpu.sh times both on one GPU.
 """
 
 from __future__ import annotations
@@ -40,11 +50,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.megablox import ops as megablox_ops
 
 from deepseek_jax.model import config as config_lib
 
 GroupedMatmul = config_lib.GroupedMatmul
 TILE = 64  # rows per tile on XLA:CPU, chosen by bench/grouped_matmul.py (BENCHMARKS.md)
+# megablox's (m, k, n) tile: jax's default for gmm, not tuned on TPU hardware (none here).
+MEGABLOX_TILING = (128, 128, 128)
 
 
 def resolve(impl: GroupedMatmul, platform: str | None = None) -> GroupedMatmul:
@@ -52,7 +65,9 @@ def resolve(impl: GroupedMatmul, platform: str | None = None) -> GroupedMatmul:
     if impl is not GroupedMatmul.AUTO:
         return impl
     platform = platform or jax.default_backend()
-    return GroupedMatmul.TILED if platform == "cpu" else GroupedMatmul.RAGGED_DOT
+    if platform == "cpu":
+        return GroupedMatmul.TILED
+    return GroupedMatmul.MEGABLOX if platform == "tpu" else GroupedMatmul.RAGGED_DOT
 
 
 def matmul(
@@ -69,6 +84,8 @@ def matmul(
         return jax.lax.ragged_dot(x_ZD, w_EDF, group_sizes_E)
     if impl is GroupedMatmul.TILED:
         return tiled(x_ZD, w_EDF, group_sizes_E, tile=tile)
+    if impl is GroupedMatmul.MEGABLOX:
+        return megablox(x_ZD, w_EDF, group_sizes_E)
     raise ValueError(f"grouped matmul {impl} has no implementation")
 
 
@@ -77,6 +94,41 @@ def tiled(x_ZD: jax.Array, w_EDF: jax.Array, group_sizes_E: jax.Array, *, tile: 
     if Z == 0:
         return jnp.zeros((0, w_EDF.shape[-1]), x_ZD.dtype)
     return _tiled(x_ZD, w_EDF, group_sizes_E.astype(jnp.int32), max(1, min(tile, Z)))
+
+
+def megablox(
+    x_ZD: jax.Array,
+    w_EDF: jax.Array,
+    group_sizes_E: jax.Array,
+    *,
+    out_dtype=None,
+    tiling: tuple[int, int, int] = MEGABLOX_TILING,
+    interpret: bool | None = None,
+) -> jax.Array:
+    """y = x @ w per group by jax's megablox `gmm` (its custom VJP: dx by gmm, dw by tgmm), in
+    `out_dtype` (default x's) with float32 accumulation. `interpret`: run the Pallas kernels in
+    interpret mode (default: everywhere but TPU).
+
+    megablox needs the rows to be a whole number of m-tiles and leaves rows past the groups
+    unwritten (garbage on TPU, NaN when interpreted): the rows are padded to a tile multiple,
+    and both x and y pass through a select that zeroes rows past sum(group_sizes), whose
+    transpose zeroes those rows of dx as well.
+    """
+    Z, D = x_ZD.shape
+    F = w_EDF.shape[-1]
+    if interpret is None:
+        interpret = jax.default_backend() != "tpu"
+    tm = min(tiling[0], -(-Z // 16) * 16)  # 16 rows: the bfloat16 sublane tile
+    tk = tiling[1] if D % tiling[1] == 0 else D  # a block is a multiple of 128 lanes or whole
+    tn = tiling[2] if F % tiling[2] == 0 else F
+    Zp = -(-Z // tm) * tm
+    sizes_E = group_sizes_E.astype(jnp.int32)
+    valid_Z1 = (jnp.arange(Zp, dtype=jnp.int32) < jnp.sum(sizes_E))[:, None]
+    x_pad = jnp.where(valid_Z1, jnp.pad(x_ZD, ((0, Zp - Z), (0, 0))), 0)
+    y_ZF = megablox_ops.gmm(
+        x_pad, w_EDF, sizes_E, out_dtype or x_ZD.dtype, (tm, tk, tn), None, None, False, interpret
+    )
+    return jnp.where(valid_Z1, y_ZF, 0)[:Z]
 
 
 class _Layout:

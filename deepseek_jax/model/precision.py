@@ -4,9 +4,9 @@ Every `layers.Linear` (attention projections, dense and shared-expert FFNs, MTP'
 untied head, which always uses DEFAULT) calls `dot_general` here, and the routed experts' grouped
 matmuls (single-device and expert-parallel alike, through `dispatch.grouped_swiglu`) call
 `grouped_matmul`, which runs the implementation the model config chose (model/grouped.py:
-ragged_dot or tiled). A policy says how the operands are represented and accumulated. DEFAULT is
-what the model has always done: both operands in the layer's compute dtype, XLA's default
-accumulation (float32 for bfloat16 inputs on TPU/GPU).
+ragged_dot, tiled or megablox). A policy says how the operands are represented and accumulated.
+DEFAULT is what the model has always done: both operands in the layer's compute dtype, XLA's
+default accumulation (float32 for bfloat16 inputs on TPU/GPU).
 
 BF16: both operands rounded to bfloat16, float32 accumulation (`preferred_element_type`), the
 result in the input's dtype. FP8_BLOCKWISE: DeepSeek-V3's recipe (model/fp8.py): E4M3 operands
@@ -76,6 +76,10 @@ def _tiled_f32(x_ZD: jax.Array, w_EDF: jax.Array, group_sizes_E: jax.Array) -> j
     return grouped.tiled(x_ZD.astype(f32), w_EDF.astype(f32), group_sizes_E)
 
 
+def _megablox_f32(x_ZD: jax.Array, w_EDF: jax.Array, group_sizes_E: jax.Array) -> jax.Array:
+    return grouped.megablox(x_ZD, w_EDF, group_sizes_E, out_dtype=jnp.float32)
+
+
 def _accumulating_f32(impl: grouped.GroupedMatmul):
     """The grouped matmul (a resolved `impl`) the lower-precision policies wrap: float32
     accumulation. Module-level functions, so the custom VJP's static argument is one object."""
@@ -83,4 +87,6 @@ def _accumulating_f32(impl: grouped.GroupedMatmul):
         return _ragged_dot_f32
     if impl is grouped.GroupedMatmul.TILED:
         return _tiled_f32
+    if impl is grouped.GroupedMatmul.MEGABLOX:
+        return _megablox_f32
     raise ValueError(f"grouped matmul {impl} has no implementation")

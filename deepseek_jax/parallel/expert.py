@@ -86,6 +86,10 @@ def make_expert_fn(mesh, rules: sharding_lib.Rules, exchange: Exchange) -> dispa
             in_specs=in_specs,
             out_specs=tokens,
             axis_names=manual,
+            # megablox builds its tile metadata with jnp.histogram, whose searchsorted rejects
+            # operands typed as varying over manual axes (jax 0.10.2); without the type check
+            # the shard_map's transpose sums the replicated inputs' cotangents at its boundary.
+            check_vma=impl is not grouped.GroupedMatmul.MEGABLOX,
         )(*args)
 
     return experts

@@ -100,12 +100,14 @@ def check_equal(got, want, tol):
         (cases.Preset.FSDP_EXPERT_TP, "float32", GroupedMatmul.TILED),
         (cases.Preset.FSDP_EXPERT_TP, "float64", GroupedMatmul.TILED),
         (cases.Preset.FSDP_EXPERT_TP, "float32", GroupedMatmul.RAGGED_DOT),
+        (cases.Preset.FSDP_EXPERT_TP, "float32", GroupedMatmul.MEGABLOX),
     ],
     ids=[
         "data_expert-float32-tiled",
         "fsdp_expert_tp-float32-tiled",
         "fsdp_expert_tp-float64-tiled",
         "fsdp_expert_tp-float32-ragged_dot",
+        "fsdp_expert_tp-float32-megablox",
     ],
 )
 def test_ep_moe_layer_equals_single_device(preset, dtype, impl):

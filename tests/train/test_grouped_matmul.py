@@ -37,7 +37,7 @@ def ragged():
     return run(G.RAGGED_DOT)
 
 
-@pytest.mark.parametrize("impl", [G.TILED, G.AUTO])
+@pytest.mark.parametrize("impl", [G.TILED, G.MEGABLOX, G.AUTO])
 def test_losses_equal_ragged_dot(ragged, impl):
     losses, jaxpr = run(impl)
     want, want_jaxpr = ragged
