@@ -1,7 +1,7 @@
 """Train-step time under each matmul policy, and whether XLA emitted FP8 GEMMs (bench/fp8_gpu.sh).
 
     python bench/fp8_step.py [--config=configs/small.py] [--policies=bf16,fp8_blockwise]
-        [--steps=10] [--set FIELD=VALUE ...] [--hlo_dir=DIR] [--json=FILE]
+        [--steps=10] [--set FIELD=VALUE ...] [--hlo_dir=DIR] [--json=FILE] [--target=h100]
 
 For each policy: the jitted train step (train/step.py, what the trainer runs on one device) on a
 synthetic batch, compiled once; the optimized HLO written to `--hlo_dir/<policy>.hlo.txt`; then
@@ -14,9 +14,15 @@ The HLO census counts, in the optimized module (fused computations included):
   target `__cublas$lt$matmul$f8`),
 - `f8_fed_gemm_fusions`: fusions that contain a dot and take an f8 parameter: the dequantize fused
   into the GEMM's prologue, the GEMM itself then in the dequantized (wider) type,
-- `dots`: all dot / convolution instructions, and `gemm_custom_calls`: all cuBLAS GEMM calls.
-On CPU every count with f8 is 0 by construction (model/fp8.py upcasts before the dot: emulation);
-the question is what XLA:GPU on Hopper makes of the same program.
+- `dots`: all dot / convolution instructions, and `gemm_custom_calls`: all cuBLAS GEMM calls,
+- `f8_values`: instructions whose result is float8_e4m3fn: the quantized operands themselves (0
+  means the quantization was optimised away).
+On CPU every count with f8 but the last is 0 by construction (model/fp8.py upcasts before the
+dot: emulation); the question is what XLA:GPU on Hopper makes of the same program.
+
+`--target=h100` compiles for an H100 without one (the CUDA PJRT plugin's deviceless mode, the
+GPU target config of bench/grouped_hlo.py; run with JAX_PLATFORMS=cpu in an environment that has
+jax-cuda12-plugin and jax-cuda12-pjrt) and reports the census only: no step runs.
 """
 
 from __future__ import annotations
@@ -71,9 +77,8 @@ def hlo_census(text: str) -> dict[str, int]:
         elif m := _INSTRUCTION.match(line):
             types[m.group(1)] = m.group(2)
             ops.append((current, m.group(3), m.group(4), line))
-    counts = dict.fromkeys(
-        ("dots", "f8_dots", "gemm_custom_calls", "f8_gemm_custom_calls", "f8_fed_gemm_fusions"), 0
-    )
+    keys = ("dots", "f8_dots", "gemm_custom_calls", "f8_gemm_custom_calls", "f8_fed_gemm_fusions")
+    counts = dict.fromkeys((*keys, "f8_values"), 0)
     has_dot, has_f8_param = set(), set()
 
     def f8_operand(args: str) -> bool:
@@ -84,6 +89,7 @@ def hlo_census(text: str) -> dict[str, int]:
         )
 
     for comp, op, args, line in ops:
+        counts["f8_values"] += op != "parameter" and line.split("=", 1)[1].lstrip().startswith(F8)
         if op in ("dot", "convolution"):
             has_dot.add(comp)
             counts["dots"] += 1
@@ -97,6 +103,35 @@ def hlo_census(text: str) -> dict[str, int]:
         if op == "fusion" and (c := _CALLS.search(line)):
             counts["f8_fed_gemm_fusions"] += c.group(1) in has_dot and c.group(1) in has_f8_param
     return counts
+
+
+def census_only(exp, target: str, hlo_path: pathlib.Path | None) -> dict:
+    """The optimised HLO's census of the train step compiled for `target` without its device."""
+    import grouped_hlo
+    import numpy as np
+    from jax.experimental import topologies
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    topo = topologies.get_topology_desc(
+        platform="cuda", topology="1x1x1", target_config=grouped_hlo.GPU_TARGETS[target]
+    )
+    rep = NamedSharding(Mesh(np.array(topo.devices), ("x",)), PartitionSpec())
+    tx, fn = train_step_bench.build(exp)
+
+    def on_target(tree):
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep), tree)
+
+    state = on_target(state_lib.abstract_state(exp.model, tx))
+    batch = on_target(jax.eval_shape(lambda: train_step_bench.synthetic_batch(exp)))
+    t0 = time.perf_counter()
+    text = fn.lower(state, batch).compile().as_text()
+    if hlo_path is not None:
+        hlo_path.write_text(text)
+    return {
+        "policy": exp.model.matmul_policy.value,
+        "compile_s": round(time.perf_counter() - t0, 2),
+        "hlo": hlo_census(text),
+    }
 
 
 def measure(exp, steps: int, hlo_path: pathlib.Path | None) -> dict:
@@ -133,6 +168,7 @@ def main() -> int:
     p.add_argument("--set", action="append", default=[], help="FIELD=VALUE config override")
     p.add_argument("--hlo_dir", default=None, help="write <policy>.hlo.txt (optimized HLO) here")
     p.add_argument("--json", default=None)
+    p.add_argument("--target", default=None, help="compile for this GPU without one: h100")
     args = p.parse_args()
     policies = [model_config.MatmulPolicy(v) for v in args.policies.split(",")]
     hlo_dir = pathlib.Path(args.hlo_dir) if args.hlo_dir else None
@@ -143,8 +179,13 @@ def main() -> int:
     for pol in policies:
         exp = config_lib.load(args.config, {**base, "model.matmul_policy": pol.value})
         path = hlo_dir / f"{pol.value}.hlo.txt" if hlo_dir else None
-        rows.append(measure(exp, args.steps, path))
+        if args.target:
+            rows.append(census_only(exp, args.target, path))
+        else:
+            rows.append(measure(exp, args.steps, path))
         print(json.dumps(rows[-1]), flush=True)
+    if args.target:
+        return 0
     counts = counting.count(exp.model, exp.train.seq_len)
     tokens = exp.train.global_batch_size * exp.train.seq_len
     print(f"device: {jax.devices()[0].device_kind}, {tokens} tokens/step")

@@ -18,9 +18,10 @@ The GEMM dequantizes (convert f8 -> float32, multiply by the broadcast scales) i
 `preferred_element_type=float32`: float32 accumulation, i.e. the ideal limit of the V3 recipe's
 "promote the tensor-core partial sums to FP32 every 128 elements". On CPU this is an emulation
 (no FP8 arithmetic). On XLA:GPU, the FP8 rewriter fuses convert -> scale -> dot into an FP8
-cuBLASLt GEMM only for scalar (per-tensor) scales; with per-tile scales expect a fused dequantize
-and a BF16/F32 GEMM until a dedicated kernel (Pallas) takes this module's place. This module is
-its definitional reference. We could not inspect the GPU HLO in the session that wrote it.
+cuBLASLt GEMM only for scalar (per-tensor) scales; with per-tile scales the optimised H100 HLO
+(a deviceless compile, bench/fp8_step.py --target=h100) has the quantized E4M3 operands, a
+separate dequantize and a wider GEMM: FP8 numerics, not FP8 speed, until a dedicated kernel
+(Pallas) takes this module's place. This module is its definitional reference.
 
 `matmul` (x [M, K] @ w [K, N]) is a custom_vjp: dgrad dx = dy w^T with dy quantized 1x128 along
 N and w in its 128x128 blocks; wgrad dw = x^T dy with x and dy quantized along M (128x1 tiles in
@@ -87,7 +88,11 @@ def quantize(
     s = jnp.maximum(amax / E4M3_MAX, _TINY)
     if pow2:
         s = jnp.exp2(jnp.ceil(jnp.log2(s)))
-    q = (x32 / _expand(s, tile, x.shape)).astype(E4M3)
+    # The barrier keeps q an E4M3 array: with its default --xla_allow_excess_precision, XLA:GPU
+    # folds the convert pair f32 -> E4M3 -> f32 of q and its dequantize into nothing, so the
+    # GEMM would see the unquantized operand (the optimised H100 HLO of bench/fp8_step.py
+    # --target=h100 held no f8 value at all without it).
+    q = jax.lax.optimization_barrier((x32 / _expand(s, tile, x.shape)).astype(E4M3))
     return q, s
 
 

@@ -220,3 +220,25 @@ def test_policies_dispatch_and_keep_the_input_dtype():
             rtol=1e-5,
             atol=1e-5,
         )
+
+
+def test_quantized_operands_sit_behind_an_optimization_barrier():
+    """XLA:GPU (allow_excess_precision, its default) removes a bare f32 -> E4M3 -> f32 convert pair
+    and with it the quantization; every quantized operand must reach its GEMM through a barrier.
+    (CPU keeps the pair either way, so the optimised GPU HLO is checked by bench/fp8_step.py.)"""
+    x = jax.random.normal(jax.random.key(20), (8, 256))
+    w = jax.random.normal(jax.random.key(21), (256, 128))
+
+    def f(x, w):
+        def loss(x, w):
+            return jnp.sum(jnp.sin(fp8.matmul(x, w, fp8.E4M3_BLOCKWISE)))
+
+        return jax.value_and_grad(loss, argnums=(0, 1))(x, w)
+
+    text = jax.jit(f).lower(x, w).as_text()
+    barriers = [ln for ln in text.splitlines() if "optimization_barrier" in ln]
+    converts = [ln for ln in text.splitlines() if "convert" in ln and "-> tensor<" in ln]
+    to_f8 = [ln for ln in converts if ln.rstrip().endswith("xf8E4M3FN>")]
+    # x and w for the forward, dy and w for dgrad, x and dy for wgrad: six quantizations
+    assert len(to_f8) == 6
+    assert sum("f8E4M3FN" in ln for ln in barriers) == 6
