@@ -11,7 +11,8 @@
 #    remat full, seq $SEQ x batch $BATCH. For model.grouped_matmul = ragged_dot and tiled, and
 #    model.attention.impl = dense and blockwise: step seconds, tokens/s, model FLOP/s, MFU
 #    against the same run's 2048^2 bf16 dot and against the H200's nominal 989 TFLOP/s dense
-#    bf16 ($OUT/summary.txt). AUTO picks ragged_dot on GPU; this is the measurement behind it.
+#    bf16 ($OUT/summary.txt). AUTO picks tiled on GPU (ragged_dot is an E-fold dense rewrite
+#    there: bench/grouped_hlo.py); this is the timing that should confirm or overturn it.
 # 2. The optimised HLO of the ragged_dot step (XLA_FLAGS --xla_dump_to) and its census: the
 #    `ragged-dot` instructions left, every custom-call target (a cuDNN grouped GEMM shows as a
 #    __cudnn$fusion custom call or fusion kind; cuBLAS GEMMs as __cublas$gemm), and the largest

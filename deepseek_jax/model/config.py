@@ -92,7 +92,7 @@ class MatmulPolicy(enum.Enum):
 class GroupedMatmul(enum.Enum):
     """How the routed experts' grouped matmuls run (model/grouped.py says what each costs where).
 
-    AUTO: TILED on CPU, MEGABLOX on TPU, RAGGED_DOT on GPU. RAGGED_DOT: jax.lax.ragged_dot. TILED:
+    AUTO: MEGABLOX on TPU, TILED elsewhere (CPU, GPU). RAGGED_DOT: jax.lax.ragged_dot. TILED:
     rows padded per expert to whole tiles, one matmul per tile (a scan), exact, with its own
     gradient. MEGABLOX: jax's Pallas TPU grouped GEMM (gmm / tgmm), interpreted off TPU.
     """

@@ -38,10 +38,12 @@ padding). Three implementations, one result (`GroupedMatmul`, the config field
   dense FLOPs (plus partial tiles at group edges). Off TPU the same kernels run in Pallas
   interpret mode (correct, slow: for tests and CPU smoke runs of a TPU config).
 
-AUTO (`resolve`): TILED on CPU, MEGABLOX on TPU (RAGGED_DOT's weight gradient is E times the
-work there), RAGGED_DOT on GPU. On GPU both choices have a cost nobody here has timed:
-RAGGED_DOT does E times the FLOPs, TILED runs one small GEMM per tile in a loop;
-bench/train_gpu.sh times both on one GPU.
+AUTO (`resolve`): MEGABLOX on TPU (RAGGED_DOT's weight gradient is E times the work there),
+TILED everywhere else: on CPU it is the fastest (measured), and on GPU RAGGED_DOT is no grouped
+GEMM but E times the FLOPs and an E-fold [Z, E*D] copy of the rows, which at a real layer's
+size (tens of thousands of rows, 7168 wide) does not fit in memory; TILED does the dense FLOPs
+as one small GEMM per tile. Neither has been timed on a GPU here (bench/train_gpu.sh times both);
+its 64-row tile is CPU-tuned.
 """
 
 from __future__ import annotations
@@ -65,9 +67,7 @@ def resolve(impl: GroupedMatmul, platform: str | None = None) -> GroupedMatmul:
     if impl is not GroupedMatmul.AUTO:
         return impl
     platform = platform or jax.default_backend()
-    if platform == "cpu":
-        return GroupedMatmul.TILED
-    return GroupedMatmul.MEGABLOX if platform == "tpu" else GroupedMatmul.RAGGED_DOT
+    return GroupedMatmul.MEGABLOX if platform == "tpu" else GroupedMatmul.TILED
 
 
 def matmul(

@@ -131,7 +131,7 @@ def test_tiled_keeps_dtypes_and_accumulates_wide():
 
 def test_auto_resolves_by_platform():
     assert grouped.resolve(G.AUTO, "cpu") is G.TILED
-    assert grouped.resolve(G.AUTO, "gpu") is G.RAGGED_DOT
+    assert grouped.resolve(G.AUTO, "gpu") is G.TILED
     assert grouped.resolve(G.AUTO, "tpu") is G.MEGABLOX
     assert grouped.resolve(G.RAGGED_DOT, "cpu") is G.RAGGED_DOT
     assert grouped.resolve(G.TILED, "tpu") is G.TILED
