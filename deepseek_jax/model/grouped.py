@@ -116,6 +116,8 @@ def megablox(
     """
     Z, D = x_ZD.shape
     F = w_EDF.shape[-1]
+    if Z == 0:
+        return jnp.zeros((0, F), out_dtype or x_ZD.dtype)
     if interpret is None:
         interpret = jax.default_backend() != "tpu"
     tm = min(tiling[0], -(-Z // 16) * 16)  # 16 rows: the bfloat16 sublane tile

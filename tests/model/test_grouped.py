@@ -107,6 +107,7 @@ def test_megablox_tiles_rows_and_keeps_dtypes():
         assert (y.dtype, dx.dtype, dw.dtype) == (dtype,) * 3
         np.testing.assert_allclose(np.asarray(y, np.float64), want_y, rtol=tol, atol=tol)
         assert np.all(np.asarray(y, np.float64)[133:] == 0)
+    assert grouped.megablox(jnp.zeros((0, D)), jnp.zeros((5, D, F)), gs).shape == (0, F)
 
 
 @pytest.mark.parametrize("impl", [G.TILED, G.RAGGED_DOT])
