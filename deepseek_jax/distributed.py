@@ -212,16 +212,29 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def _lost_peer_cause(exc: BaseException | None) -> BaseException | None:
+    """The runtime error in `exc`'s chain (itself, its cause, its context...) that says a peer is
+    gone: orbax re-raises its failed barrier as a TimeoutError `from` that error."""
+    import jax
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, jax.errors.JaxRuntimeError) and _LOST_PEER.search(str(exc)):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 class _LostPeerRecords(logging.Filter):
-    """Drops the traceback from a log record whose exception says a peer is gone, keeping one
-    line. Libraries log such errors from their own threads (orbax's background commit fails its
-    barrier when a peer dies mid-save), racing the coordination service's abort."""
+    """Drops the traceback from a log record whose exception (or an exception it was raised from)
+    says a peer is gone, keeping one line. Libraries log such errors from their own threads
+    (orbax's background commit fails its barrier when a peer dies mid-save), racing the
+    coordination service's abort."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        import jax
-
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, jax.errors.JaxRuntimeError) and _LOST_PEER.search(str(exc)):
+        exc = _lost_peer_cause(record.exc_info[1] if record.exc_info else None)
+        if exc is not None:
             lost = f"lost contact with another process ({_first_line(exc)})"
             record.msg = f"{record.getMessage()}: {lost}"
             record.args = None

@@ -1,6 +1,6 @@
 """bench/fp8_step.py's census of FP8 GEMMs in optimized HLO text, on a hand-written module in the
 shapes XLA:GPU prints (no GPU here): a cuBLASLt FP8 custom-call, a plain cuBLAS GEMM, a dot with
-f8 operands, and a fusion that dequantizes f8 into a wider dot."""
+f8 operands, a fusion that dequantizes f8 into a wider dot, and an f8 value the module computes."""
 
 from bench import fp8_step
 
@@ -28,6 +28,7 @@ ENTRY %main (a: f8e4m3fn[16,128], b: f8e4m3fn[128,32], w: bf16[128,32]) -> f32[1
   %h = (bf16[16,32], s8[0]) custom-call(%w, %w), custom_call_target="__cublas$gemm"
   %x = f32[16,32]{1,0} dot(f8e4m3fn[16,128]{1,0} %a, f8e4m3fn[128,32]{1,0} %b), lhs_batch_dims={}
   %v = f32[16,128]{1,0} fusion(%a), kind=kLoop, calls=%fused_scale
+  %q = f8e4m3fn[16,128]{1,0} convert(%v)
   ROOT %y = f32[16,32]{1,0} fusion(%a, %w), kind=kCustom, calls=%fused_dequant_dot
 }
 """
@@ -40,4 +41,5 @@ def test_census_counts_each_kind_of_gemm():
         "gemm_custom_calls": 2,
         "f8_gemm_custom_calls": 1,
         "f8_fed_gemm_fusions": 1,  # %fused_scale takes f8 but has no dot
+        "f8_values": 1,  # %q: a quantized value computed here (parameters are not counted)
     }

@@ -135,6 +135,17 @@ def test_a_library_logging_a_lost_peer_prints_one_line_not_a_traceback(caplog):
         "(INTERNAL: Barrier failed: UNAVAILABLE: Task 1 heartbeat timeout.)" in caplog.text
     ), caplog.text
     caplog.clear()
+    with caplog.at_level("ERROR"):  # orbax re-raises the barrier's error as a TimeoutError
+        try:
+            try:
+                raise jax.errors.JaxRuntimeError("INTERNAL: Barrier failed: Task 1 heartbeat")
+            except jax.errors.JaxRuntimeError as e:
+                raise TimeoutError("Timed out waiting for the async_write_complete barrier") from e
+        except TimeoutError:
+            absl_logging.error("[process=%d] Failed to run the commit", 0, exc_info=True)
+    assert "Traceback" not in caplog.text, caplog.text
+    assert "Failed to run the commit: lost contact with another process (INTERNAL" in caplog.text
+    caplog.clear()
     with caplog.at_level("ERROR"):
         log("INVALID_ARGUMENT: a shape mismatch")
     assert "Traceback" in caplog.text and "a shape mismatch" in caplog.text, caplog.text
