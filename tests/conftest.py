@@ -16,6 +16,12 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + f" {FAST_COMPILE} --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Source locations from Python tracebacks on every op cost ~10% of lowering and ~15-20% of an
+# XLA:CPU compile (the traceback walk, then carrying the locations through Shardy's HLO <->
+# StableHLO round trips); no test reads them. Subprocesses that inherit the environment skip
+# them too.
+os.environ.setdefault("JAX_INCLUDE_FULL_TRACEBACKS_IN_LOCATIONS", "0")
+os.environ.setdefault("JAX_TRACEBACK_IN_LOCATIONS_LIMIT", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
