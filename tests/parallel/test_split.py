@@ -129,19 +129,21 @@ def test_w_runs_only_weight_gemms_and_needs_every_residual():
     assert not any(
         v in w_out for e in sp.bi_eqns for v in e.invars if not isinstance(v, jcore.Literal)
     )
-    (d_glob, d_x), res = sp.input_grads(stable, transient)
-    want = ops._grads(stable, transient)[1]
-    got = sp.weight_grads(stable, res)
+    # Jitted: run equation by equation, each op would compile on its own (a minute here).
+    weight_grads = jax.jit(lambda st, r, kept=None: sp.weight_grads(st, r, kept), static_argnums=2)
+    (d_glob, d_x), res = jax.jit(sp.input_grads)(stable, transient)
+    want = jax.jit(ops._grads)(stable, transient)[1]
+    got = weight_grads(stable, res)
     assert h.worst(got, want)[0] <= 1e-6
     assert len(jax.tree.leaves(got)) == n_weights
     # A cotangent dropped from what Bi hands W is an error, never a silent zero.
     for i in (0, len(res) // 2, len(res) - 1):
-        kept = [v for j, v in enumerate(sp.res_vars) if j != i]
+        kept = tuple(v for j, v in enumerate(sp.res_vars) if j != i)
         with pytest.raises(split_lib.MissingResidual, match="a residual Bi did not store"):
-            sp.weight_grads(stable, [r for j, r in enumerate(res) if j != i], kept)
+            weight_grads(stable, [r for j, r in enumerate(res) if j != i], kept)
     # And a residual W was handed wrong (zeros) changes the weight gradients.
     zeroed = [jnp.zeros_like(r) if j == len(res) // 2 else r for j, r in enumerate(res)]
-    assert h.worst(sp.weight_grads(stable, zeroed), want)[0] > 1e-3
+    assert h.worst(weight_grads(stable, zeroed), want)[0] > 1e-3
     print(
         f"residuals: {len(res)} arrays, {sp.residual_bytes} bytes per micro-batch "
         f"(stage input: {x_bytes(transient[1])} bytes); W: {w_gemms} GEMMs, "
@@ -184,10 +186,10 @@ def test_mixed_loops_are_unrolled_and_single_kind_loops_stay_loops():
             assert top(sp.w_eqns) == L and top(sp.bi_eqns) >= 2 * L
             assert sp.count("w", "dot_general") == L  # one x^T g per layer, in its tile loop
             counts[rows] = (len(sp.bi_eqns), len(sp.w_eqns))
-            dx, res = sp.input_grads(stable, transient)
-            want_dx, want_dw = _layer_stack(stable, transient)
+            dx, res = jax.jit(sp.input_grads)(stable, transient)
+            want_dx, want_dw = jax.jit(_layer_stack)(stable, transient)
             np.testing.assert_allclose(dx, want_dx, rtol=1e-12, atol=1e-12)
-            dw = sp.weight_grads(stable, res)
+            dw = jax.jit(sp.weight_grads)(stable, res)
             np.testing.assert_allclose(dw, want_dw, rtol=1e-12, atol=1e-12)
     # So Bi and W do not grow with the rows (4x the tiles here).
     assert counts[32] == counts[128], counts
