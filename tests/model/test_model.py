@@ -2,6 +2,7 @@
 scan = unrolled loop, remat = no remat, MTP wiring, aux-loss-free balancing."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -36,9 +37,27 @@ CFG = config_lib.ModelConfig(
 B, S = 2, 8
 
 
+@functools.cache
 def build(cfg=CFG, seed=0):
-    model = transformer.Transformer(cfg, rngs=nnx.Rngs(seed))
-    return nnx.split(model, nnx.Param, layers.ExpertBias)
+    """(graphdef, params, expert biases), shared by the tests (call under enable_x64 for float64
+    configs). The arrays come from one compiled init: run eagerly, every initialiser and every
+    op of a forward compiles on its own, which cost more than the tests' own work."""
+    new = lambda: transformer.Transformer(cfg, rngs=nnx.Rngs(seed))  # noqa: E731
+    graphdef, _, _ = nnx.split(nnx.eval_shape(new), nnx.Param, layers.ExpertBias)
+    params, biases = jax.jit(lambda: nnx.split(new(), nnx.Param, layers.ExpertBias)[1:])()
+    return graphdef, params, biases
+
+
+def graphdef_of(cfg):
+    return nnx.split(
+        nnx.eval_shape(lambda: transformer.Transformer(cfg, rngs=nnx.Rngs(0))),
+        nnx.Param,
+        layers.ExpertBias,
+    )[0]
+
+
+def forward(graphdef, params, biases, ids):
+    return jax.jit(lambda p, b, t: nnx.merge(graphdef, p, b)(t))(params, biases, ids)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +72,7 @@ def tokens(seed=0, vocab=CFG.vocab_size):
 def test_shapes_dtypes_and_logical_axes():
     cfg = dataclasses.replace(CFG, compute_dtype=config_lib.DType.BFLOAT16)
     graphdef, params, biases = build(cfg)
-    out = nnx.merge(graphdef, params, biases)(tokens())
+    out = forward(graphdef, params, biases, tokens())
     assert out.logits_BSY.shape == (B, S, CFG.vocab_size) and out.logits_BSY.dtype == jnp.float32
     assert out.mtp_logits_JBSY.shape == (2, B, S, CFG.vocab_size)
     assert out.moe_stats.load_E.shape == (2, 8) and out.mtp_stats.load_E.shape == (2, 8)
@@ -90,7 +109,7 @@ def test_causality_main_and_mtp(tiny):
         return jnp.concatenate([main[None], mtp], axis=0)  # [1+D, B, S]
 
     # One compiled VJP, pulled back once per output (jacrev would vmap ragged_dot: NYI).
-    values, pullback = jax.vjp(per_position, table)
+    values, pullback = jax.vjp(jax.jit(per_position), table)
     pullback = jax.jit(pullback)
     ids_np = np.asarray(ids)
     for depth in range(CFG.mtp_depth + 1):
@@ -125,8 +144,9 @@ def test_scan_equals_unrolled_loop():
     with jax.enable_x64(True):
         graphdef, params, biases = build(F64)
         ids = tokens(1)
-        want, _, _ = unrolled_logits(graphdef, params, biases, ids)
-        got = nnx.merge(graphdef, params, biases)(ids).logits_BSY
+        unrolled = jax.jit(lambda p, b, t: unrolled_logits(graphdef, p, b, t)[0])
+        want = unrolled(params, biases, ids)
+        got = forward(graphdef, params, biases, ids).logits_BSY
         assert got.dtype == jnp.float64
         np.testing.assert_allclose(got, want, atol=1e-12, rtol=1e-12)
 
@@ -136,7 +156,7 @@ def test_scan_layers_off_equals_the_scan_with_gradients():
     and parameter gradients, MTP and the balance statistics included."""
     with jax.enable_x64(True):
         graphdef, params, biases = build(F64)
-        loop_graphdef, _, _ = build(dataclasses.replace(F64, scan_layers=False))
+        loop_graphdef = graphdef_of(dataclasses.replace(F64, scan_layers=False))
         ids = tokens(1)
 
         def value_and_grad(g):
@@ -157,16 +177,20 @@ def test_scan_layers_off_equals_the_scan_with_gradients():
 def test_mtp_depth1_is_embedding_first_on_post_norm_hidden(tiny):
     graphdef, params, biases = tiny
     ids = tokens(2)
-    _, h_last, model = unrolled_logits(graphdef, params, biases, ids)
-    cos, sin = model.rope_tables(B, S)
-    layer0 = stack.layer(model.mtp.layers, 0)
-    nxt = jnp.concatenate([ids[:, 1:], jnp.zeros((B, 1), ids.dtype)], axis=1)  # t_{i+1}
-    x = layer0.eh_proj(
-        jnp.concatenate([layer0.enorm(model.embed(nxt)), layer0.hnorm(model.norm(h_last))], axis=-1)
-    )
-    y, _ = layer0.block(x, cos, sin)
-    want = model.logits(layer0.head_norm(y))
-    got = nnx.merge(graphdef, params, biases)(ids).mtp_logits_JBSY[0]
+
+    @jax.jit
+    def by_hand(params, biases, ids):
+        _, h_last, model = unrolled_logits(graphdef, params, biases, ids)
+        cos, sin = model.rope_tables(B, S)
+        layer0 = stack.layer(model.mtp.layers, 0)
+        nxt = jnp.concatenate([ids[:, 1:], jnp.zeros((B, 1), ids.dtype)], axis=1)  # t_{i+1}
+        h_next = layer0.enorm(model.embed(nxt))
+        x = layer0.eh_proj(jnp.concatenate([h_next, layer0.hnorm(model.norm(h_last))], axis=-1))
+        y, _ = layer0.block(x, cos, sin)
+        return model.logits(layer0.head_norm(y))
+
+    want = by_hand(params, biases, ids)
+    got = forward(graphdef, params, biases, ids).mtp_logits_JBSY[0]
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
@@ -189,7 +213,7 @@ def test_mtp_targets_alignment():
 def test_remat_equals_no_remat(policy):
     with jax.enable_x64(True):
         graphdef, params, biases = build(F64)
-        remat_graphdef, _, _ = build(dataclasses.replace(F64, remat=policy))
+        remat_graphdef = graphdef_of(dataclasses.replace(F64, remat=policy))
         ids = tokens(3)
 
         def loss(gd):
