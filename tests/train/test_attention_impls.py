@@ -24,7 +24,7 @@ def run(model: config_lib.ModelConfig):
     tx = optim.optimizer(TRAIN)
     graphdef, _, _ = state_lib.abstract_model(model)
     fn = jax.jit(step_lib.make_train_step(graphdef, TRAIN, tx))
-    state = state_lib.init_state(model, tx, 0)
+    state = test_step.initial_state()  # the attention implementation changes no parameter
     losses = []
     for i in range(STEPS):
         state, m = fn(state, test_step.batch(i))

@@ -2,6 +2,7 @@
 decay mask."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -60,12 +61,19 @@ def batch(seed: int):
     )
 
 
+@functools.cache
+def initial_state():
+    """MODEL's parameters and fresh AdamW state, compiled and drawn once for this module and the
+    step tests of options that leave the parameters alone (attention, grouped matmul)."""
+    return state_lib.init_state(MODEL, optim.optimizer(TRAIN), 0)
+
+
 @pytest.fixture(scope="module")
 def setup():
     tx = optim.optimizer(TRAIN)
     graphdef, _, _ = state_lib.abstract_model(MODEL)
     fn = jax.jit(step_lib.make_train_step(graphdef, TRAIN, tx))  # no donation: tests reuse states
-    return tx, fn, state_lib.init_state(MODEL, tx, 0)
+    return tx, fn, initial_state()
 
 
 def test_loss_falls_and_biases_move(setup):
