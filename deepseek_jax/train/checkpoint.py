@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
+from orbax.checkpoint._src.metadata import array_metadata_store
 
 from deepseek_jax import errors
 from deepseek_jax.train import checkpoint_integrity as integrity
@@ -193,6 +194,9 @@ class _Inflight:
     handles: list
 
 
+_registered_one_replica: list = []  # registered once per process: orbax logs each override
+
+
 def _single_process_writes_one_replica() -> None:
     """With one process, each distinct shard is written from one replica (orbax's ArrayHandler
     with `use_replica_parallel=False`, registered for jax.Array in orbax's global registry).
@@ -204,10 +208,15 @@ def _single_process_writes_one_replica() -> None:
     cost). Orbax itself turns it off on GPU. Multi-process runs keep orbax's default; restore is
     unaffected.
     """
-    if jax.process_count() == 1:
-        ocp.type_handlers.register_type_handler(
-            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
+    if jax.process_count() == 1 and not _registered_one_replica:
+        handler = ocp.type_handlers.ArrayHandler(
+            use_replica_parallel=False,
+            # As orbax's default handler: the per-array metadata that brings typed PRNG keys
+            # back as keys (without it a key<fry> restores as its uint32 data).
+            array_metadata_store=array_metadata_store.Store(),
         )
+        ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+        _registered_one_replica.append(True)
 
 
 def _absolute(workdir: str | epath.PathLike) -> epath.Path:

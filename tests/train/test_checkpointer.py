@@ -56,6 +56,8 @@ def host(tree):
 
 
 def assert_bit_identical(a, b):
+    # Dtypes first: a typed PRNG key must come back as a key, not as its uint32 data.
+    assert [x.dtype for x in jax.tree.leaves(a)] == [x.dtype for x in jax.tree.leaves(b)]
     for x, y in zip(host(a), host(b), strict=True):
         assert x.dtype == y.dtype and x.shape == y.shape
         np.testing.assert_array_equal(x.reshape(-1).view(np.uint8), y.reshape(-1).view(np.uint8))
