@@ -78,6 +78,21 @@ def batch(seed: int = 0, b: int = B, s: int = S, vocab: int = CFG.vocab_size) ->
     )
 
 
+def packed_batch() -> Batch:
+    """batch() with rows of two or three samples each (a different cut per row): segment ids and
+    positions restarting at 0 per sample."""
+    out = batch()
+    seg = np.ones((B, S), np.int32)
+    for r in range(B):
+        for cut in sorted({3 + r % 4, S // 2 + r % 3}):
+            seg[r, cut:] += 1
+    pos = np.zeros((B, S), np.int32)
+    for r in range(B):
+        for t in range(1, S):
+            pos[r, t] = 0 if seg[r, t] != seg[r, t - 1] else pos[r, t - 1] + 1
+    return dataclasses.replace(out, segment_ids=seg, positions=pos)
+
+
 def rel_err(got, want) -> float:
     """max |got - want| / max |want| over one array (0 when both are all zero)."""
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)

@@ -9,6 +9,10 @@ Float32 uses Adam eps=1e-4 instead of 1e-8: the first Adam step is lr * g / (|g|
 for |g| near eps amplifies float32 reduction-order noise (~1e-8 absolute here) up to lr/eps-fold,
 a discontinuity like a flipped top-k. Float64 uses the default eps; its noise is 1e-16.
 The compiled EP steps are also inspected: their HLO must hold the expert all-to-all.
+
+The float32 comparisons run packed rows (segment ids, positions restarting per sample), the
+float64 ones plain rows: every preset is checked on both kinds of batch with no extra compile, so
+nothing on the way (the plan's batch sharding, the EP shard_map) may drop or reorder the fields.
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
+from collections.abc import Callable
 
 import jax
 import numpy as np
 import optax
 import pytest
 
+from deepseek_jax.batch import Batch
 from deepseek_jax.parallel import hlo_stats
 from deepseek_jax.parallel import plan as plan_lib
 from deepseek_jax.train import optim, sharded
@@ -40,11 +46,14 @@ class Setup:
     model: object
     train: object
     tol: float
+    batch: Callable[[], Batch]
 
 
 SETUPS = {
-    "float32": Setup(cases.CFG, dataclasses.replace(cases.TRAIN, eps=1e-4), 1e-5),
-    "float64": Setup(cases.CFG64, cases.TRAIN, 1e-10),
+    "float32": Setup(
+        cases.CFG, dataclasses.replace(cases.TRAIN, eps=1e-4), 1e-5, cases.packed_batch
+    ),
+    "float64": Setup(cases.CFG64, cases.TRAIN, 1e-10, cases.batch),
 }
 
 
@@ -97,7 +106,7 @@ def _lower(dtype: str, preset: cases.Preset | None):
     with x64(dtype):
         fn, tx = _fn(setup)
         state = state_lib.abstract_state(setup.model, tx)
-        batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), cases.batch())
+        batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), setup.batch())
         if preset is None:
             one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             every = lambda tree: jax.tree.map(lambda _: one, tree)  # noqa: E731
@@ -128,7 +137,7 @@ def compiled() -> dict:
 def run_reference(dtype: str) -> Run:
     with x64(dtype):
         state = jax.device_put(start(dtype), jax.devices()[0])
-        batch = jax.device_put(cases.batch(), jax.devices()[0])
+        batch = jax.device_put(SETUPS[dtype].batch(), jax.devices()[0])
         new, metrics = compiled()[(dtype, None)](state, batch)
         return Run(jax.device_get(new), jax.device_get(metrics))
 
@@ -140,7 +149,7 @@ def run_sharded(dtype: str, preset: cases.Preset) -> Run:
         _, tx = _fn(setup)
         plan = plan_lib.make_plan(cases.parallel(preset), setup.model, cases.B)
         state = jax.device_put(start(dtype), sharded.state_shardings(plan, setup.model, tx))
-        batch = plan.global_batch(cases.batch(), cases.B)
+        batch = plan.global_batch(setup.batch(), cases.B)
         step = compiled()[(dtype, preset)]
         new, metrics = step(state, batch)
         shardings = jax.tree.map(lambda x: x.sharding, new)
@@ -173,6 +182,15 @@ def test_sharded_step_equals_single_device(dtype, preset):
     # The step really moved the parameters (else params equality would prove little).
     moved = cases.worst(ref.state.params, start(dtype).params)[0]
     assert moved > 100 * tol
+
+
+def test_packed_rows_change_the_step():
+    """The float32 runs take packed rows; their equality means something only if the segment ids
+    change the step. Without them the float32 loss would equal the float64 one (plain rows, the
+    same parameters and tokens) to float32 rounding, ~1e-7."""
+    packed, plain = run_reference("float32"), run_reference("float64")
+    assert cases.rel_err(packed.metrics["loss"], plain.metrics["loss"]) > 1e-3
+    assert SETUPS["float64"].batch().segment_ids is None
 
 
 @pytest.mark.parametrize("preset", list(cases.MESHES), ids=lambda p: p.value)
