@@ -3,10 +3,11 @@ step and the pipelined steps, each compiled once and cached for the whole test s
 
 The model is the smallest that exercises every stage role with MoE and MTP on: 1 dense layer (with
 the embedding on the first stage) and 4 MoE layers, so that PP=4 (and DualPipeV on 2 ranks, 4
-stages) has one MoE layer per stage and DualPipe on 2 ranks has two. Parameters are drawn with
-numpy once and cast to each dtype, so float32 and float64 run the same values. Router kernels are
-10x wider than the rest so that routing (a discrete top-k) cannot flip between the pipelined and
-the unpipelined float32 computations; the tests check that the expert loads are identical.
+stages) has one MoE layer per stage and DualPipe on 2 ranks has two (its float32 program drops
+one, for uneven stages: UNEVEN). Parameters are drawn with numpy once and cast to each dtype, so
+float32 and float64 run the same values. Router kernels are 10x wider than the rest so that
+routing (a discrete top-k) cannot flip between the pipelined and the unpipelined float32
+computations; the tests check that the expert loads are identical.
 """
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ MESHES = {
         pipe=2, expert=2, data=2, preset=Preset.DATA_EXPERT, zero=1
     ),
 }
+# Uneven stages: the float32 DualPipe PP=2 program (on the ZeRO-1 mesh above) runs 3 MoE layers
+# (n_layers=4) on DualPipe's 2 stages (2 + 1: a padding slot on the last stage,
+# stages.layer_counts), so the stack is split over `pipe` on a layer dimension. The float64 run
+# of the same schedule keeps 2 + 2, and every other program 5 layers.
+UNEVEN = (Schedule.DUALPIPE, 2, "float32")
+LAYERS = {UNEVEN: 4}
 
 
 def model_config(dtype: str, n_layers: int = 5) -> config_lib.ModelConfig:
@@ -233,6 +240,10 @@ BASES = ((Schedule.DUALPIPE, 2), (Schedule.DUALPIPE, 4), (Schedule.DUALPIPEV, 2)
 RECOMPUTE = ((Schedule.DUALPIPE, 2, "float64"),)
 
 
+def n_layers_of(schedule: Schedule, pp: int, dtype: str) -> int:
+    return LAYERS.get((schedule, pp, dtype), 5)
+
+
 @functools.cache
 def programs() -> dict:
     """Every program of the pipeline tests, compiled before the first test runs.
@@ -240,25 +251,27 @@ def programs() -> dict:
     Tracing holds the GIL, so programs are lowered one after the other; XLA:CPU compiles (most of
     the time, single-threaded each) run in a pool, one per core.
     """
-    keys = [("reference", d) for d in TOL] + [(s, pp, d) for s, pp in BASES for d in TOL]
+    keys = [(s, pp, d) for s, pp in BASES for d in TOL]
     keys += [(s, pp, d, BackwardSplit.RECOMPUTE) for s, pp, d in RECOMPUTE]
+    refs = sorted({("reference", k[2], n_layers_of(*k[:3])) for k in keys})
     with concurrent.futures.ThreadPoolExecutor(max(2, min(4, os.cpu_count() or 1))) as pool:
         jobs = {}
-        for key in keys:
+        for key in refs + keys:
             with jax.enable_x64("float64" in key):
-                lowered, extra = (
-                    _lower_reference(key[1]) if key[0] == "reference" else _lower_pipeline(*key)
-                )
+                if key[0] == "reference":
+                    lowered, extra = _lower_reference(*key[1:])
+                else:
+                    lowered, extra = _lower_pipeline(*key, n_layers=n_layers_of(*key[:3]))
             jobs[key] = (pool.submit(lowered.compile, FAST_COMPILE), extra)
         return {key: (job.result(), extra) for key, (job, extra) in jobs.items()}
 
 
 @functools.cache
-def reference(dtype: str):
+def reference(dtype: str, n_layers: int = 5):
     """(grads, new_state, metrics, aux) of the unpipelined step on one device."""
-    exe, _ = programs()[("reference", dtype)]
+    exe, _ = programs()[("reference", dtype, n_layers)]
     with jax.enable_x64(dtype == "float64"):
-        return jax.device_get(exe(*state(dtype)))
+        return jax.device_get(exe(*state(dtype, n_layers)))
 
 
 @functools.cache
@@ -267,9 +280,10 @@ def compiled(schedule: Schedule, pp: int, dtype: str, split: BackwardSplit = EXA
     base = _group(schedule, pp)[0]
     key = (base, pp, dtype) + (() if split is EXACT else (split,))
     exe, (pipe, plan) = programs()[key]
+    n = n_layers_of(base, pp, dtype)
     if schedule is not base:
-        pipe = _pipe(schedule, pp, dtype, pipe.layout, pipe.stage.experts, split)
-    return Compiled(pipe, exe, dtype, plan)
+        pipe = _pipe(schedule, pp, dtype, pipe.layout, pipe.stage.experts, split, n)
+    return Compiled(pipe, exe, dtype, plan, n)
 
 
 def _pipe(schedule, pp, dtype, layout, experts, split=EXACT, n_layers=5) -> pipeline_step.Pipeline:
@@ -279,25 +293,6 @@ def _pipe(schedule, pp, dtype, layout, experts, split=EXACT, n_layers=5) -> pipe
     return pipeline_step.build(
         schedule, pp, MICROBATCHES, graphdef, cfg, layout, experts=experts, split=split
     )
-
-
-# Uneven stages: 3 MoE layers (n_layers=4) on DualPipe's 2 stages (2 + 1: the padding slot on
-# the last stage, stages.layer_counts), on the ZeRO-1 mesh of MESHES, so the stack is split over
-# `pipe` on a layer dimension. Compiled on first use (with its own reference), not by programs().
-UNEVEN = (Schedule.DUALPIPE, 2, "float32", 4)
-
-
-@functools.cache
-def uneven() -> tuple[Compiled, tuple]:
-    """(the pipelined step on uneven stages, the unpipelined reference's outputs)."""
-    schedule, pp, dtype, n_layers = UNEVEN
-    ref, _ = _lower_reference(dtype, n_layers)
-    lowered, (pipe, plan) = _lower_pipeline(schedule, pp, dtype, EXACT, n_layers)
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        jobs = [pool.submit(x.compile, FAST_COMPILE) for x in (ref, lowered)]
-        ref_exe, exe = (j.result() for j in jobs)
-    want = jax.device_get(ref_exe(*state(dtype, n_layers)))
-    return Compiled(pipe, exe, dtype, plan, n_layers), want
 
 
 def max_rel(a, b) -> float:

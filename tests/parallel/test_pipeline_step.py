@@ -56,10 +56,10 @@ def _check_equal(got, want, tol):
 @pytest.mark.parametrize("schedule,pp", CASES, ids=IDS)
 def test_pipelined_step_equals_unpipelined(schedule, pp, dtype):
     comp = h.compiled(schedule, pp, dtype)
-    errors = _check_equal(comp.run(), h.reference(dtype), h.TOL[dtype])
+    errors = _check_equal(comp.run(), h.reference(dtype, comp.n_layers), h.TOL[dtype])
     mesh = " x ".join(f"{k}={v}" for k, v in comp.mesh.shape.items())
     print(
-        f"{schedule.value} pp={pp} {dtype} ({mesh}): "
+        f"{schedule.value} pp={pp} {dtype} ({mesh}, {comp.n_layers} layers): "
         + ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
     )
 
@@ -68,7 +68,7 @@ def test_pipelined_step_equals_unpipelined(schedule, pp, dtype):
 def test_recompute_split_equals_unpipelined(schedule, pp, dtype):
     comp = h.compiled(schedule, pp, dtype, BackwardSplit.RECOMPUTE)
     assert comp.pipe.table.wres_slots == 0 and comp.pipe.layout.split is BackwardSplit.RECOMPUTE
-    errors = _check_equal(comp.run(), h.reference(dtype), h.TOL[dtype])
+    errors = _check_equal(comp.run(), h.reference(dtype, comp.n_layers), h.TOL[dtype])
     print(
         f"{schedule.value} pp={pp} {dtype} recompute split: "
         + ", ".join(f"{k} {v:.1e}" for k, v in errors.items())
@@ -138,9 +138,10 @@ def test_broken_table_breaks_equality(broken):
 def test_zero1_state_is_split_over_data():
     # The float32 DualPipe PP=2 equality runs on pipe=2 x expert=2 x data=2 with parallel.zero=1:
     # every optimizer-state moment is split over `data` (and the MoE stack's over `pipe` too).
-    plan = h.compiled(Schedule.DUALPIPE, 2, "float32").plan
+    comp = h.compiled(Schedule.DUALPIPE, 2, "float32")
+    plan = comp.plan
     assert plan.cfg.zero == 1 and plan.mesh.shape["data"] == 2
-    st, _ = h.placed(plan, "float32")
+    st, _ = h.placed(plan, "float32", comp.n_layers)
     for path, leaf in jax.tree_util.tree_leaves_with_path(st.opt_state):
         if leaf.ndim:
             spec = leaf.sharding.spec
@@ -154,12 +155,13 @@ def test_zero1_state_is_split_over_data():
 
 
 def test_uneven_stages_equal_unpipelined():
-    # 3 MoE layers on 2 stages (h.UNEVEN): stage 1 holds one real layer and one padding slot,
-    # which must act as the identity, get exactly zero gradient and never reach the state.
-    comp, want = h.uneven()
-    assert stages.layer_counts(3, 2) == (2, 1)
+    # 3 MoE layers on 2 stages (h.UNEVEN, whose equality test_pipelined_step_equals_unpipelined
+    # checks): stage 1 holds one real layer and one padding slot, which must act as the
+    # identity, get exactly zero gradient and never reach the state.
+    comp = h.compiled(*h.UNEVEN)
+    assert comp.n_layers == 4 and stages.layer_counts(3, 2) == (2, 1)
     got = comp.run()
-    errors = _check_equal(got, want, h.TOL["float32"])
+    errors = _check_equal(got, h.reference("float32", 4), h.TOL["float32"])
     grads, new, d_stack = got[0], got[1], got[5]
     active = comp.pipe.tables()["active"]  # [P, K, Ls]
     assert (active == 0).sum() == 2  # the padding slot of each of stage 1's two copies
