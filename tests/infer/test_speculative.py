@@ -217,13 +217,16 @@ def test_two_mtp_modules_draft_in_turn():
     perturbed copy changes which drafts are accepted but never the greedy output."""
     with jax.enable_x64(True):
         one = greedy("float64", 3)
-        runs = {}
+        runs, gen = {}, None
         for noise in (0.0, 0.5):
             graphdef, state = two_modules(noise)
-            cfg = generation.GenerateConfig(
-                max_new_tokens=N_NEW, draft_tokens=3, cache_dtype=jnp.dtype("float64")
-            )
-            runs[noise] = generation.Generator(graphdef, state, cfg).generate(PROMPTS)
+            if gen is None:
+                cfg = generation.GenerateConfig(
+                    max_new_tokens=N_NEW, draft_tokens=3, cache_dtype=jnp.dtype("float64")
+                )
+                gen = generation.Generator(graphdef, state, cfg)
+            gen.params = state  # one compile, the weights swapped in (as rl/rollout.py does)
+            runs[noise] = gen.generate(PROMPTS)
         rates = {n: r.stats["acceptance_per_position"] for n, r in runs.items()}
         print(f"acceptance D=1 {one.stats['acceptance_per_position']}, D=2 {rates}")
         np.testing.assert_array_equal(runs[0.0].tokens, one.tokens)
