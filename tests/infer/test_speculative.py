@@ -217,14 +217,13 @@ def test_two_mtp_modules_draft_in_turn():
     perturbed copy changes which drafts are accepted but never the greedy output."""
     with jax.enable_x64(True):
         one = greedy("float64", 3)
-        runs, gen = {}, None
-        for noise in (0.0, 0.5):
-            graphdef, state = two_modules(noise)
-            if gen is None:
-                cfg = generation.GenerateConfig(
-                    max_new_tokens=N_NEW, draft_tokens=3, cache_dtype=jnp.dtype("float64")
-                )
-                gen = generation.Generator(graphdef, state, cfg)
+        models = {noise: two_modules(noise) for noise in (0.0, 0.5)}
+        cfg = generation.GenerateConfig(
+            max_new_tokens=N_NEW, draft_tokens=3, cache_dtype=jnp.dtype("float64")
+        )
+        gen = generation.Generator(*models[0.0], cfg)
+        runs = {}
+        for noise, (_, state) in models.items():
             gen.params = state  # one compile, the weights swapped in (as rl/rollout.py does)
             runs[noise] = gen.generate(PROMPTS)
         rates = {n: r.stats["acceptance_per_position"] for n, r in runs.items()}

@@ -78,19 +78,22 @@ def batch(seed: int = 0, b: int = B, s: int = S, vocab: int = CFG.vocab_size) ->
     )
 
 
+def segment_positions(seg_BS: np.ndarray) -> np.ndarray:
+    """Each token's index within its segment (restarting at 0 where the segment id changes)."""
+    B, S = seg_BS.shape
+    starts = np.concatenate([np.ones((B, 1), bool), seg_BS[:, 1:] != seg_BS[:, :-1]], axis=1)
+    idx = np.arange(S)[None, :]
+    return (idx - np.maximum.accumulate(np.where(starts, idx, 0), axis=1)).astype(np.int32)
+
+
 def packed_batch() -> Batch:
     """batch() with rows of two or three samples each (a different cut per row): segment ids and
     positions restarting at 0 per sample."""
-    out = batch()
     seg = np.ones((B, S), np.int32)
     for r in range(B):
         for cut in sorted({3 + r % 4, S // 2 + r % 3}):
             seg[r, cut:] += 1
-    pos = np.zeros((B, S), np.int32)
-    for r in range(B):
-        for t in range(1, S):
-            pos[r, t] = 0 if seg[r, t] != seg[r, t - 1] else pos[r, t - 1] + 1
-    return dataclasses.replace(out, segment_ids=seg, positions=pos)
+    return dataclasses.replace(batch(), segment_ids=seg, positions=segment_positions(seg))
 
 
 def rel_err(got, want) -> float:

@@ -32,6 +32,7 @@ from deepseek_jax.train import config as train_config
 from deepseek_jax.train import optim, pipeline_step, sharded
 from deepseek_jax.train import state as state_lib
 from deepseek_jax.train import step as step_lib
+from tests.parallel import cases
 
 # XLA:CPU compile time dominates these tests; codegen optimisation changes nothing we test.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
@@ -138,10 +139,7 @@ def packed(batch: Batch) -> Batch:
     for r in range(B):
         for cut in sorted({2 + r % 3, S // 2 + r % 2} if r % 4 else {3}):
             seg[r, cut:] += 1
-    starts = np.concatenate([np.ones((B, 1), bool), seg[:, 1:] != seg[:, :-1]], axis=1)
-    idx = np.arange(S)[None, :]
-    pos = idx - np.maximum.accumulate(np.where(starts, idx, 0), axis=1)
-    return dataclasses.replace(batch, segment_ids=seg, positions=pos.astype(np.int32))
+    return dataclasses.replace(batch, segment_ids=seg, positions=cases.segment_positions(seg))
 
 
 def state(dtype: str, n_layers: int = 5) -> tuple[state_lib.TrainState, Batch]:
