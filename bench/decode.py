@@ -315,6 +315,59 @@ def part_experts(exp, args, out):
         )
 
 
+def part_verify(exp, args, out):
+    cfg, arrays, _ = load.load(args.spec_checkpoint)
+    graphdef, state = load.build(cfg, arrays)
+    B, T, start, n = 1, 512, 32, args.verify_steps
+    Y = cfg.vocab_size
+
+    def program(W, with_mtp):
+        def run(params, steps):
+            model = nnx.merge(graphdef, params)
+            mode = kv_cache.DecodeMode.ABSORBED
+            length = jnp.full((B,), start, jnp.int32)
+            cache = kv_cache.init(model.cfg, B, T, mode, jnp.float32).with_length(length)
+            mtp = kv_cache.init_mtp(model.cfg, B, T, mode, jnp.float32).with_length(length)
+
+            def body(i, c):
+                tok_B, cache, mtp = c
+                toks_BW = (tok_B[:, None] + jnp.arange(W)[None]) % Y
+                logits, h_BWD, cache = decode.forward(model, toks_BW, cache)
+                nxt_B = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
+                if with_mtp:
+                    m_logits, _, mtp = decode.mtp_forward(model, toks_BW, h_BWD, mtp)
+                    nxt_B = (nxt_B + jnp.argmax(m_logits[:, -1], -1).astype(jnp.int32)) % Y
+                    mtp = mtp.with_length(mtp.length_B + 1)
+                # one position per step, so every step attends to about the same context
+                return nxt_B, cache.with_length(cache.length_B + 1), mtp
+
+            return jax.lax.fori_loop(0, steps, body, (jnp.zeros((B,), jnp.int32), cache, mtp))[0]
+
+        return jax.jit(run).lower(state, np.int32(0)).compile()
+
+    keys = [(W, m) for W in (1, 2, 3, 4) for m in (False, True)]
+    progs = {key: program(*key) for key in keys}
+    times = {key: [] for key in keys}
+    for _ in range(args.verify_rounds):  # alternating, so drift hits every variant alike
+        for key in keys:
+            t0 = time.perf_counter()
+            jax.block_until_ready(progs[key](state, np.int32(n)))
+            times[key].append((time.perf_counter() - t0) / n * 1e3)
+    med = {key: float(np.median(v)) for key, v in times.items()}
+    rows = [
+        {"tokens": W, "mtp": m, "ms_per_step": med[W, m], "x_plain": med[W, m] / med[1, False]}
+        for W, m in keys
+    ]
+    out["verify"] = rows
+    for r in rows:
+        what = "main + MTP" if r["mtp"] else "main"
+        print(
+            f"verify W={r['tokens']} {what}: {r['ms_per_step']:.4f} ms/step, "
+            f"x{r['x_plain']:.2f} the plain step",
+            flush=True,
+        )
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--config", default="configs/small.py")
@@ -336,6 +389,8 @@ def main():
     )
     p.add_argument("--parts", default="cache,hf,spec")
     p.add_argument("--expert-tokens", default="1,2,4", help="experts part: tokens per step")
+    p.add_argument("--verify-steps", type=int, default=200, help="verify part: steps per call")
+    p.add_argument("--verify-rounds", type=int, default=7, help="verify part: timed calls each")
     p.add_argument("--json", default=None)
     p.add_argument("--set", action="append", default=[], help="config override a.b=value")
     args = p.parse_args()
@@ -356,6 +411,8 @@ def main():
         part_spec(exp, args, out)
     if "experts" in parts:
         part_experts(exp, args, out)
+    if "verify" in parts:
+        part_verify(exp, args, out)
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(out, indent=1))
 
