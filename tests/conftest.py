@@ -14,15 +14,15 @@ import sys
 # fast XLA:CPU compiles and how fast the generated code runs, not what it computes; subprocess
 # tests reuse them. LLVM at -O0 halves a compile. The legacy fusion emitters instead of the
 # MLIR-based ones, and no YNNPACK fusions (the small dots go to XLA's own kernels), cut a step
-# program's compile by another ~25% (float32 data x expert step: 10.1 -> 7.8 s) and the suite's
-# compile-bound modules by 11-26% (DEVELOPERS.md).
+# program's compile by another ~25% (float32 data x expert step: 10.1 -> 7.8 s) and three
+# compile-bound test modules from 380-396 s to 293 s (DEVELOPERS.md).
 _FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 _FASTER_COMPILE = "--xla_cpu_use_fusion_emitters=false --xla_cpu_experimental_ynn_fusion_type="
 
 
 def _xla_accepts(flags: str) -> bool:
     """Whether this jaxlib's XLA knows every flag: XLA aborts a process that sets an unknown one
-    in XLA_FLAGS, and the last two above are newer and experimental (jax is not pinned)."""
+    in XLA_FLAGS, and _FASTER_COMPILE's flags are newer and experimental (jax is not pinned)."""
     env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     probe = [sys.executable, "-c", "import jax; jax.devices()"]
     return subprocess.run(probe, env=env, capture_output=True).returncode == 0
